@@ -1,0 +1,1 @@
+"""Input pipeline: image decoding/resizing/normalization, augmentations, datasets, sampling."""

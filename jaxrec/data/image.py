@@ -1,0 +1,265 @@
+"""Image decoding, resizing and normalization with PaddleClas/OpenCV semantics.
+
+PaddleClas decodes with ``cv2.imdecode(buf, IMREAD_COLOR)`` (then BGR -> RGB), resizes with
+``cv2.resize(..., INTER_LINEAR)`` and normalizes with ``(float32(x) * scale - mean) / std``.
+This module reproduces those three steps without an OpenCV dependency:
+
+* :func:`decode_image` uses Pillow and then applies the conversions OpenCV applies when it reads a
+  file as 3-channel 8-bit colour (EXIF orientation, alpha dropped, 16-bit reduced to the high byte,
+  CMYK converted with OpenCV's integer formula).
+* :func:`resize_bilinear` is a bit-exact numpy port of OpenCV's fixed-point ``INTER_LINEAR``
+  path for ``uint8`` images (11-bit coefficients, a horizontal pass into int32 and a vertical pass
+  with OpenCV's shift-and-round sequence).
+* :func:`normalize` works on numpy arrays and on jax arrays inside ``jit``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``NormalizeImage`` scale of the training/eval configs.
+SCALE_TRAIN = 1.0 / 255.0
+#: ``NormalizeImage`` scale of ``deploy/configs/inference_rec.yaml``.
+SCALE_DEPLOY = 0.00392157
+
+# OpenCV's INTER_RESIZE_COEF_BITS / INTER_RESIZE_COEF_SCALE for 8-bit images.
+_COEF_BITS = 11
+_COEF_SCALE = 1 << _COEF_BITS
+
+_EXIF_ORIENTATION = 0x0112
+# Formats whose EXIF orientation OpenCV (4.6, checked) applies in imdecode; WebP/TIFF: not applied.
+_EXIF_FORMATS = ("JPEG", "MPO", "PNG")
+
+
+class ImageDecodeError(ValueError):
+    """An image file could not be read or decoded; the message names the file."""
+
+
+def _describe(name: str | None) -> str:
+    return repr(name) if name else "<bytes>"
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Read a file, turning OS errors into messages that name the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"image file {path!r} does not exist (check the path, or for list files whether it "
+            "is relative to the list's folder)"
+        ) from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"image path {path!r} is a directory, not an image file") from None
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read image file {path!r}: {e}") from e
+
+
+def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation tag (1..8) the way OpenCV's ``ExifTransform`` does."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    t = np.swapaxes(arr, 0, 1)
+    if orientation == 5:
+        return t
+    if orientation == 6:
+        return t[:, ::-1]
+    if orientation == 7:
+        return t[::-1, ::-1]
+    if orientation == 8:
+        return t[::-1]
+    return arr
+
+
+def _cmyk_to_rgb(cmyk_pil: np.ndarray) -> np.ndarray:
+    """OpenCV's ``icvCvt_CMYK2BGR_8u_C4C3R`` on the values libjpeg returns.
+
+    Pillow inverts CMYK JPEG samples when it reads them (Adobe convention), so the raw libjpeg
+    values are ``255 - pillow``.
+    """
+    raw = 255 - cmyk_pil.astype(np.int32)
+    k = raw[..., 3:4]
+    rgb = k - (((255 - raw[..., :3]) * k) >> 8)
+    return rgb.astype(np.uint8)
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Convert a loaded Pillow image of any mode to uint8 HWC RGB, OpenCV style."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("L", "1"):
+        g = np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode.startswith("I;16"):
+        g = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode in ("I", "F"):
+        g = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode == "CMYK":
+        return _cmyk_to_rgb(np.asarray(im))
+    if mode in ("RGBA", "RGBX", "RGBa"):
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8)[:, :, :3])
+    if mode in ("LA", "La"):
+        g = np.asarray(im, dtype=np.uint8)[:, :, 0]
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if mode == "PA":
+        im = im.convert("RGBA")
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8)[:, :, :3])
+    # P (palette: colours of the palette, transparency ignored), YCbCr, LAB, HSV, ...
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes | str | os.PathLike, name: str | None = None) -> np.ndarray:
+    """Decode an encoded image (bytes or a file path) to ``uint8`` ``[H, W, 3]`` RGB.
+
+    Matches ``cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]``: the EXIF orientation is applied,
+    greyscale is replicated to three channels, alpha is dropped (not composited), 16-bit samples
+    keep their high byte, palettes are expanded and CMYK uses OpenCV's integer conversion.
+    Unlike OpenCV, truncated files are an error rather than a partly grey image, and formats
+    OpenCV lacks (e.g. GIF) are decoded. ``name`` is used in error messages for bytes input.
+    """
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        buf = bytes(data)
+    else:
+        name = name or os.fspath(data)
+        buf = read_bytes(data)
+    label = _describe(name)
+    if not buf:
+        raise ImageDecodeError(f"image {label} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(buf)) as im:
+            im.load()
+            orientation = 1
+            if im.format in _EXIF_FORMATS:
+                orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            arr = _to_rgb_array(im)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"cannot decode image {label}: not a recognised image format "
+            "(corrupt file or not an image; remove it or pass --skip-bad)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(
+            f"cannot decode image {label}: {e} (the file is corrupt or truncated; re-encode or "
+            "remove it)"
+        ) from e
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageDecodeError(f"image {label} decoded to an unusable shape {arr.shape}")
+    return np.ascontiguousarray(_apply_orientation(arr, orientation))
+
+
+def _axis_coeffs(
+    src: int, dst: int, clamp_weights: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and 11-bit weights [dst, 2] for one axis, as OpenCV computes them.
+
+    OpenCV computes the position in double, rounds it to float32, splits it into floor and
+    fraction, and quantizes ``1 - f`` and ``f`` with round-half-even. Along x the out-of-range
+    positions get weight (1, 0) on the clamped pixel; along y the weights are left as they are and
+    only the row indices are clamped (OpenCV does it that way, and the result can differ).
+    """
+    scale = 1.0 / (dst / src)
+    pos = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    i0 = np.floor(pos).astype(np.int64)
+    frac = (pos - i0.astype(np.float32)).astype(np.float32)
+    if clamp_weights:
+        low = i0 < 0
+        high = i0 >= src - 1
+        frac = np.where(low | high, np.float32(0), frac)
+        i0 = np.where(low, 0, np.where(high, src - 1, i0))
+    w0 = np.rint((np.float32(1) - frac) * np.float32(_COEF_SCALE)).astype(np.int32)
+    w1 = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int32)
+    i1 = np.clip(i0 + 1, 0, src - 1)
+    i0 = np.clip(i0, 0, src - 1)
+    return i0, i1, np.stack([w0, w1], axis=1)
+
+
+def resize_bilinear(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize ``uint8`` ``[H, W]`` or ``[H, W, C]`` to ``size = (h, w)`` like ``cv2.INTER_LINEAR``.
+
+    Bit-exact with OpenCV's 8-bit path: half-pixel centres, no antialiasing, 11-bit fixed-point
+    weights, border replication. Note the argument order is (height, width), unlike cv2's dsize.
+    """
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise TypeError(f"resize_bilinear expects a uint8 image, got {img.dtype}")
+    if img.ndim not in (2, 3):
+        raise ValueError(f"resize_bilinear expects [H, W] or [H, W, C], got shape {img.shape}")
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"output size must be positive, got {tuple(size)}")
+    in_h, in_w = img.shape[:2]
+    if (in_h, in_w) == (out_h, out_w):
+        return img.copy()
+    squeeze = img.ndim == 2
+    if squeeze:
+        img = img[:, :, None]
+
+    x0, x1, wx = _axis_coeffs(in_w, out_w, clamp_weights=True)
+    y0, y1, wy = _axis_coeffs(in_h, out_h, clamp_weights=False)
+
+    # Horizontal pass only on the source rows the vertical pass reads.
+    rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
+    src = img[rows].astype(np.int32)
+    horiz = src[:, x0] * wx[None, :, 0, None] + src[:, x1] * wx[None, :, 1, None]
+    horiz >>= 4
+    top = horiz[inverse[:out_h]]
+    bot = horiz[inverse[out_h:]]
+    out = ((wy[:, 0, None, None] * top) >> 16) + ((wy[:, 1, None, None] * bot) >> 16)
+    out = (out + 2) >> 2
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    return out[:, :, 0] if squeeze else out
+
+
+def _is_jax_array(x: Any) -> bool:
+    mod = type(x).__module__
+    return mod.startswith("jax") or mod.startswith("jaxlib")
+
+
+def normalize(
+    x: Any,
+    scale: float = SCALE_TRAIN,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Any:
+    """``(float32(x) * float32(scale) - mean) / std`` per channel (last axis), in float32.
+
+    Works on numpy arrays (returns numpy) and on jax arrays or tracers (returns jax), so it can
+    run on the host or inside a jitted step. Use ``scale=SCALE_DEPLOY`` for ``predict_rec``.
+    """
+    if _is_jax_array(x):
+        import jax.numpy as jnp
+
+        xp = jnp
+    else:
+        xp = np
+        x = np.asarray(x)
+    m = np.asarray(mean, dtype=np.float32)
+    s = np.asarray(std, dtype=np.float32)
+    return (x.astype(xp.float32) * np.float32(scale) - m) / s
+
+
+def preprocess_for_rec(img: np.ndarray, size: int | Sequence[int] = 224) -> np.ndarray:
+    """Resize a decoded uint8 RGB image to the recognition input (224x224, aspect ignored)."""
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return resize_bilinear(img, hw)
+
+
+def load_for_rec(path_or_bytes: bytes | str | os.PathLike, size: int = 224) -> np.ndarray:
+    """Decode and resize in one call: ``uint8 [size, size, 3]`` RGB, as ``predict_rec`` feeds."""
+    return preprocess_for_rec(decode_image(path_or_bytes), size)
