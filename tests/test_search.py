@@ -1,0 +1,204 @@
+"""Gallery index: build / append / remove / query on clustered features, faiss vs exact."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxrec import search
+from jaxrec.search import GalleryError, GalleryIndex
+
+faiss = pytest.importorskip("faiss")
+
+DIM = 32
+
+
+def clustered(n_classes=6, per_class=10, seed=0, spread=0.15):
+    """Unit vectors in tight clusters around random class centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    feats, labels = [], []
+    for c in range(n_classes):
+        x = centres[c] + spread * rng.normal(size=(per_class, DIM)) / np.sqrt(DIM)
+        feats.append(x)
+        labels += [f"class {c}"] * per_class  # a label with a space survives (no re-split)
+    feats = np.concatenate(feats).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats, labels, centres.astype(np.float32)
+
+
+def make(method="Flat", metric="IP", backend="faiss", n_classes=6, per_class=10):
+    feats, labels, centres = clustered(n_classes, per_class)
+    idx = GalleryIndex(DIM, metric, method, backend=backend)
+    paths = [f"img/{i}.jpg" for i in range(len(labels))]
+    ids = idx.add(feats, labels, paths)
+    return idx, feats, labels, centres, ids
+
+
+@pytest.mark.parametrize("metric", ["IP", "L2"])
+@pytest.mark.parametrize("method", ["Flat", "HNSW32", "IVF"])
+def test_faiss_and_exact_agree(method, metric):
+    fidx, feats, labels, centres, _ = make(method, metric, "faiss")
+    eidx, *_ = make(method, metric, "exact")
+    rng = np.random.default_rng(1)
+    q = feats[rng.choice(len(feats), 12, replace=False)] + 0.01 * rng.normal(size=(12, DIM))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    fs, fi = fidx.search(q, 5)
+    es, ei = eidx.search(q, 5)
+    if method == "IVF":
+        # nlist = 60 // 8 = 7 with nprobe 1 is approximate: compare only the top-1 cluster label.
+        assert faiss.extract_index_ivf(fidx.backend.index).nlist == 7
+        for a, b in zip(fi[:, 0], ei[:, 0], strict=True):
+            assert labels[a] == labels[b]
+    else:
+        np.testing.assert_array_equal(fi, ei)
+        np.testing.assert_allclose(fs, es, atol=1e-5)
+    if metric == "IP":
+        np.testing.assert_allclose(es[:, 0], np.sum(q * feats[ei[:, 0]], axis=1), atol=1e-5)
+        assert np.all(np.diff(es, axis=1) <= 1e-7)  # similarity descending
+    else:
+        d2 = np.sum((q - feats[ei[:, 0]]) ** 2, axis=1)
+        np.testing.assert_allclose(es[:, 0], d2, atol=1e-5)
+        assert np.all(np.diff(es, axis=1) >= -1e-7)  # distance ascending
+
+
+def test_exact_backend_matches_brute_force_ranking():
+    idx, feats, *_ = make("Flat", "IP", "exact")
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(7, DIM)).astype(np.float32)
+    scores, ids = idx.search(q, 9)
+    sim = q @ feats.T
+    want = np.argsort(-sim, axis=1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(sim, want, 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "exact"])
+def test_query_labels_and_unknown_threshold(backend):
+    idx, feats, labels, centres, _ = make("Flat", "IP", backend)
+    res = idx.query(centres[[2, 4]], topk=5, threshold=0.5)
+    assert [r.prediction for r in res] == ["class 2", "class 4"]
+    assert all(h.gallery_label == "class 2" and h.known for h in res[0].hits)
+    # A vector orthogonal-ish to everything is unknown at a high threshold, but keeps its hits.
+    far = -centres[[2]]
+    res = idx.query(far, topk=3, threshold=0.9)[0]
+    assert res.prediction == "unknown"
+    assert len(res.hits) == 3 and not any(h.known for h in res.hits)
+    assert all(h.label == "unknown" and h.gallery_label.startswith("class") for h in res.hits)
+    d = res.to_dict()
+    assert d["prediction"] == "unknown" and d["hits"][0]["rank"] == 1
+
+
+@pytest.mark.parametrize("backend", ["faiss", "exact"])
+def test_l2_threshold_direction(backend):
+    idx, feats, labels, centres, _ = make("Flat", "L2", backend)
+    near = idx.query(feats[[0]], topk=2)[0]  # default L2 threshold 1.0 (= cosine 0.5)
+    assert near.hits[0].score == pytest.approx(0.0, abs=1e-5)
+    assert near.hits[0].known and near.prediction == "class 0"
+    far = idx.query(-feats[[0]], topk=2)[0]  # squared distances near 4: must be unknown
+    assert far.hits[0].score > 1.0 and far.prediction == "unknown"
+
+
+@pytest.mark.parametrize("method", ["Flat", "HNSW32", "IVF"])
+def test_append_remove_and_persist(tmp_path, method):
+    feats, labels, centres = clustered(6, 10)
+    idx = GalleryIndex(DIM, "IP", method, backend="faiss", model_dir="/some/model")
+    ids = idx.add(feats[:40], labels[:40], [f"p{i}" for i in range(40)])
+    np.testing.assert_array_equal(ids, np.arange(40))
+    idx.save(str(tmp_path))
+    idx = GalleryIndex.load(str(tmp_path))
+    new = idx.add(feats[40:], labels[40:], [f"p{i}" for i in range(40, 60)])
+    np.testing.assert_array_equal(new, np.arange(40, 60))  # ids continue from max + 1
+    # classes 4 and 5 only exist in the appended part
+    assert idx.query(centres[[5]], topk=1)[0].prediction == "class 5"
+    removed, missing = idx.remove_lines([f"p{i}\tclass 5" for i in range(50, 60)] + ["nope\tx"])
+    assert removed == 10 and missing == ["nope\tx"]
+    assert len(idx) == 50 and idx.backend.ntotal == 50
+    _, hit_ids = idx.search(centres[[5]], 50)
+    assert not set(hit_ids[0].tolist()) & set(range(50, 60))
+    assert idx.query(centres[[5]], topk=1, threshold=0.95)[0].prediction == "unknown"
+    idx.save(str(tmp_path))
+    # Reload with both backends: same state, same answers.
+    a = GalleryIndex.load(str(tmp_path), backend="faiss")
+    b = GalleryIndex.load(str(tmp_path), backend="exact")
+    assert len(a) == len(b) == 50
+    assert a.model_dir == "/some/model" and a.method == method
+    q = centres[[0, 1, 3, 4]]
+    if method != "IVF":
+        np.testing.assert_array_equal(a.search(q, 5)[1], b.search(q, 5)[1])
+    assert [r.prediction for r in a.query(q, 1)] == [r.prediction for r in b.query(q, 1)]
+    # The metadata is plain JSON with the entries and config.
+    meta = json.loads((tmp_path / search.INDEX_FILE).read_text())
+    assert meta["config"] == {
+        "dim": DIM,
+        "metric": "IP",
+        "method": method,
+        "model_dir": "/some/model",
+        "delimiter": "\t",
+    }
+    assert len(meta["entries"]) == 50
+    assert meta["entries"][0] == {"id": 0, "label": "class 0", "path": "p0", "line": "p0\tclass 0"}
+    assert not any(n.endswith(".pkl") for n in os.listdir(tmp_path))
+
+
+def test_search_returns_minus_one_when_fewer_than_k():
+    for backend in ("faiss", "exact"):
+        idx, *_ = make("Flat", "IP", backend, n_classes=1, per_class=3)
+        scores, ids = idx.search(np.ones((1, DIM), np.float32), 5)
+        assert ids[0, 3:].tolist() == [-1, -1]
+        assert len(idx.query(np.ones((1, DIM), np.float32), topk=5)[0].hits) == 3
+
+
+def test_ivf_nlist_formula():
+    assert search.ivf_nlist(3) == 1
+    assert search.ivf_nlist(800) == 100
+    assert search.ivf_nlist(10**7) == 65536
+
+
+def test_stale_faiss_file_is_rebuilt(tmp_path):
+    idx, *_ = make("Flat", "IP", "faiss")
+    idx.save(str(tmp_path))
+    small = GalleryIndex(DIM, "IP", "Flat", backend="faiss")
+    small.add(np.eye(DIM, dtype=np.float32)[:2], ["a", "b"])
+    small.backend.save(str(tmp_path / search.FAISS_FILE))
+    with pytest.warns(UserWarning, match="stale"):
+        again = GalleryIndex.load(str(tmp_path))
+    assert again.backend.ntotal == len(again) == 60
+
+
+def test_exact_fallback_message(monkeypatch):
+    monkeypatch.setattr(search, "_import_faiss", lambda: None)
+    with pytest.warns(UserWarning, match=r"pip install jaxrec\[faiss\]"):
+        idx = GalleryIndex(DIM, backend="auto")
+    assert idx.backend.name == "exact"
+    with pytest.raises(GalleryError, match=r"jaxrec\[faiss\]"):
+        GalleryIndex(DIM, backend="faiss")
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(GalleryError, match="metric"):
+        GalleryIndex(DIM, metric="cos")
+    with pytest.raises(GalleryError, match="method"):
+        GalleryIndex(DIM, method="PQ16")
+    idx = GalleryIndex(DIM, backend="exact")
+    with pytest.raises(GalleryError, match="shape"):
+        idx.add(np.zeros((2, DIM + 1), np.float32), ["a", "b"])
+    lst = tmp_path / "list.txt"
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    lst.write_text("a.jpg\tcat\n\nb.jpg cat\n")
+    with pytest.raises(GalleryError, match=r"list.txt:3: expected"):
+        search.read_list(str(lst))
+    lst.write_text("a.jpg\tcat\nmissing.jpg\tdog\n")
+    with pytest.raises(GalleryError, match=r"list.txt:2: image .*missing.jpg not found"):
+        search.read_list(str(lst))
+    items = search.read_list(str(lst), check_exists=False)
+    assert [(i.rel_path, i.label, i.lineno) for i in items] == [
+        ("a.jpg", "cat", 1),
+        ("missing.jpg", "dog", 2),
+    ]
+    assert search.parse_delimiter("\\t") == "\t" and search.parse_delimiter("space") == " "
+    with pytest.raises(GalleryError, match="not a gallery index"):
+        GalleryIndex.load(str(tmp_path))
+    assert search.main(["info", "--index", str(tmp_path)]) == 2
