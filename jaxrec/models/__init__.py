@@ -1,0 +1,40 @@
+"""PP-ShiTuV2 recognition model in Flax: backbone, neck, heads, RecModel, reparameterization,
+model directories. See docs/ARCHITECTURE.md for the interfaces."""
+
+from jaxrec.models.heads import ArcMargin, BNNeck, CircleMargin, CosMargin, FCHead
+from jaxrec.models.layers import SE, ConvBN, DownscaleInInferDropout, RepDepthwiseSeparable
+from jaxrec.models.lcnetv2 import PPLCNetV2, make_divisible
+from jaxrec.models.modeldir import load_model_dir, read_arch, save_model_dir
+from jaxrec.models.recmodel import (
+    ArchError,
+    RecModel,
+    abstract_variables,
+    build_model,
+    count_params,
+    init_variables,
+)
+from jaxrec.models.reparam import reparameterize
+
+__all__ = [
+    "ArcMargin",
+    "ArchError",
+    "BNNeck",
+    "CircleMargin",
+    "ConvBN",
+    "CosMargin",
+    "DownscaleInInferDropout",
+    "FCHead",
+    "PPLCNetV2",
+    "RecModel",
+    "RepDepthwiseSeparable",
+    "SE",
+    "abstract_variables",
+    "build_model",
+    "count_params",
+    "init_variables",
+    "load_model_dir",
+    "make_divisible",
+    "read_arch",
+    "reparameterize",
+    "save_model_dir",
+]

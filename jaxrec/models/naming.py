@@ -1,0 +1,66 @@
+"""Mapping between jaxrec variable paths and Paddle state-dict keys / layouts (spec 11.3, 11.4).
+
+jaxrec module names mirror Paddle's with indices joined by "_": `stages_2_0` <-> `stages.2.0`,
+`stem_1` <-> `stem.1`, `dw_conv_list_1` <-> `dw_conv_list.1`. Leaves: conv/Dense `kernel` <->
+`weight`, BN `scale` <-> `weight`, `bias` <-> `bias`, batch_stats `mean`/`var` <->
+`_mean`/`_variance`; margin heads' `weight` stays `weight`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_STAGE = re.compile(r"^stages_(\d+)_(\d+)$")
+_INDEXED = re.compile(r"^(stem|dw_conv_list)_(\d+)$")
+_LEAF = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("params", "weight"): "weight",
+    ("batch_stats", "mean"): "_mean",
+    ("batch_stats", "var"): "_variance",
+}
+
+
+def _module_to_paddle(name: str) -> str:
+    m = _STAGE.match(name)
+    if m:
+        return f"stages.{m.group(1)}.{m.group(2)}"
+    m = _INDEXED.match(name)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    return name
+
+
+def paddle_key(collection: str, path: tuple[str, ...]) -> str:
+    """Paddle state-dict key of the jaxrec leaf `variables[collection][path...]`."""
+    leaf = _LEAF.get((collection, path[-1]))
+    if leaf is None:
+        raise KeyError(f"no Paddle name for {collection}/{'/'.join(path)}")
+    return ".".join([_module_to_paddle(p) for p in path[:-1]] + [leaf])
+
+
+def to_paddle_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """jaxrec array -> Paddle layout: conv HWIO -> OIHW; Dense [in,out] stays as is."""
+    value = np.asarray(value)
+    if path[-1] == "kernel" and value.ndim == 4:
+        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+    return value
+
+
+def from_paddle_layout(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """Paddle array -> jaxrec layout: conv OIHW -> HWIO (DW [C,1,k,k] -> [k,k,1,C])."""
+    value = np.asarray(value)
+    if path[-1] == "kernel" and value.ndim == 4:
+        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    return value
+
+
+def paddle_shape(shape: tuple[int, ...], path: tuple[str, ...]) -> tuple[int, ...]:
+    """Paddle shape of a jaxrec leaf with `shape`."""
+    if path[-1] == "kernel" and len(shape) == 4:
+        h, w, i, o = shape
+        return (o, i, h, w)
+    return tuple(shape)
