@@ -241,17 +241,26 @@ def normalize(
 
     Works on numpy arrays (returns numpy) and on jax arrays or tracers (returns jax), so it can
     run on the host or inside a jitted step. Use ``scale=SCALE_DEPLOY`` for ``predict_rec``.
-    """
-    if _is_jax_array(x):
-        import jax.numpy as jnp
 
-        xp = jnp
-    else:
-        xp = np
-        x = np.asarray(x)
+    For ``uint8`` jax input the result is looked up in a 256-entry table computed with numpy, so it
+    is bit-identical to PaddleClas: XLA would otherwise turn ``/ std`` into a multiplication by
+    the reciprocal and fuse the multiply-subtract, which moves some values by one float32 ulp.
+    Other jax dtypes use the arithmetic form and may differ from numpy by about one ulp.
+    """
     m = np.asarray(mean, dtype=np.float32)
     s = np.asarray(std, dtype=np.float32)
-    return (x.astype(xp.float32) * np.float32(scale) - m) / s
+    sc = np.float32(scale)
+    if not _is_jax_array(x):
+        x = np.asarray(x)
+        return (x.astype(np.float32) * sc - m) / s
+
+    import jax.numpy as jnp
+
+    if x.dtype == jnp.uint8:
+        levels = np.arange(256, dtype=np.float32)[:, None]
+        table = (levels * sc - m) / s  # [256, C] (C = len(mean))
+        return jnp.asarray(table)[x.astype(jnp.int32), jnp.arange(table.shape[1])]
+    return (x.astype(jnp.float32) * sc - m) / s
 
 
 def preprocess_for_rec(img: np.ndarray, size: int | Sequence[int] = 224) -> np.ndarray:

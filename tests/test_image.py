@@ -1,0 +1,162 @@
+"""jaxrec.data.image against goldens made by OpenCV 4.6 and PaddleClas's deploy preprocess.
+
+The fixtures come from tools/golden_image.py (real photos from scikit-image's sample data,
+re-encoded small in many formats); see that script for how they were made.
+"""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.data import image
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+FILES = os.path.join(FIX, "image_files")
+
+with open(os.path.join(FIX, "image_golden.json")) as _f:
+    GOLDEN = json.load(_f)
+ARRAYS = dict(np.load(os.path.join(FIX, "image_golden_arrays.npz")))
+
+
+def sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def pattern(h: int, w: int, c: int, seed: int) -> np.ndarray:
+    """Same generator as tools/golden_image.py (splitmix64 of the flat index)."""
+    offset = np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+    x = np.arange(h * w * c, dtype=np.uint64) + offset
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    img = (x >> np.uint64(56)).astype(np.uint8).reshape(h, w, c)
+    if seed % 4 == 0:
+        img = (np.cumsum(img.astype(np.int64) - 128, axis=1) // 8 + 128).clip(0, 255)
+        img = img.astype(np.uint8)
+    return img
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN["files"]))
+def test_decode_resize_normalize_match_paddleclas(name):
+    g = GOLDEN["files"][name]
+    path = os.path.join(FILES, name)
+    rgb = image.decode_image(path)
+    assert rgb.dtype == np.uint8 and list(rgb.shape) == g["shape"], (rgb.shape, g["shape"])
+    key = "decoded/" + name
+    if key in ARRAYS:
+        diff = np.abs(rgb.astype(int) - ARRAYS[key]).max()
+        assert diff == 0, f"{name}: max |diff| vs cv2.imdecode = {diff}"
+    assert sha(rgb) == g["decoded_sha256"], f"{name}: decoded bytes differ from cv2.imdecode"
+
+    with open(path, "rb") as f:
+        assert np.array_equal(image.decode_image(f.read(), name=name), rgb)
+
+    r224 = image.preprocess_for_rec(rgb)
+    assert r224.shape == (224, 224, 3)
+    assert sha(r224) == g["resized224_sha256"], f"{name}: 224 resize differs from ResizeImage"
+    dep = np.transpose(image.normalize(r224, scale=image.SCALE_DEPLOY), (2, 0, 1))
+    assert dep.dtype == np.float32
+    assert sha(dep) == g["deploy_chw_float32_sha256"]
+    assert sha(image.normalize(r224)) == g["train_hwc_float32_sha256"]
+
+
+def test_exif_orientations_are_the_eight_dihedral_transforms():
+    base = image.decode_image(os.path.join(FILES, "chelsea_exif1.jpg"))
+    expect = {
+        2: base[:, ::-1],
+        3: base[::-1, ::-1],
+        4: base[::-1],
+        5: base.transpose(1, 0, 2),
+        6: np.rot90(base, -1),
+        7: np.rot90(base, 2).transpose(1, 0, 2),
+        8: np.rot90(base, 1),
+    }
+    for o, want in expect.items():
+        got = image.decode_image(os.path.join(FILES, f"chelsea_exif{o}.jpg"))
+        assert np.array_equal(got, want), o
+
+
+def test_resize_matches_cv2_on_random_sizes():
+    cases = GOLDEN["resize"]
+    assert len(cases) >= 500
+    kinds = {"up": 0, "down": 0, "2x": 0}
+    for seed, h, w, c, oh, ow, digest in cases:
+        img = pattern(h, w, c, seed)
+        out = image.resize_bilinear(img, (oh, ow))
+        assert out.shape == (oh, ow, c)
+        key = f"resize/{seed}"
+        if key in ARRAYS:
+            assert np.array_equal(out, ARRAYS[key].reshape(oh, ow, c)), (seed, h, w, c, oh, ow)
+        assert sha(out) == digest, f"case seed={seed} {h}x{w}x{c} -> {oh}x{ow} differs from cv2"
+        kinds["up" if oh * ow > h * w else "down"] += 1
+        kinds["2x"] += (h, w) == (2 * oh, 2 * ow)
+    assert min(kinds.values()) > 0, kinds
+
+
+def test_resize_2d_identity_and_errors():
+    img = pattern(7, 9, 1, 3)[:, :, 0]
+    assert image.resize_bilinear(img, (7, 9)).tolist() == img.tolist()
+    assert image.resize_bilinear(img, (5, 4)).shape == (5, 4)
+    with pytest.raises(TypeError, match="uint8"):
+        image.resize_bilinear(img.astype(np.float32), (4, 4))
+    with pytest.raises(ValueError, match="positive"):
+        image.resize_bilinear(img, (0, 4))
+
+
+def test_normalize_numpy_and_jit_agree_bitwise():
+    x = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)
+    x[..., 1] = x[..., 1][::-1]
+    for scale in (image.SCALE_TRAIN, image.SCALE_DEPLOY):
+        ref = image.normalize(x, scale=scale)
+        assert isinstance(ref, np.ndarray) and ref.dtype == np.float32
+        manual = (x.astype(np.float32) * np.float32(scale) - np.float32(image.IMAGENET_MEAN)) / (
+            np.float32(image.IMAGENET_STD)
+        )
+        assert np.array_equal(ref, manual)
+        jitted = jax.jit(lambda a, s=scale: image.normalize(a, scale=s))(jnp.asarray(x))
+        assert isinstance(jitted, jax.Array) and jitted.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(jitted), ref)
+        # float input inside jit: arithmetic form, within an ulp or so of numpy
+        jf = jax.jit(lambda a, s=scale: image.normalize(a, scale=s))(jnp.asarray(x, jnp.float32))
+        np.testing.assert_allclose(np.asarray(jf), ref, rtol=0, atol=2e-6)
+    # the deploy scale really is a different number from 1/255
+    assert not np.array_equal(
+        image.normalize(x, scale=image.SCALE_DEPLOY), image.normalize(x, scale=image.SCALE_TRAIN)
+    )
+
+
+def test_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        image.decode_image(missing)
+
+    good = (
+        open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()  # noqa: SIM115
+    )
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(image.ImageDecodeError, match="truncated.jpg"):
+        image.decode_image(truncated)
+
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image" * 10)
+    with pytest.raises(image.ImageDecodeError, match=r"garbage\.png.*not a recognised"):
+        image.decode_image(garbage)
+
+    corrupt = bytearray(open(os.path.join(FILES, "logo_rgba.png"), "rb").read())  # noqa: SIM115
+    corrupt[200:260] = b"\x00" * 60
+    with pytest.raises(image.ImageDecodeError, match="my_logo"):
+        image.decode_image(bytes(corrupt), name="my_logo.png")
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(image.ImageDecodeError, match="empty.jpg.*empty"):
+        image.decode_image(empty)
+
+    with pytest.raises(image.ImageDecodeError, match="directory"):
+        image.decode_image(tmp_path)
