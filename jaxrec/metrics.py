@@ -1,0 +1,232 @@
+"""Retrieval metrics with PaddleClas semantics (spec 8.3, 8.4), in numpy for small sets.
+
+Vocabulary:
+- ``keep`` mask: ``keep[q, g] = (label_q != label_g) | (id_q != id_g)``. It only exists when ids
+  (cameras / unique ids, the third list column) are given. Excluded pairs get similarity
+  **0** (the similarity is multiplied by ``keep``): they still occupy a rank slot but are never
+  relevant.
+- Ranking: each gallery row is sorted by similarity, descending. Ties are broken by gallery
+  index (lower index first, a stable sort). PaddleClas uses ``paddle.argsort``, whose tie order
+  is unspecified (it is not stable on CPU), so tie cases can only be compared with this rule.
+- Per-query statistics (:class:`PerQuery`): ``valid`` (at least one relevant item), the rank of
+  the first relevant item, AP over the whole ranked gallery, INP and hits in the top k.
+
+Aggregation (:func:`aggregate`): PaddleClas evaluates blocks of 64 queries and combines them as
+``sum_b metric_b * n_b / Q`` (recall and mAP per block only count queries with a relevant item;
+a block without one gives NaN). ``block_weighting=True`` (the **default**) reproduces this, so
+numbers are comparable with PaddleClas logs and published results; ``block_weighting=False``
+gives the textbook pooled values (mean over all valid queries). Both are identical when every
+query has a relevant item.
+
+mINP: the standard definition is ``#relevant / rank_of_last_relevant`` (1-based). PaddleClas
+divides by the 0-based position instead (``inf`` when the only relevant item is at rank 1) and
+its keep-mask branch raises a NameError; ``minp_reference_quirk=True`` reproduces the former.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SIM_BLOCK_SIZE = 64
+
+
+def keep_mask(
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    query_ids: np.ndarray | None,
+    gallery_ids: np.ndarray | None,
+) -> np.ndarray | None:
+    """``(label differs) | (id differs)`` as a [Q, G] bool mask, or None without ids."""
+    if query_ids is None and gallery_ids is None:
+        return None
+    if query_ids is None or gallery_ids is None:
+        raise ValueError("give both query_ids and gallery_ids, or neither")
+    ql, gl = _flat(query_labels), _flat(gallery_labels)
+    qi, gi = _flat(query_ids), _flat(gallery_ids)
+    return (ql[:, None] != gl[None, :]) | (qi[:, None] != gi[None, :])
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 2 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 1:
+        raise ValueError(f"labels/ids must have shape [N] or [N, 1], got {x.shape}")
+    return x
+
+
+def ranked_relevance(
+    similarity: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    keep: np.ndarray | None = None,
+) -> np.ndarray:
+    """[Q, G] bool: is the r-th ranked gallery item relevant (same label and kept)?
+
+    ``similarity`` is the raw similarity; when ``keep`` is given it is multiplied in first.
+    """
+    sim = np.asarray(similarity)
+    ql, gl = _flat(query_labels), _flat(gallery_labels)
+    if sim.shape != (ql.size, gl.size):
+        raise ValueError(f"similarity shape {sim.shape} != (num_query, num_gallery)")
+    rel = ql[:, None] == gl[None, :]
+    if keep is not None:
+        sim = sim * keep
+        rel &= keep
+    order = np.argsort(-sim, axis=1, kind="stable")
+    return np.take_along_axis(rel, order, axis=1)
+
+
+@dataclass
+class PerQuery:
+    """Per-query statistics from which every metric is aggregated."""
+
+    valid: np.ndarray  # bool [Q]: at least one relevant gallery item
+    first_rank: np.ndarray  # int [Q]: 0-based rank of the first relevant item (G if none)
+    last_rank: np.ndarray  # int [Q]: 0-based rank of the last relevant item (-1 if none)
+    num_rel: np.ndarray  # int [Q]
+    ap: np.ndarray  # float [Q]: average precision (0 where not valid)
+    hits: dict[int, np.ndarray]  # k -> int [Q]: relevant items within the top k
+
+    @classmethod
+    def from_ranks(cls, ranks: Sequence[np.ndarray], topk: Sequence[int], num_gallery: int):
+        """Build from the sorted 0-based ranks of every relevant item of each query."""
+        q = len(ranks)
+        valid = np.zeros(q, bool)
+        first = np.full(q, num_gallery, np.int64)
+        last = np.full(q, -1, np.int64)
+        num_rel = np.zeros(q, np.int64)
+        ap = np.zeros(q, np.float64)
+        hits = {k: np.zeros(q, np.int64) for k in topk}
+        for i, r in enumerate(ranks):
+            if r.size == 0:
+                continue
+            valid[i], first[i], last[i], num_rel[i] = True, r[0], r[-1], r.size
+            ap[i] = np.mean(np.arange(1, r.size + 1) / (r + 1.0))
+            for k in topk:
+                hits[k][i] = np.searchsorted(r, k)
+        return cls(valid, first, last, num_rel, ap, hits)
+
+    @classmethod
+    def from_relevance(cls, rel: np.ndarray, topk: Sequence[int]):
+        """Build from a ranked [Q, G] relevance matrix (see :func:`ranked_relevance`)."""
+        ranks = [np.flatnonzero(row) for row in rel]
+        return cls.from_ranks(ranks, topk, rel.shape[1])
+
+    def inp(self, reference_quirk: bool = False) -> np.ndarray:
+        """INP per query (NaN where not valid)."""
+        denom = self.last_rank + (0 if reference_quirk else 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self.num_rel / denom.astype(np.float64)
+        return np.where(self.valid, out, np.nan)
+
+
+def _check_topk(topk: Sequence[int], num_gallery: int) -> list[int]:
+    if isinstance(topk, int):
+        topk = [topk]
+    topk = [int(k) for k in topk]
+    for k in topk:
+        if not 1 <= k <= num_gallery:
+            raise ValueError(f"top-k value {k} must lie in [1, num_gallery={num_gallery}]")
+    return topk
+
+
+def aggregate(
+    stats: PerQuery,
+    topk: Sequence[int] = (1, 5),
+    metrics: Sequence[str] = ("recall", "mAP"),
+    block_size: int = SIM_BLOCK_SIZE,
+    block_weighting: bool = True,
+    minp_reference_quirk: bool = False,
+) -> dict[str, float]:
+    """Combine per-query statistics into the reported metrics.
+
+    ``metrics`` picks from ``recall`` (keys ``recall{k}``), ``mAP``, ``mINP`` and ``precision``
+    (keys ``precision@{k}``, averaged over *all* queries as in PaddleClas); the output keeps that
+    order, so the first key is the one that drives best-model selection.
+    """
+    q = stats.valid.size
+    if q == 0:
+        raise ValueError("no queries to evaluate")
+    unknown = set(metrics) - {"recall", "mAP", "mINP", "precision"}
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; use recall, mAP, mINP, precision")
+    per_query: dict[str, tuple[np.ndarray, bool]] = {}  # name -> (values, valid-only)
+    for name in metrics:
+        if name == "recall":
+            for k in topk:
+                per_query[f"recall{k}"] = ((stats.first_rank < k).astype(np.float64), True)
+        elif name == "mAP":
+            per_query["mAP"] = (stats.ap, True)
+        elif name == "mINP":
+            per_query["mINP"] = (stats.inp(minp_reference_quirk), True)
+        else:
+            for k in topk:
+                per_query[f"precision@{k}"] = (stats.hits[k] / float(k), False)
+
+    if block_weighting:
+        bounds = [(s, min(s + block_size, q)) for s in range(0, q, block_size)]
+    else:
+        bounds = [(0, q)]
+    out: dict[str, float] = {}
+    for key, (values, valid_only) in per_query.items():
+        total = 0.0
+        for s, e in bounds:
+            v = values[s:e]
+            if valid_only:
+                v = v[stats.valid[s:e]]
+            block = float(np.mean(v)) if v.size else float("nan")
+            total += block * (e - s) / q
+        out[key] = total
+    return out
+
+
+def retrieval_metrics_from_similarity(
+    similarity: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    query_ids: np.ndarray | None = None,
+    gallery_ids: np.ndarray | None = None,
+    topk: Sequence[int] = (1, 5),
+    metrics: Sequence[str] = ("recall", "mAP"),
+    block_size: int = SIM_BLOCK_SIZE,
+    block_weighting: bool = True,
+    minp_reference_quirk: bool = False,
+) -> dict[str, float]:
+    """Metrics from a full [Q, G] similarity matrix (brute force; use eval_lib for big sets)."""
+    sim = np.asarray(similarity)
+    topk = _check_topk(topk, sim.shape[1])
+    keep = keep_mask(query_labels, gallery_labels, query_ids, gallery_ids)
+    rel = ranked_relevance(sim, query_labels, gallery_labels, keep)
+    stats = PerQuery.from_relevance(rel, topk)
+    return aggregate(stats, topk, metrics, block_size, block_weighting, minp_reference_quirk)
+
+
+def recall_at_k(rel: np.ndarray, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Pooled Recall@k from a ranked relevance matrix (queries without relevant items dropped)."""
+    topk = _check_topk(topk, rel.shape[1])
+    stats = PerQuery.from_relevance(rel, topk)
+    return aggregate(stats, topk, ("recall",), block_weighting=False)
+
+
+def mean_average_precision(rel: np.ndarray) -> float:
+    """Pooled mAP from a ranked relevance matrix (NaN when no query has a relevant item)."""
+    return aggregate(PerQuery.from_relevance(rel, []), [], ("mAP",), block_weighting=False)["mAP"]
+
+
+def mean_inp(rel: np.ndarray, reference_quirk: bool = False) -> float:
+    """Pooled mINP from a ranked relevance matrix (see the module docstring for the quirk)."""
+    stats = PerQuery.from_relevance(rel, [])
+    return aggregate(
+        stats, [], ("mINP",), block_weighting=False, minp_reference_quirk=reference_quirk
+    )["mINP"]
+
+
+def precision_at_k(rel: np.ndarray, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Precision@k averaged over all queries (PaddleClas ``Precisionk``)."""
+    topk = _check_topk(topk, rel.shape[1])
+    stats = PerQuery.from_relevance(rel, topk)
+    return aggregate(stats, topk, ("precision",), block_weighting=False)
