@@ -1,0 +1,393 @@
+"""Dataset sources with one record shape: PaddleClas list files, query/gallery lists, tfds, folders.
+
+Every loader returns a :class:`Source`: image names, int64 labels, optional int64 third-column ids
+(camera or unique id, used to exclude self-matches when query and gallery are the same list), the
+list line each record came from, and ``read(i)`` giving the encoded image bytes (or, for sources
+that only hold pixels, a uint8 array). Decoding and augmentation live elsewhere.
+
+List semantics follow PaddleClas (spec section 6.1/6.2/12.2):
+
+* training lists (``ImageNetDataset``): ``path<delim>label`` with a single-space delimiter by
+  default, fields beyond the second ignored; ``relabel`` maps labels to 0..K-1 in sorted order;
+* query/gallery lists (``VeriWild``): ``path label [unique_id]`` split on any whitespace.
+
+Unlike the reference, blank lines are skipped, a malformed line raises :class:`DatasetError`
+naming the file, the line number and what is wrong, and all missing images are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+MAX_REPORTED = 20
+
+
+class DatasetError(ValueError):
+    """A dataset description (list file, folder, tfds name) is malformed or points at nothing."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """A random-access image dataset with one record shape.
+
+    Attributes:
+      name: human-readable origin (list file, folder or tfds name), used in error messages.
+      paths: image path (or synthetic name for tfds) per record.
+      labels: int64 labels, ``[N]``.
+      uids: int64 third-column ids (camera or unique id), ``[N]``, or None when absent.
+      lines: 1-based line number in the list file per record, or None for non-list sources.
+      class_names: names for labels 0..K-1 when known (folders, tfds ClassLabel).
+      reader: ``reader(i)`` returns the encoded bytes (or a uint8 HWC/HW array) of record i.
+    """
+
+    name: str
+    paths: Sequence[str]
+    labels: np.ndarray
+    reader: Callable[[int], bytes | np.ndarray]
+    uids: np.ndarray | None = None
+    lines: np.ndarray | None = None
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {n} paths")
+        if self.uids is not None and self.uids.shape != (n,):
+            raise ValueError(f"uids shape {self.uids.shape} does not match {n} paths")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> bytes | np.ndarray:
+        """Encoded bytes (or pixels) of record ``i``."""
+        return self.reader(int(i))
+
+    def describe(self, i: int) -> str:
+        """Where record ``i`` comes from, for error messages: path and list line."""
+        where = f"{self.paths[i]}"
+        if self.lines is not None:
+            where += f" ({self.name} line {int(self.lines[i])})"
+        else:
+            where += f" (from {self.name})"
+        return where
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels."""
+        return int(np.unique(self.labels).size)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Source:
+        """A new source holding only ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        base = self
+
+        return Source(
+            name=self.name,
+            paths=[self.paths[i] for i in idx],
+            labels=self.labels[idx],
+            reader=lambda j: base.read(int(idx[j])),
+            uids=None if self.uids is None else self.uids[idx],
+            lines=None if self.lines is None else self.lines[idx],
+            class_names=self.class_names,
+        )
+
+
+def _file_reader(paths: Sequence[str]) -> Callable[[int], bytes]:
+    def read(i: int) -> bytes:
+        with open(paths[i], "rb") as f:
+            return f.read()
+
+    return read
+
+
+def _parse_int(text: str, what: str, file: str, lineno: int, line: str) -> int:
+    try:
+        if text.strip() != text or not text:
+            raise ValueError
+        value = int(text, 10)
+    except ValueError:
+        raise DatasetError(
+            f"{file}:{lineno}: {what} {text!r} is not an integer (line: {line!r}). "
+            f"Each line must be 'path label' with an integer label."
+        ) from None
+    if not -(2**63) <= value < 2**63:
+        raise DatasetError(f"{file}:{lineno}: {what} {value} does not fit in int64")
+    return value
+
+
+def _check_files(paths: Sequence[str], lines: Sequence[int], list_file: str) -> None:
+    missing = [(p, n) for p, n in zip(paths, lines, strict=True) if not os.path.isfile(p)]
+    if missing:
+        shown = "\n".join(f"  line {n}: {p}" for p, n in missing[:MAX_REPORTED])
+        more = (
+            f"\n  ... and {len(missing) - MAX_REPORTED} more" if len(missing) > MAX_REPORTED else ""
+        )
+        raise DatasetError(
+            f"{len(missing)} of {len(paths)} images listed in {list_file} do not exist:\n"
+            f"{shown}{more}\nCheck image_root (paths are joined onto it) and the list file."
+        )
+
+
+def relabel_map(labels: np.ndarray) -> dict[int, int]:
+    """Sorted-unique map old label -> 0..K-1 (PaddleClas ``relabel`` for dense labels)."""
+    return {int(old): new for new, old in enumerate(np.unique(labels))}
+
+
+def parse_label_lines(
+    text_lines: Sequence[str],
+    file: str,
+    *,
+    delimiter: str | None = " ",
+    min_fields: int = 2,
+    max_used_fields: int = 2,
+) -> tuple[list[str], list[int], list[int] | None, list[int]]:
+    """Parse list lines into (paths, labels, third-column ids or None, 1-based line numbers).
+
+    ``delimiter=None`` splits on any whitespace (VeriWild); a string splits on exactly that
+    string (ImageNetDataset). Blank lines are skipped. Fields past ``max_used_fields`` are ignored,
+    as in the reference. All-or-nothing third column: mixing 2- and 3-field lines is an error.
+    """
+    paths: list[str] = []
+    labels: list[int] = []
+    uids: list[int] = []
+    linenos: list[int] = []
+    uid_state: bool | None = None
+    for lineno, raw in enumerate(text_lines, start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = line.split() if delimiter is None else line.split(delimiter)
+        if len(fields) < min_fields:
+            sep = "whitespace" if delimiter is None else repr(delimiter)
+            raise DatasetError(
+                f"{file}:{lineno}: expected 'path label' separated by {sep}, got {len(fields)} "
+                f"field(s) in {line!r}. Check the delimiter option."
+            )
+        if not fields[0]:
+            raise DatasetError(f"{file}:{lineno}: empty image path in {line!r}")
+        if delimiter is not None and fields[1] == "":
+            raise DatasetError(
+                f"{file}:{lineno}: empty label field in {line!r}: the delimiter is {delimiter!r} "
+                "and the line has two delimiters in a row. Use exactly one, or set delimiter."
+            )
+        label = _parse_int(fields[1], "label", file, lineno, line)
+        if max_used_fields >= 3:
+            has_uid = len(fields) >= 3
+            if uid_state is None:
+                uid_state = has_uid
+            elif uid_state != has_uid:
+                raise DatasetError(
+                    f"{file}:{lineno}: this line has {len(fields)} fields but earlier lines have "
+                    f"{3 if uid_state else 2}; either every line carries the third column "
+                    "(unique id) or none does."
+                )
+            if has_uid:
+                uids.append(_parse_int(fields[2], "unique id", file, lineno, line))
+        paths.append(fields[0])
+        labels.append(label)
+        linenos.append(lineno)
+    return paths, labels, (uids if uid_state else None), linenos
+
+
+def _read_lines(list_path: str | os.PathLike) -> list[str]:
+    p = Path(list_path)
+    if not p.is_file():
+        raise DatasetError(f"label list {p} does not exist (or is not a file)")
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{p}: not a UTF-8 text file ({e})") from None
+
+
+def _resolve_root(list_path: str | os.PathLike, image_root: str | os.PathLike | None) -> str:
+    root = Path(image_root) if image_root is not None else Path(list_path).parent
+    if not root.is_dir():
+        raise DatasetError(f"image_root {root} does not exist (or is not a directory)")
+    return str(root)
+
+
+def load_list(
+    list_path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    delimiter: str | None = " ",
+    relabel: bool = False,
+    check_files: bool = True,
+) -> Source:
+    """PaddleClas ``ImageNetDataset`` list: ``path label`` per line, joined onto ``image_root``.
+
+    ``image_root`` defaults to the list file's folder. ``relabel`` maps labels to 0..K-1 by sorted
+    order. Every referenced file must exist (``check_files``); all missing ones are reported.
+    """
+    name = str(list_path)
+    paths, labels, _, linenos = parse_label_lines(_read_lines(list_path), name, delimiter=delimiter)
+    if not paths:
+        raise DatasetError(f"{name}: the list has no entries")
+    root = _resolve_root(list_path, image_root)
+    full = [os.path.join(root, p) for p in paths]
+    if check_files:
+        _check_files(full, linenos, name)
+    lab = np.asarray(labels, dtype=np.int64)
+    if relabel:
+        mapping = relabel_map(lab)
+        lab = np.asarray([mapping[int(v)] for v in lab], dtype=np.int64)
+    return Source(
+        name=name,
+        paths=full,
+        labels=lab,
+        reader=_file_reader(full),
+        lines=np.asarray(linenos, dtype=np.int64),
+    )
+
+
+def load_query_gallery_list(
+    list_path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    relabel: bool = False,
+    check_files: bool = True,
+) -> Source:
+    """VeriWild-style eval list: ``path label [unique_id]`` split on any whitespace.
+
+    The optional third column (camera or unique id) lands in ``Source.uids``; when query and
+    gallery are the same list it must be unique per image so an image does not match itself.
+    """
+    name = str(list_path)
+    paths, labels, uids, linenos = parse_label_lines(
+        _read_lines(list_path), name, delimiter=None, max_used_fields=3
+    )
+    if not paths:
+        raise DatasetError(f"{name}: the list has no entries")
+    root = _resolve_root(list_path, image_root)
+    full = [os.path.join(root, p) for p in paths]
+    if check_files:
+        _check_files(full, linenos, name)
+    lab = np.asarray(labels, dtype=np.int64)
+    if relabel:
+        mapping = relabel_map(lab)
+        lab = np.asarray([mapping[int(v)] for v in lab], dtype=np.int64)
+    return Source(
+        name=name,
+        paths=full,
+        labels=lab,
+        reader=_file_reader(full),
+        uids=None if uids is None else np.asarray(uids, dtype=np.int64),
+        lines=np.asarray(linenos, dtype=np.int64),
+    )
+
+
+def load_image_folder(
+    root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> Source:
+    """A folder tree with one sub-folder per class; labels follow sorted class-folder names.
+
+    Files are taken in sorted order within each class; hidden files and files with other
+    extensions are ignored; classes without images are an error (they would shift labels).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise DatasetError(f"image folder {base} does not exist (or is not a directory)")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{base}: no class sub-folders found (expected root/<class>/<image>)")
+    exts = tuple(e.lower() for e in extensions)
+    paths: list[str] = []
+    labels: list[int] = []
+    empty: list[str] = []
+    for label, cls in enumerate(classes):
+        files = sorted(
+            f.name
+            for f in (base / cls).iterdir()
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in exts
+        )
+        if not files:
+            empty.append(cls)
+        paths.extend(str(base / cls / f) for f in files)
+        labels.extend([label] * len(files))
+    if empty:
+        raise DatasetError(
+            f"{base}: class folder(s) without images: {empty[:MAX_REPORTED]} "
+            f"(accepted extensions: {', '.join(exts)}). Remove them or add images."
+        )
+    return Source(
+        name=str(base),
+        paths=paths,
+        labels=np.asarray(labels, dtype=np.int64),
+        reader=_file_reader(paths),
+        class_names=tuple(classes),
+    )
+
+
+def load_tfds(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    uid_key: str | None = None,
+    download: bool = False,
+) -> Source:
+    """A tensorflow-datasets dataset through ``tfds.data_source`` (array_record; no TensorFlow).
+
+    Images are read undecoded (``SkipDecoding``) so the pipeline decodes them exactly like files.
+    The dataset must already be prepared under ``data_dir`` unless ``download=True``.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        ds = tfds.data_source(
+            name,
+            split=split,
+            data_dir=None if data_dir is None else str(data_dir),
+            download=download,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+    except Exception as e:  # tfds raises several unrelated types for "not found"
+        raise DatasetError(
+            f"tfds dataset {name!r} split {split!r} could not be opened from data_dir={data_dir}: "
+            f"{e}. Prepare it first (tfds build --file_format=array_record) or pass download=True."
+        ) from e
+    n = len(ds)
+    if n == 0:
+        raise DatasetError(f"tfds dataset {name}[{split}] is empty")
+    labels = np.empty(n, dtype=np.int64)
+    uids = np.empty(n, dtype=np.int64) if uid_key else None
+    chunk = 1024
+    for start in range(0, n, chunk):
+        keys = list(range(start, min(n, start + chunk)))
+        items = ds.__getitems__(keys) if hasattr(ds, "__getitems__") else [ds[k] for k in keys]
+        for k, item in zip(keys, items, strict=True):
+            for key in (image_key, label_key) + ((uid_key,) if uid_key else ()):
+                if key not in item:
+                    raise DatasetError(
+                        f"tfds dataset {name}[{split}] has no feature {key!r}; "
+                        f"features: {sorted(item)}"
+                    )
+            labels[k] = int(item[label_key])
+            if uids is not None:
+                uids[k] = int(item[uid_key])
+    class_names = None
+    try:
+        class_names = tuple(ds.dataset_info.features[label_key].names)
+    except (AttributeError, KeyError, TypeError):
+        pass  # labels are plain integers
+
+    def read(i: int) -> bytes | np.ndarray:
+        value = ds[i][image_key]
+        return value if isinstance(value, bytes | np.ndarray) else bytes(value)
+
+    return Source(
+        name=f"tfds:{name}/{split}",
+        paths=[f"tfds:{name}/{split}[{i}]" for i in range(n)],
+        labels=labels,
+        reader=read,
+        uids=uids,
+        class_names=class_names,
+    )

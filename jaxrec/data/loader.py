@@ -1,0 +1,402 @@
+"""Host input pipeline: parallel decode/augment, prefetch, per-host slices, sharded device batches.
+
+Train batches come from :class:`~jaxrec.data.sampler.PKSampler`: the global batch has one P x K
+group per device of the mesh (independent per device, as in PaddleClas); each process loads only
+the groups of its own devices and the batch is assembled with
+``jax.make_array_from_process_local_data`` on ``NamedSharding(mesh, P("data"))``. Images stay
+uint8 ``[B, H, W, 3]``; normalization runs on device (``jaxrec.data.image.normalize``).
+
+Everything random is a function of (seed, epoch, step, position), so ``state()``/``restore()``
+(a small dict) resume exactly, independent of the worker count and of prefetching.
+
+Decoding runs in a thread pool: Pillow's decoder and the numpy kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jaxrec.data.datasets import Source
+from jaxrec.data.image import decode_image
+from jaxrec.data.sampler import PKSampler
+from jaxrec.data.transforms import EvalTransform, TrainTransform, rng_for
+
+log = logging.getLogger(__name__)
+
+_INT32_MAX = 2**31 - 1
+
+
+class BadImageError(ValueError):
+    """An image of the dataset could not be read or decoded; names the file and list line."""
+
+
+def to_rgb_array(value: bytes | np.ndarray, name: str) -> np.ndarray:
+    """Decode bytes (cv2 semantics) or accept a uint8 pixel array, giving uint8 ``[H, W, 3]``."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return decode_image(bytes(value), name=name)
+    arr = np.asarray(value)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{name}: pixel array must be uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or 0 in arr.shape:
+        raise ValueError(f"{name}: unusable pixel array shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _check_int32(values: np.ndarray, what: str, source: Source) -> np.ndarray:
+    if values.size and (values.min() < -_INT32_MAX - 1 or values.max() > _INT32_MAX):
+        raise ValueError(f"{source.name}: {what} do not fit in int32 (device arrays are int32)")
+    return values.astype(np.int32)
+
+
+def _local_shards(
+    mesh: Any, num_shards: int, process_index: int | None, process_count: int | None
+) -> list[int]:
+    """Shard ids (mesh positions) whose rows this process loads, in mesh order.
+
+    With a mesh: the positions of this process's devices (they must be contiguous). Without one:
+    an even contiguous split of ``num_shards`` over ``process_count`` (default one process).
+    """
+    import jax
+
+    if mesh is None:
+        pc = 1 if process_count is None else int(process_count)
+        pi = 0 if process_index is None else int(process_index)
+        if num_shards % pc:
+            raise ValueError(f"{num_shards} shards do not split evenly over {pc} processes")
+        per = num_shards // pc
+        return list(range(pi * per, (pi + 1) * per))
+    pi = jax.process_index() if process_index is None else process_index
+    devices = list(np.asarray(mesh.devices).reshape(-1))
+    if len(devices) != num_shards:
+        raise ValueError(
+            f"the mesh has {len(devices)} devices but the sampler was built with num_shards="
+            f"{num_shards}; build PKSampler(..., num_shards={len(devices)})"
+        )
+    mine = [i for i, d in enumerate(devices) if d.process_index == pi]
+    if not mine or mine != list(range(mine[0], mine[0] + len(mine))):
+        raise ValueError("this process's devices must be contiguous in the 1-D data mesh")
+    return mine
+
+
+def _put(batch: dict[str, np.ndarray], mesh: Any, global_rows: int) -> dict[str, Any]:
+    """Host-local rows -> global arrays sharded over the mesh's data axis (or numpy)."""
+    if mesh is None:
+        return batch
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    axis = mesh.axis_names[0]
+    sharding = NamedSharding(mesh, P(axis))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_rows,) + v.shape[1:])
+        for k, v in batch.items()
+    }
+
+
+class _Decoder:
+    """Reads and decodes records; with ``skip_bad`` remembers failures instead of raising."""
+
+    def __init__(self, source: Source, skip_bad: bool) -> None:
+        self.source = source
+        self.skip_bad = skip_bad
+        self.bad: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def load(self, i: int) -> np.ndarray | None:
+        try:
+            return to_rgb_array(self.source.read(i), self.source.paths[i])
+        except Exception as e:  # noqa: BLE001 - any failure becomes a named error
+            msg = f"cannot load image {self.source.describe(i)}: {e}"
+            if not self.skip_bad:
+                raise BadImageError(
+                    msg + " (fix or remove the file, or enable skip_bad to substitute it)"
+                ) from e
+            with self._lock:
+                if i not in self.bad:
+                    self.bad[i] = str(e)
+                    log.warning("skipping bad image (%d so far): %s", len(self.bad), msg)
+            return None
+
+    def report(self) -> list[str]:
+        return [f"{self.source.describe(i)}: {why}" for i, why in sorted(self.bad.items())]
+
+
+class TrainLoader:
+    """Infinite iterator of PK-sampled, augmented, device-sharded train batches.
+
+    Batches are ``{"image": uint8 [B, S, S, 3], "label": int32 [B]}`` with B = shards x
+    ``sampler.batch_size``; with ``mesh`` they are global ``jax.Array`` sharded on the data axis,
+    without it numpy arrays of this process's rows. ``sampler.num_shards`` must equal the number
+    of devices in ``mesh``.
+
+    ``skip_bad`` replaces an unreadable image by another image of the same id (deterministically)
+    and logs it; ``bad_images()`` lists them.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        sampler: PKSampler,
+        transform: TrainTransform | None = None,
+        *,
+        mesh: Any = None,
+        seed: int = 0,
+        num_workers: int | None = None,
+        prefetch: int = 2,
+        skip_bad: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> None:
+        if len(sampler.counts) and int(sampler.counts.sum()) != len(source):
+            raise ValueError(
+                f"sampler was built on {int(sampler.counts.sum())} labels but the source has "
+                f"{len(source)} records"
+            )
+        self.source = source
+        self.sampler = sampler
+        self.transform = transform or TrainTransform()
+        self.mesh = mesh
+        self.seed = int(seed)
+        self.prefetch = max(1, int(prefetch))
+        self.shards = _local_shards(mesh, sampler.num_shards, process_index, process_count)
+        self.global_rows = sampler.num_shards * sampler.batch_size
+        self._labels = _check_int32(source.labels, "labels", source)
+        self._decoder = _Decoder(source, skip_bad)
+        workers = num_workers or min(8, os.cpu_count() or 1)
+        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrec-data")
+        self._epoch = 0  # next batch handed out
+        self._step = 0
+        self._pending: collections.deque = collections.deque()
+        self._cursor = (0, 0)  # next batch to submit
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def state(self) -> dict[str, int]:
+        """Position of the next batch, plus what must match on restore."""
+        return {
+            "epoch": self._epoch,
+            "step": self._step,
+            "seed": self.seed,
+            "sampler_seed": self.sampler.seed,
+            "num_shards": self.sampler.num_shards,
+        }
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue exactly where ``state()`` was taken (same seeds and shard count required)."""
+        for key, mine in (
+            ("seed", self.seed),
+            ("sampler_seed", self.sampler.seed),
+            ("num_shards", self.sampler.num_shards),
+        ):
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"loader state has {key}={state[key]} but this loader has {mine}")
+        self._drain()
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+        self._cursor = (self._epoch, self._step)
+
+    # -- work -----------------------------------------------------------------------------
+
+    def _item(self, epoch: int, aug_index: int, idx: int) -> tuple[np.ndarray, int]:
+        img = self._decoder.load(idx)
+        if img is None:
+            idx, img = self._substitute(idx)
+        params = self.transform.sample(rng_for(self.seed, epoch, aug_index))
+        return self.transform.apply(img, params), idx
+
+    def _substitute(self, idx: int) -> tuple[int, np.ndarray]:
+        group = np.flatnonzero(self.source.labels == self.source.labels[idx])
+        start = int(np.searchsorted(group, idx))
+        for j in np.roll(group, -start - 1):
+            img = self._decoder.load(int(j))
+            if img is not None:
+                return int(j), img
+        raise BadImageError(
+            f"every image of label {int(self.source.labels[idx])} failed to load, e.g. "
+            f"{self.source.describe(idx)}; skip_bad cannot substitute it"
+        )
+
+    def _submit(self, epoch: int, step: int) -> list[cf.Future]:
+        bs = self.sampler.batch_size
+        futures = []
+        for shard in self.shards:
+            idx = self.sampler.batch(epoch, step, shard)
+            base = (step * self.sampler.num_shards + shard) * bs
+            futures.extend(
+                self._pool.submit(self._item, epoch, base + j, int(i)) for j, i in enumerate(idx)
+            )
+        return futures
+
+    def _fill(self) -> None:
+        while len(self._pending) < self.prefetch:
+            e, s = self._cursor
+            self._pending.append(self._submit(e, s))
+            s += 1
+            if s >= self.steps_per_epoch:
+                e, s = e + 1, 0
+            self._cursor = (e, s)
+
+    def _drain(self) -> None:
+        for futures in self._pending:
+            for f in futures:
+                f.cancel()
+        self._pending.clear()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        self._fill()
+        futures = self._pending.popleft()
+        self._fill()
+        results = [f.result() for f in futures]
+        images = np.stack([r[0] for r in results])
+        labels = self._labels[np.asarray([r[1] for r in results], dtype=np.int64)]
+        self._step += 1
+        if self._step >= self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        return _put({"image": images, "label": labels}, self.mesh, self.global_rows)
+
+    def iter_epoch(self) -> Iterator[dict[str, Any]]:
+        """The remaining batches of the current epoch."""
+        epoch = self._epoch
+        while self._epoch == epoch:
+            yield next(self)
+
+    def bad_images(self) -> list[str]:
+        """Images substituted because of ``skip_bad`` (file, list line and reason)."""
+        return self._decoder.report()
+
+    def close(self) -> None:
+        self._drain()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EvalLoader:
+    """Ordered batches over a query/gallery source, last batch padded, with a validity mask.
+
+    Batches: ``{"image": uint8 [B, S, S, 3], "label": int32 [B], "index": int32 [B],
+    "mask": bool [B]}`` plus ``"uid": int32 [B]`` when the list has a third column. Rows past
+    the end (padding) and, with ``skip_bad``, unreadable images have ``mask == False`` (their
+    pixels are zero). ``batch_size`` is global and must divide evenly over the mesh's devices and
+    the processes; each process loads only its contiguous slice of every batch.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int = 64,
+        transform: EvalTransform | None = None,
+        *,
+        mesh: Any = None,
+        num_workers: int | None = None,
+        prefetch: int = 2,
+        skip_bad: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> None:
+        import jax
+
+        self.source = source
+        self.transform = transform or EvalTransform()
+        self.mesh = mesh
+        self.batch_size = int(batch_size)
+        self.prefetch = max(1, int(prefetch))
+        pc = jax.process_count() if process_count is None else process_count
+        pi = jax.process_index() if process_index is None else process_index
+        if mesh is not None:
+            n_dev = int(np.asarray(mesh.devices).size)
+            if self.batch_size % n_dev:
+                raise ValueError(
+                    f"eval batch_size {batch_size} must be a multiple of the {n_dev} devices; "
+                    f"use e.g. {-(-batch_size // n_dev) * n_dev}"
+                )
+        if self.batch_size % pc:
+            raise ValueError(f"eval batch_size {batch_size} must divide over {pc} processes")
+        rows = self.batch_size // pc
+        self._rows = (pi * rows, (pi + 1) * rows)
+        self._labels = _check_int32(source.labels, "labels", source)
+        self._uids = None if source.uids is None else _check_int32(source.uids, "uids", source)
+        self._decoder = _Decoder(source, skip_bad)
+        workers = num_workers or min(8, os.cpu_count() or 1)
+        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrec-eval")
+
+    def __len__(self) -> int:
+        return -(-len(self.source) // self.batch_size)
+
+    def _item(self, i: int) -> np.ndarray | None:
+        img = self._decoder.load(i)
+        return None if img is None else self.transform.apply(img)
+
+    def _submit(self, b: int) -> tuple[np.ndarray, list[cf.Future | None]]:
+        lo, hi = self._rows
+        idx = np.arange(b * self.batch_size + lo, b * self.batch_size + hi)
+        futs = [
+            self._pool.submit(self._item, int(i)) if i < len(self.source) else None for i in idx
+        ]
+        return idx, futs
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pending: collections.deque = collections.deque()
+        nxt = 0
+        s = self.transform.size
+        for _ in range(len(self)):
+            while nxt < len(self) and len(pending) < self.prefetch:
+                pending.append(self._submit(nxt))
+                nxt += 1
+            idx, futs = pending.popleft()
+            n = idx.size
+            images = np.zeros((n, s, s, 3), np.uint8)
+            mask = np.zeros(n, bool)
+            for r, f in enumerate(futs):
+                img = None if f is None else f.result()
+                if img is not None:
+                    images[r] = img
+                    mask[r] = True
+            safe = np.minimum(idx, len(self.source) - 1)
+            batch = {
+                "image": images,
+                "label": np.where(idx < len(self.source), self._labels[safe], -1).astype(np.int32),
+                "index": idx.astype(np.int32),
+                "mask": mask,
+            }
+            if self._uids is not None:
+                batch["uid"] = np.where(idx < len(self.source), self._uids[safe], -1).astype(
+                    np.int32
+                )
+            yield _put(batch, self.mesh, self.batch_size)
+
+    def bad_images(self) -> list[str]:
+        """Images masked out because of ``skip_bad`` (file, list line and reason)."""
+        return self._decoder.report()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> EvalLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
