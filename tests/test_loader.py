@@ -236,3 +236,69 @@ def test_fuzz_decoder_mutations(data):
         assert "fuzz.bin" in str(e)
         return
     assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+
+
+# ---- two real processes (jax.distributed on CPU with gloo) -----------------------------------
+
+_WORKER = r"""
+import json, sys
+import numpy as np
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from jaxrec.data.datasets import load_list, load_query_gallery_list
+from jaxrec.data.loader import EvalLoader, TrainLoader
+from jaxrec.data.sampler import PKSampler
+from jaxrec.data.transforms import EvalTransform, TrainTransform
+mesh = jax.make_mesh((8,), ("data",))
+src = load_list(root + "/train.txt")
+sampler = PKSampler(src.labels, 4, 2, seed=9, num_shards=8)
+loader = TrainLoader(src, sampler, TrainTransform(size=16, pad=2), mesh=mesh, seed=4)
+batch = next(loader)
+local = np.concatenate([np.asarray(s.data) for s in batch["label"].addressable_shards])
+total = int(jax.jit(lambda x: x.sum())(batch["label"]))
+ev = EvalLoader(load_query_gallery_list(root + "/qg.txt"), 16, EvalTransform(size=8), mesh=mesh)
+n_valid = sum(int(jax.jit(lambda m: m.sum())(b["mask"])) for b in ev)
+print(json.dumps({"local": local.tolist(), "total": total, "n_valid": n_valid,
+                  "shards": loader.shards}))
+"""
+
+
+def test_two_processes_load_their_own_slices(dataset, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(dataset)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    src = load_list(dataset / "train.txt")
+    sampler = PKSampler(src.labels, 4, 2, seed=9, num_shards=8)
+    expect = src.labels[sampler.global_batch(0, 0)]
+    assert outs[0]["shards"] == [0, 1, 2, 3] and outs[1]["shards"] == [4, 5, 6, 7]
+    np.testing.assert_array_equal(outs[0]["local"], expect[:16])
+    np.testing.assert_array_equal(outs[1]["local"], expect[16:])
+    assert outs[0]["total"] == outs[1]["total"] == int(expect.sum())
+    assert outs[0]["n_valid"] == outs[1]["n_valid"] == 45

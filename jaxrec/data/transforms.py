@@ -135,32 +135,40 @@ def warp_affine(
     outside = (sx >= w) | (sx < -1) | (sy >= h) | (sy < -1)
     wp = w + 2
     idx = (np.clip(sy, -1, h - 1) + 1) * wp + (np.clip(sx, -1, w - 1) + 1)
-    # Channels are packed into 21-bit lanes of one int64 so the four gathers and the weighted
-    # sum handle all channels at once; a lane never exceeds 255 * 1024 < 2**18.
-    framed = pad_constant(src, 1, fill).reshape(-1, c).astype(np.int64)
-    lanes = range(0, c, 3)
+    w00 = (_INTER_TAB - ay) * (_INTER_TAB - ax)
+    w01 = (_INTER_TAB - ay) * ax
+    w10 = ay * (_INTER_TAB - ax)
+    w11 = ay * ax
+    # OpenCV's weights are (32-ax)(32-ay)*32 etc. (exact in its float table), summing to 1 << 15;
+    # the *32 and the 15-bit rounding shift reduce to (acc + 512) >> 10.
+    half = 1 << (_COEF_BITS - 1 - 5)
+    shift = _COEF_BITS - 5
     out = np.empty((oh, ow, c), dtype=np.uint8)
-    for start in lanes:
-        group = framed[:, start : start + 3]
-        packed = group[:, 0].copy()
-        for k in range(1, group.shape[1]):
-            packed |= group[:, k] << (21 * k)
-        wx1 = ax
-        wx0 = _INTER_TAB - ax
-        wy1 = ay
-        wy0 = _INTER_TAB - ay
-        # OpenCV's weights are (32-ax)(32-ay)*32 etc. (exact in its float table), summing to
-        # 1 << 15; the *32 and the 15-bit rounding shift reduce to (acc + 512) >> 10.
-        acc = (wy0 * wx0) * packed[idx]
-        acc += (wy0 * wx1) * packed[idx + 1]
-        acc += (wy1 * wx0) * packed[idx + wp]
-        acc += (wy1 * wx1) * packed[idx + wp + 1]
-        half = 1 << (_COEF_BITS - 1 - 5)
-        for k in range(group.shape[1]):
-            lane = (acc >> (21 * k)) & ((1 << 21) - 1)
-            out[:, :, start + k] = (lane + half) >> (_COEF_BITS - 5)
-    out[outside] = fill
+    for start in range(0, c, 3):
+        # Up to three channels packed into 21-bit lanes of one int64: one gather and one
+        # weighted sum serve all of them (a lane never exceeds 255 * 1024 + 512 < 2**21).
+        group = src[:, :, start : start + 3].astype(np.int64)
+        ng = group.shape[2]
+        packed = group[:, :, 0]
+        for k in range(1, ng):
+            packed = packed | (group[:, :, k] << (21 * k))
+        framed = np.full((h + 2, wp), _pack_fill(fill, ng), dtype=np.int64)
+        framed[1:-1, 1:-1] = packed
+        framed = framed.reshape(-1)
+        acc = w00 * framed[idx]
+        acc += w01 * framed[idx + 1]
+        acc += w10 * framed[idx + wp]
+        acc += w11 * framed[idx + wp + 1]
+        acc += _pack_fill(half, ng)
+        acc >>= shift
+        acc = np.where(outside, _pack_fill(fill, ng), acc)
+        for k in range(ng):
+            out[:, :, start + k] = (acc >> (21 * k)) & 0xFF
     return out[:, :, 0] if squeeze else out
+
+
+def _pack_fill(value: int, lanes: int) -> int:
+    return sum(int(value) << (21 * k) for k in range(lanes))
 
 
 def rotate(img: np.ndarray, angle: float, fill: int = 0) -> np.ndarray:
