@@ -111,6 +111,37 @@ class PerQuery:
         return cls(valid, first, last, num_rel, ap, hits)
 
     @classmethod
+    def from_padded_ranks(cls, ranks: np.ndarray, topk: Sequence[int], num_gallery: int):
+        """Vectorized :meth:`from_ranks`: [Q, M] 0-based ranks, each row ascending, padded at
+        the end with any value >= ``num_gallery``."""
+        ranks = np.asarray(ranks, np.int64)
+        q, m = ranks.shape
+        real = ranks < num_gallery
+        num_rel = real.sum(1)
+        valid = num_rel > 0
+        first = np.where(valid, ranks[:, 0] if m else num_gallery, num_gallery)
+        last_pos = np.maximum(num_rel - 1, 0)
+        last = np.where(valid, ranks[np.arange(q), last_pos] if m else -1, -1)
+        precision = np.arange(1, m + 1)[None, :] / (np.where(real, ranks, 0) + 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ap = np.where(valid, np.sum(precision * real, axis=1) / num_rel, 0.0)
+        hits = {k: np.sum(real & (ranks < k), axis=1) for k in topk}
+        return cls(valid, first, last, num_rel, ap, hits)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PerQuery]):
+        """Join per-query statistics of consecutive query blocks."""
+        hits = {k: np.concatenate([p.hits[k] for p in parts]) for k in parts[0].hits}
+        return cls(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAY_FIELDS), hits=hits
+        )
+
+    def take(self, indices: np.ndarray) -> PerQuery:
+        """Statistics of the queries at ``indices`` (e.g. to undo a reordering)."""
+        hits = {k: v[indices] for k, v in self.hits.items()}
+        return PerQuery(*(getattr(self, f)[indices] for f in _ARRAY_FIELDS), hits=hits)
+
+    @classmethod
     def from_relevance(cls, rel: np.ndarray, topk: Sequence[int]):
         """Build from a ranked [Q, G] relevance matrix (see :func:`ranked_relevance`)."""
         ranks = [np.flatnonzero(row) for row in rel]
@@ -122,6 +153,9 @@ class PerQuery:
         with np.errstate(divide="ignore", invalid="ignore"):
             out = self.num_rel / denom.astype(np.float64)
         return np.where(self.valid, out, np.nan)
+
+
+_ARRAY_FIELDS = ("valid", "first_rank", "last_rank", "num_rel", "ap")
 
 
 def _check_topk(topk: Sequence[int], num_gallery: int) -> list[int]:

@@ -58,13 +58,61 @@ def reference_eval(paddle, metrics_mod, sim, ql, gl, qid, gid, with_minp, topk):
     return dict(out)
 
 
+def rerank_fixture(paddle, metrics_mod, rng, out_path):
+    """Re-ranking: PaddleClas's compute_re_ranking_dist and the metrics on -distmat."""
+    from ppcls.engine.evaluation.retrieval import compute_re_ranking_dist
+
+    arrays, meta = {}, {}
+    for name, same in (("sep", False), ("self_ids", True)):
+        nq, ng, d = (40, 40, 8) if same else (30, 50, 8)
+        gl = rng.integers(0, 8, ng)
+        centers = rng.standard_normal((8, d))
+        gf = centers[gl] + 0.8 * rng.standard_normal((ng, d))
+        gf = (gf / np.linalg.norm(gf, axis=1, keepdims=True)).astype(np.float32)
+        if same:
+            ql, qf = gl, gf
+            qid = gid = np.arange(ng)
+        else:
+            ql = rng.integers(0, 8, nq)
+            qf = centers[ql] + 0.8 * rng.standard_normal((nq, d))
+            qf = (qf / np.linalg.norm(qf, axis=1, keepdims=True)).astype(np.float32)
+            qid = gid = None
+        dist = compute_re_ranking_dist(paddle.to_tensor(qf), paddle.to_tensor(gf), True, 20, 6, 0.3)
+        q_label = paddle.to_tensor(ql.reshape(-1, 1).astype(np.int64))
+        g_label = paddle.to_tensor(gl.reshape(-1, 1).astype(np.int64))
+        keep = None
+        if same:
+            cam_q = paddle.to_tensor(qid.reshape(-1, 1).astype(np.int64))
+            cam_g = paddle.to_tensor(gid.reshape(-1, 1).astype(np.int64))
+            keep = (q_label != g_label.t()) | (cam_q != cam_g.t())
+            dist = keep.astype("float32") * dist + (~keep).astype("float32") * (dist.max() + 1)
+        values = {}
+        values.update(metrics_mod.Recallk(topk=[1, 5])(-dist, q_label, g_label, keep))
+        values.update(metrics_mod.mAP()(-dist, q_label, g_label, keep))
+        values = {k: float(v) for k, v in values.items()}
+        arrays[f"{name}/qf"], arrays[f"{name}/gf"] = qf, gf
+        arrays[f"{name}/ql"], arrays[f"{name}/gl"] = ql, gl
+        arrays[f"{name}/dist"] = dist.numpy()
+        if same:
+            arrays[f"{name}/qid"], arrays[f"{name}/gid"] = qid, gid
+        meta[name] = {"values": values}
+        print("rerank", name, values)
+    arrays["meta_json"] = np.array(json.dumps(meta))
+    np.savez_compressed(out_path, **arrays)
+    print("wrote", out_path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/fixtures/metric_golden.npz")
+    parser.add_argument("--rerank-out", default="tests/fixtures/metric_rerank.npz")
     args = parser.parse_args()
 
     import paddle
     from ppcls.metric import metrics as metrics_mod
+    from ppcls.utils import logger
+
+    logger.init_logger()
 
     paddle.set_device("cpu")
     rng = np.random.default_rng(8_4)
@@ -148,6 +196,7 @@ def main() -> None:
     arrays["meta_json"] = np.array(json.dumps(meta))
     np.savez_compressed(args.out, **arrays)
     print("wrote", args.out)
+    rerank_fixture(paddle, metrics_mod, np.random.default_rng(85), args.rerank_out)
 
 
 if __name__ == "__main__":
