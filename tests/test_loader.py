@@ -102,6 +102,18 @@ def test_resume_is_exact_and_worker_independent(dataset):
         loader.close()
 
 
+def test_cache_gives_identical_batches(dataset):
+    src = load_list(dataset / "train.txt")
+    sampler = PKSampler(src.labels, 4, 2, seed=3, num_shards=2)
+    plain = TrainLoader(src, sampler, SMALL, seed=5)
+    cached = TrainLoader(src, sampler, SMALL, seed=5, cache_bytes=10 * 32 * 32 * 3)
+    for _ in range(7):
+        np.testing.assert_array_equal(_np(next(plain))["image"], _np(next(cached))["image"])
+    assert len(cached._decoder._cache) == 10  # the byte budget holds exactly 10 images
+    plain.close()
+    cached.close()
+
+
 def test_each_host_loads_only_its_slice(dataset):
     src = load_list(dataset / "train.txt")
     sampler = PKSampler(src.labels, 4, 2, seed=3, num_shards=4)

@@ -283,10 +283,18 @@ class TrainTransform:
                 return (top, left, h, w)
         return None
 
+    def prepare(self, img: np.ndarray) -> np.ndarray:
+        """The deterministic first step (resize to ``size``); its result may be cached."""
+        s = self.size
+        return resize_bilinear(img, (s, s)) if img.shape[:2] != (s, s) else img
+
     def apply(self, img: np.ndarray, p: AugParams) -> np.ndarray:
         """Apply the chain to a decoded uint8 ``[H, W, 3]`` image; returns ``[size, size, 3]``."""
+        return self.apply_prepared(self.prepare(img), p)
+
+    def apply_prepared(self, x: np.ndarray, p: AugParams) -> np.ndarray:
+        """The random part of the chain, on the output of :meth:`prepare`."""
         s = self.size
-        x = resize_bilinear(img, (s, s)) if img.shape[:2] != (s, s) else img
         if p.flip:
             x = hflip(x)
         if self.pad:
@@ -315,9 +323,12 @@ class EvalTransform:
 
     size: int = 224
 
-    def apply(self, img: np.ndarray, p: AugParams | None = None) -> np.ndarray:
+    def prepare(self, img: np.ndarray) -> np.ndarray:
         s = self.size
         return img if img.shape[:2] == (s, s) else resize_bilinear(img, (s, s))
+
+    def apply(self, img: np.ndarray, p: AugParams | None = None) -> np.ndarray:
+        return self.prepare(img)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         return self.apply(img)
