@@ -1,0 +1,202 @@
+"""Eval-mode forward speed of the full-size PP-ShiTuV2 model: jaxrec vs Paddle Inference.
+
+    /work/venv/bin/python benchmarks/forward.py [--paddle-python /work/paddle_venv/bin/python]
+
+Measures, on the default JAX backend, the jitted eval forward of the PPLCNetV2_base_ShiTu RecModel
+(BNNeck features, no head) on float32 224x224 input:
+  * latency at batch 1 (median of --bs1-iters calls, each waited for),
+  * throughput at batch 32 (images/s from the median of --bs32-iters calls),
+for the training form (multi-branch rep blocks) and the re-parameterized deploy form.
+With --paddle-python, the same model is built by PaddleClas in that interpreter, exported as
+tools/export_model.py does (eval, re_parameterize, paddle.jit.save) and run with Paddle Inference
+(oneDNN, --threads CPU threads, IR optimizations on), same batch sizes and iteration counts, in
+a subprocess after the JAX part (never at the same time). Prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ARCH = {
+    "name": "RecModel",
+    "infer_output_key": "features",
+    "Backbone": {"name": "PPLCNetV2_base_ShiTu", "class_expand": 512},
+    "BackboneStopLayer": {"name": "flatten"},
+    "Neck": {"name": "BNNeck", "num_features": 512},
+}
+
+
+def _median_seconds(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def jax_side(args: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrec import models
+
+    results = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+    }
+    model = models.build_model(ARCH)
+    variables = models.init_variables(model, seed=0, image_size=224)
+    forms = {"train_form": (model, variables)}
+    deploy_model = models.build_model({**ARCH, "deploy": True})
+    forms["deploy_form"] = (deploy_model, models.reparameterize(variables))
+    rng = np.random.default_rng(0)
+    for form, (m, v) in forms.items():
+        fwd = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False)["features"])
+        for bs, iters, key in ((1, args.bs1_iters, "bs1"), (32, args.bs32_iters, "bs32")):
+            x = jnp.asarray(rng.standard_normal((bs, 224, 224, 3), dtype=np.float32))
+            t0 = time.perf_counter()
+            fwd(v, x).block_until_ready()
+            compile_s = time.perf_counter() - t0
+            for _ in range(args.warmup):
+                fwd(v, x).block_until_ready()
+            med = _median_seconds(lambda f=fwd, v=v, x=x: f(v, x).block_until_ready(), iters)
+            results[f"{form}_{key}_median_ms"] = med * 1e3
+            results[f"{form}_{key}_images_per_s"] = bs / med
+            results[f"{form}_{key}_first_call_s"] = compile_s
+            print(
+                f"jax {form} bs{bs}: median {med * 1e3:.1f} ms ({bs / med:.1f} img/s)", flush=True
+            )
+    return results
+
+
+def paddle_side(args: argparse.Namespace) -> dict:
+    import paddle
+    from paddle import inference
+    from paddle.static import InputSpec
+    from paddleclas.ppcls.arch import build_model
+
+    paddle.set_device("cpu")
+    paddle.seed(0)
+    arch = {k: v for k, v in ARCH.items()}
+    arch["Backbone"] = {**ARCH["Backbone"], "pretrained": False}
+    model = build_model({"Arch": arch, "Global": {"device": "cpu"}})
+    model.eval()
+    results = {"paddle": paddle.__version__}
+    rng = np.random.default_rng(0)
+
+    # dygraph eval (training form), the way Engine's retrieval eval runs the model
+    for bs, iters, key in ((1, args.bs1_iters, "bs1"), (32, args.bs32_iters, "bs32")):
+        if args.skip_dygraph:
+            break
+        x = paddle.to_tensor(rng.standard_normal((bs, 3, 224, 224), dtype=np.float32))
+        with paddle.no_grad():
+            for _ in range(args.warmup + 1):
+                model(x)["features"].numpy()
+            med = _median_seconds(lambda x=x: model(x)["features"].numpy(), iters)
+        results[f"dygraph_{key}_median_ms"] = med * 1e3
+        results[f"dygraph_{key}_images_per_s"] = bs / med
+        print(f"paddle dygraph bs{bs}: median {med * 1e3:.1f} ms", flush=True)
+
+    for layer in model.sublayers():
+        if hasattr(layer, "re_parameterize"):
+            layer.re_parameterize()
+
+    class Export(paddle.nn.Layer):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)["features"]
+
+    exp = Export(model)
+    exp.eval()
+    with tempfile.TemporaryDirectory() as d:
+        prefix = os.path.join(d, "inference")
+        static = paddle.jit.to_static(exp, input_spec=[InputSpec([None, 3, 224, 224], "float32")])
+        paddle.jit.save(static, prefix)
+        model_file = prefix + (".json" if os.path.exists(prefix + ".json") else ".pdmodel")
+        cfg = inference.Config(model_file, prefix + ".pdiparams")
+        cfg.disable_gpu()
+        cfg.enable_mkldnn()
+        cfg.set_cpu_math_library_num_threads(args.threads)
+        cfg.switch_ir_optim(True)
+        cfg.disable_glog_info()
+        pred = inference.create_predictor(cfg)
+        inp = pred.get_input_handle(pred.get_input_names()[0])
+        out = pred.get_output_handle(pred.get_output_names()[0])
+
+        def run(x):
+            inp.copy_from_cpu(x)
+            pred.run()
+            return out.copy_to_cpu()
+
+        for bs, iters, key in ((1, args.bs1_iters, "bs1"), (32, args.bs32_iters, "bs32")):
+            x = rng.standard_normal((bs, 3, 224, 224), dtype=np.float32)
+            for _ in range(args.warmup + 1):
+                run(x)
+            med = _median_seconds(lambda x=x: run(x), iters)
+            results[f"inference_onednn_{key}_median_ms"] = med * 1e3
+            results[f"inference_onednn_{key}_images_per_s"] = bs / med
+            print(f"paddle inference oneDNN bs{bs}: median {med * 1e3:.1f} ms", flush=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bs1-iters", type=int, default=20)
+    ap.add_argument("--bs32-iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="Paddle Inference CPU threads")
+    ap.add_argument("--paddle-python", default=None, help="interpreter with paddle + paddleclas")
+    ap.add_argument("--skip-jax", action="store_true")
+    ap.add_argument("--skip-dygraph", action="store_true", help="skip Paddle dygraph timings")
+    ap.add_argument("--json", default=None, help="also write the summary here")
+    ap.add_argument("--paddle-side", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.paddle_side:
+        print("PADDLE_JSON " + json.dumps(paddle_side(args)), flush=True)
+        return
+
+    summary = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    if not args.skip_jax:
+        summary.update(jax_side(args))
+    if args.paddle_python:
+        cmd = [args.paddle_python, os.path.abspath(__file__), "--paddle-side",
+               "--bs1-iters", str(args.bs1_iters), "--bs32-iters", str(args.bs32_iters),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
+        if args.skip_dygraph:
+            cmd.append("--skip-dygraph")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("PADDLE_JSON ")]
+        if r.returncode != 0 or not lines:
+            sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
+            raise SystemExit(f"paddle side failed (exit {r.returncode})")
+        for ln in r.stdout.splitlines():
+            if ln.startswith("paddle "):
+                print(ln, flush=True)
+        summary.update(json.loads(lines[-1][len("PADDLE_JSON ") :]))
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
