@@ -165,3 +165,22 @@ def test_bad_input_errors():
         eval_lib.retrieval_metrics(f, [0.5] * 4, f, [0] * 4, topk=[1])
     with pytest.raises(ValueError, match="top-k"):
         eval_lib.retrieval_metrics(f, [0] * 4, f, [0] * 4, topk=[5])
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_topk_neighbors_equal_stable_sort(n_dev):
+    rng = np.random.default_rng(5)
+    qf = rng.integers(0, 2, (37, 4)).astype(np.float32)  # integer similarities: many ties
+    gf = rng.integers(0, 2, (61, 4)).astype(np.float32)
+    ql, gl = rng.integers(0, 4, 37), rng.integers(0, 4, 61)
+    qi, gi = rng.integers(0, 2, 37), rng.integers(0, 2, 61)
+    sim = qf @ gf.T
+    sim = sim * metrics.keep_mask(ql, gl, qi, gi)
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :9]
+    scores, idx = eval_lib.topk_neighbors(
+        qf, gf, 9, ql, gl, qi, gi, query_block=16, mesh=_mesh(n_dev)
+    )
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(scores, np.take_along_axis(sim, order, axis=1))
+    with pytest.raises(ValueError, match="k must"):
+        eval_lib.topk_neighbors(qf, gf, 62)
