@@ -45,6 +45,13 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
         return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def l2_normalize(feats, eps: float = 1e-12) -> np.ndarray:
+    """Eval-feature normalization of PaddleClas (``feature_normalize``): f / max(|f|, eps)."""
+    f = np.asarray(feats, np.float32)
+    norm = np.sqrt(np.sum(f.astype(np.float64) ** 2, axis=-1, keepdims=True))
+    return (f / np.maximum(norm, eps)).astype(np.float32)
+
+
 def _as_1d(x, name: str, n: int) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 2 and x.shape[1] == 1:
@@ -167,6 +174,7 @@ def retrieval_metrics(
     minp_reference_quirk: bool = False,
     progress: bool = False,
     return_per_query: bool = False,
+    normalize: bool = False,
 ):
     """Exact retrieval metrics for L2-normalized features, with PaddleClas semantics.
 
@@ -185,9 +193,12 @@ def retrieval_metrics(
       re_ranking: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on the full matrices, then
         metrics over all queries at once as PaddleClas does; only for sets that fit in memory.
       return_per_query: also return the :class:`jaxrec.metrics.PerQuery` statistics.
+      normalize: L2-normalize both feature sets first (:func:`l2_normalize`).
     """
     qf = np.asarray(query_feats, np.float32)
     gf = np.asarray(gallery_feats, np.float32)
+    if normalize:
+        qf, gf = l2_normalize(qf), l2_normalize(gf)
     if qf.ndim != 2 or gf.ndim != 2 or qf.shape[1] != gf.shape[1]:
         raise ValueError(f"features must be [Q, D] and [G, D], got {qf.shape} and {gf.shape}")
     nq, ng = qf.shape[0], gf.shape[0]

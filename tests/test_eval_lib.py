@@ -184,3 +184,18 @@ def test_topk_neighbors_equal_stable_sort(n_dev):
     np.testing.assert_array_equal(scores, np.take_along_axis(sim, order, axis=1))
     with pytest.raises(ValueError, match="k must"):
         eval_lib.topk_neighbors(qf, gf, 62)
+
+
+def test_normalize_option():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 5, 40)
+    raw = _features(rng, labels) * rng.uniform(0.1, 10, (40, 1)).astype(np.float32)
+    raw[0] = 0.0  # a zero feature stays zero (eps 1e-12), as in PaddleClas
+    unit = eval_lib.l2_normalize(raw)
+    assert np.all(unit[0] == 0)
+    np.testing.assert_allclose(np.linalg.norm(unit[1:], axis=1), 1.0, rtol=1e-6)
+    got = eval_lib.retrieval_metrics(
+        raw, labels, raw, labels, np.arange(40), np.arange(40), normalize=True, mesh=_mesh(1)
+    )
+    want = _brute(unit, labels, unit, labels, np.arange(40), np.arange(40))
+    _assert_same(got, want)
