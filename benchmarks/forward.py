@@ -81,6 +81,53 @@ def jax_side(args: argparse.Namespace) -> dict:
     return results
 
 
+def depthwise_micro(iters: int) -> dict:
+    """XLA's grouped (depthwise) convolution vs a sum of k*k shifted multiplies, at batch 32.
+
+    Shapes are the model's depthwise layers (stem, stage 1, stage 3 at stride 2 and 1).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for n, h, c, k, s in [(32, 112, 32, 3, 1), (32, 56, 128, 3, 1), (32, 28, 256, 5, 2),
+                          (32, 14, 512, 5, 1)]:  # fmt: skip
+        x = jnp.asarray(rng.standard_normal((n, h, h, c), dtype=np.float32))
+        w = jnp.asarray(rng.standard_normal((k, k, 1, c), dtype=np.float32))
+        p = (k - 1) // 2
+        ho = (h + 2 * p - k) // s + 1
+
+        def grouped(x, w, s=s, p=p, c=c):
+            dn = ("NHWC", "HWIO", "NHWC")
+            pad = ((p, p), (p, p))
+            return lax.conv_general_dilated(
+                x, w, (s, s), pad, dimension_numbers=dn, feature_group_count=c
+            )
+
+        def shifted(x, w, s=s, p=p, k=k, ho=ho):
+            xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            acc = 0.0
+            for i in range(k):
+                for j in range(k):
+                    win = xp[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (ho - 1) + 1 : s, :]
+                    acc = acc + win * w[i, j, 0]
+            return acc
+
+        name = f"dw{k}x{k}_s{s}_{h}x{h}x{c}"
+        for label, f in (("grouped_conv", jax.jit(grouped)), ("shifted_sum", jax.jit(shifted))):
+            f(x, w).block_until_ready()
+            med = _median_seconds(lambda f=f, x=x, w=w: f(x, w).block_until_ready(), iters)
+            out[f"{name}_{label}_ms"] = med * 1e3
+        print(
+            f"{name}: grouped conv {out[f'{name}_grouped_conv_ms']:.1f} ms, "
+            f"shifted sum {out[f'{name}_shifted_sum_ms']:.1f} ms",
+            flush=True,
+        )
+    return out
+
+
 def paddle_side(args: argparse.Namespace) -> dict:
     import paddle
     from paddle import inference
@@ -164,6 +211,11 @@ def main() -> None:
     ap.add_argument("--skip-jax", action="store_true")
     ap.add_argument("--skip-dygraph", action="store_true", help="skip Paddle dygraph timings")
     ap.add_argument("--json", default=None, help="also write the summary here")
+    ap.add_argument(
+        "--depthwise-micro",
+        action="store_true",
+        help="also time XLA depthwise convs vs a shifted-sum formulation (explains CPU speed)",
+    )
     ap.add_argument("--paddle-side", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.paddle_side:
@@ -177,6 +229,8 @@ def main() -> None:
     }
     if not args.skip_jax:
         summary.update(jax_side(args))
+    if args.depthwise_micro:
+        summary.update(depthwise_micro(args.bs32_iters))
     if args.paddle_python:
         cmd = [args.paddle_python, os.path.abspath(__file__), "--paddle-side",
                "--bs1-iters", str(args.bs1_iters), "--bs32-iters", str(args.bs32_iters),
