@@ -141,6 +141,34 @@ def loader_throughput(files: list[str], workers: int, batches: int) -> float:
     return rate
 
 
+def sampler_speed() -> dict:
+    """PKSampler at the reference scale: ~5.59 M labels over 192,612 ids, the config's id_list."""
+    from jaxrec.data.sampler import PKSampler
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(192612), rng.integers(1, 58, 192612))
+    t = time.perf_counter()
+    s = PKSampler(
+        labels,
+        256,
+        4,
+        sample_method="id_avg_prob",
+        id_list=[50030, 80700, 92019, 96015],
+        ratio=[4, 4],
+        num_shards=8,
+    )
+    init = time.perf_counter() - t
+    t = time.perf_counter()
+    for step in range(20):
+        s.batch(0, step, step % 8)
+    return {
+        "images": int(labels.size),
+        "init_s": init,
+        "ms_per_device_batch": (time.perf_counter() - t) / 20 * 1e3,
+        "steps_per_epoch": s.steps_per_epoch,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", default="/work/PaddleClas/deploy/images", help="folder of JPEGs")
@@ -153,6 +181,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--loader-batches", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--sampler", action="store_true", help="also time PKSampler at full scale")
     args = ap.parse_args()
 
     files = sorted(glob.glob(os.path.join(args.images, "**", args.pattern), recursive=True))
@@ -188,6 +217,8 @@ def main() -> None:
         "workers": args.workers,
         "train_images_per_s": loader_throughput(files, args.workers, args.loader_batches),
     }
+    if args.sampler:
+        res["pk_sampler"] = sampler_speed()
     for k in ("decode", "eval", "train"):
         ref = res.get("paddleclas_cv2", {}).get(k, float("nan"))
         mine = res["jaxrec"][k]
