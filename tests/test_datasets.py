@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def test_shipped_demo_data():
 # ---- tfds (a real array_record dataset built locally; no network, no TensorFlow) -----------
 
 
-def _build_tiny_tfds(data_dir: Path) -> None:
+@functools.cache
+def _tiny_builder_class():
+    """Defined once: tfds registers builder classes by name at class creation."""
     import tensorflow_datasets as tfds
 
     class JaxrecTinyImages(tfds.core.GeneratorBasedBuilder):
@@ -167,7 +170,11 @@ def _build_tiny_tfds(data_dir: Path) -> None:
                 Image.fromarray(np.full((5, 4, 3), 30 * i, np.uint8)).save(buf, format="PNG")
                 yield i, {"image": buf.getvalue(), "label": i % 3}
 
-    JaxrecTinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return JaxrecTinyImages
+
+
+def _build_tiny_tfds(data_dir: Path) -> None:
+    _tiny_builder_class()(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 
 
 def test_tfds_source(tmp_path):
@@ -185,6 +192,19 @@ def test_tfds_source(tmp_path):
         load_tfds("jaxrec_tiny_images", "train", data_dir=tmp_path, uid_key="camera")
     with pytest.raises(DatasetError, match="could not be opened"):
         load_tfds("jaxrec_tiny_images", "train", data_dir=tmp_path / "elsewhere")
+
+
+def test_tfds_source_through_threaded_loader(tmp_path):
+    from jaxrec.data.loader import EvalLoader
+    from jaxrec.data.transforms import EvalTransform
+
+    _build_tiny_tfds(tmp_path)
+    src = load_tfds("jaxrec_tiny_images", "train", data_dir=tmp_path)
+    with EvalLoader(src, 4, EvalTransform(size=6), num_workers=4) as ev:
+        batches = list(ev)
+    images = np.concatenate([b["image"] for b in batches])[:7]
+    for i in range(7):
+        np.testing.assert_array_equal(images[i], decode_image(src.read(i))[0, 0, 0])
 
 
 # ---- fuzzing ---------------------------------------------------------------------------------

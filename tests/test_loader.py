@@ -314,3 +314,14 @@ def test_two_processes_load_their_own_slices(dataset, tmp_path):
     np.testing.assert_array_equal(outs[1]["local"], expect[16:])
     assert outs[0]["total"] == outs[1]["total"] == int(expect.sum())
     assert outs[0]["n_valid"] == outs[1]["n_valid"] == 45
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=64))
+def test_fuzz_decoder_random_bytes(raw):
+    try:
+        out = decode_image(raw, name="rand.bin")
+    except ImageDecodeError as e:
+        assert "rand.bin" in str(e) or "<bytes>" in str(e)
+        return
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
