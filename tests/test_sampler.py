@@ -138,3 +138,17 @@ def test_preconditions(kwargs, match):
     labels = np.repeat(np.arange(5), 4)
     with pytest.raises(SamplerConfigError, match=match):
         PKSampler(labels, **kwargs)
+
+
+def test_zero_probability_ids_never_drawn_and_skewed_fallback():
+    labels = np.repeat(np.arange(10), 3)
+    s = PKSampler(labels, 8, 2, id_list=[0, 2, 3, 3], ratio=[0.0, 1e9], sample_method="id_avg_prob")
+    for step in range(300):
+        ids = labels[s.batch(0, step)][::2]
+        assert len(set(ids.tolist())) == 4
+        assert not set(ids.tolist()) & {0, 1, 2}
+        assert 3 in ids  # the heavy id is practically always drawn
+    # 7 of the 7 eligible ids per batch: the rejection loop cannot finish, numpy's loop does.
+    t = PKSampler(labels, 14, 2, id_list=[0, 2, 3, 3], ratio=[0.0, 1e12])
+    ids = labels[t.batch(1, 1)][::2]
+    assert sorted(ids.tolist()) == [3, 4, 5, 6, 7, 8, 9]

@@ -136,6 +136,8 @@ class PKSampler:
                 f"{self.num_ids} ids. Lower batch_size to at most "
                 f"{self.num_ids * sample_per_id} or raise sample_per_id."
             )
+        self._cdf = np.cumsum(self.probs)
+        self._cdf /= self._cdf[-1]
         nonzero = int(np.count_nonzero(self.probs > 0))
         if nonzero < self.ids_per_batch:
             raise SamplerConfigError(
@@ -207,12 +209,42 @@ class PKSampler:
             out[j * k : (j + 1) * k] = rng.choice(group, size=k, replace=group.size < k)
         return out
 
+    def _choose_ids(self, rng: np.random.Generator) -> np.ndarray:
+        """P distinct id positions, successive sampling by ``probs`` (as ``choice`` does).
+
+        Drawing with replacement from the fixed CDF and discarding repeats gives the same
+        distribution as numpy's zero-and-renormalize loop without its O(#ids) passes per call.
+        """
+        need = self.ids_per_batch
+        chosen: list[int] = []
+        seen: set[int] = set()
+        for _ in range(64):
+            draws = np.searchsorted(
+                self._cdf, rng.random(max(2 * (need - len(chosen)), 16)), side="right"
+            )
+            for d in draws.tolist():
+                if d not in seen:
+                    seen.add(d)
+                    chosen.append(d)
+                    if len(chosen) == need:
+                        return np.asarray(chosen, dtype=np.int64)
+        # Extremely skewed probabilities: finish with numpy's exact loop on the remaining ids.
+        p = self.probs.copy()
+        p[chosen] = 0.0
+        rest = rng.choice(self.num_ids, size=need - len(chosen), replace=False, p=p / p.sum())
+        return np.concatenate([np.asarray(chosen, dtype=np.int64), rest])
+
     def batch(self, epoch: int, step: int, shard: int = 0) -> np.ndarray:
         """Dataset indices of shard ``shard``'s batch at (epoch, step): int64 ``[batch_size]``."""
         if not 0 <= shard < self.num_shards:
             raise ValueError(f"shard {shard} out of range for {self.num_shards} shards")
-        positions = np.arange(self.num_ids)
-        return self._draw(self.rng(epoch, step, shard), positions, self.probs)
+        rng = self.rng(epoch, step, shard)
+        k = self.sample_per_id
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for j, p in enumerate(self._choose_ids(rng)):
+            group = self.groups[int(p)]
+            out[j * k : (j + 1) * k] = rng.choice(group, size=k, replace=group.size < k)
+        return out
 
     def global_batch(
         self, epoch: int, step: int, shards: Sequence[int] | None = None
