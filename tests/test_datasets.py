@@ -52,7 +52,7 @@ def test_load_list_and_relabel(tmp_path):
 
 def test_delimiter_option(tmp_path):
     _png(tmp_path / "a b.png")
-    (tmp_path / "l.txt").write_text("a b.png\t4\n")
+    (tmp_path / "l.txt").write_bytes("\ufeffa b.png\t4\r\n".encode())  # BOM, CRLF
     assert load_list(tmp_path / "l.txt", delimiter="\t").labels.tolist() == [4]
     with pytest.raises(DatasetError, match=r"l\.txt:1: label 'b\.png\\t4' is not an integer"):
         load_list(tmp_path / "l.txt")  # default single space

@@ -200,7 +200,7 @@ def _read_lines(list_path: str | os.PathLike) -> list[str]:
     if not p.is_file():
         raise DatasetError(f"label list {p} does not exist (or is not a file)")
     try:
-        return p.read_text(encoding="utf-8").splitlines()
+        return p.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of a path
     except UnicodeDecodeError as e:
         raise DatasetError(f"{p}: not a UTF-8 text file ({e})") from None
 
