@@ -565,7 +565,7 @@ def extract_normalized(model_dir: str, paths: Sequence[str], batch_size: int = 3
 
     if not os.path.isdir(model_dir):
         raise GalleryError(f"model directory {model_dir} not found (see `python -m jaxrec.export`)")
-    model, variables = load_model_dir(model_dir)
+    model, variables, _ = load_model_dir(model_dir)
     feats, _ = extract.extract_features(
         model, variables, list(paths), batch_size=batch_size, normalize=False
     )
