@@ -64,3 +64,19 @@ def paddle_shape(shape: tuple[int, ...], path: tuple[str, ...]) -> tuple[int, ..
         h, w, i, o = shape
         return (o, i, h, w)
     return tuple(shape)
+
+
+def to_paddle_state_dict(variables: dict) -> dict[str, np.ndarray]:
+    """{Paddle structured name: array in Paddle layout} for training-form variables.
+
+    The inverse of the converter's mapping (rep-block fusion targets are not produced).
+    """
+    import jax
+
+    out: dict[str, np.ndarray] = {}
+    for collection in ("params", "batch_stats"):
+        tree = variables.get(collection, {})
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            path = tuple(k.key for k in kp)
+            out[paddle_key(collection, path)] = to_paddle_layout(np.asarray(leaf), path)
+    return out
