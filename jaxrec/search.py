@@ -558,8 +558,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def extract_normalized(model_dir: str, paths: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """L2-normalized features of image files, from a jaxrec model directory."""
+def extract_normalized(
+    model_dir: str, paths: Sequence[str], batch_size: int = 32, progress: bool = False
+) -> np.ndarray:
+    """L2-normalized features of image files, from a jaxrec model directory.
+
+    Preprocessing is PP-ShiTu's gallery/query pipeline (`inference_general.yaml`): cv2-style
+    decode, 224x224 INTER_LINEAR resize, scale 1/255, ImageNet mean/std."""
     from jaxrec import extract  # noqa: PLC0415  (jax is only needed when images are embedded)
     from jaxrec.models import load_model_dir  # noqa: PLC0415
 
@@ -567,7 +572,7 @@ def extract_normalized(model_dir: str, paths: Sequence[str], batch_size: int = 3
         raise GalleryError(f"model directory {model_dir} not found (see `python -m jaxrec.export`)")
     model, variables, _ = load_model_dir(model_dir)
     feats, _ = extract.extract_features(
-        model, variables, list(paths), batch_size=batch_size, normalize=False
+        model, variables, list(paths), batch_size=batch_size, normalize=False, progress=progress
     )
     return l2_normalize(np.asarray(feats))
 
@@ -586,7 +591,9 @@ def _cmd_build(args) -> int:
     items = read_list(args.images, args.image_root, delim)
     if not items:
         raise GalleryError(f"{args.images} lists no images")
-    feats = extract_normalized(args.model, [it.path for it in items], args.batch_size)
+    feats = extract_normalized(
+        args.model, [it.path for it in items], args.batch_size, progress=True
+    )
     index = GalleryIndex(
         feats.shape[1],
         args.metric,
@@ -621,7 +628,9 @@ def _cmd_append(args) -> int:
         model_dir = args.model or index.model_dir
         if not model_dir:
             raise GalleryError(f"{args.index} records no model dir; pass --model")
-        feats = extract_normalized(model_dir, [it.path for it in unique], args.batch_size)
+        feats = extract_normalized(
+            model_dir, [it.path for it in unique], args.batch_size, progress=True
+        )
         index.add(
             feats,
             [it.label for it in unique],

@@ -202,3 +202,143 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(GalleryError, match="not a gallery index"):
         GalleryIndex.load(str(tmp_path))
     assert search.main(["info", "--index", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through the CLI, on real image files and a (tiny, random) jaxrec model
+
+
+def _tiny_model_dir(path):
+    import jax
+
+    from jaxrec.models import abstract_variables, build_model, save_model_dir
+
+    arch = {
+        "name": "RecModel",
+        "Backbone": {
+            "name": "PPLCNetV2_base_ShiTu",
+            "class_expand": 32,
+            "scale": 0.25,
+            "depths": [1, 1, 2, 2],
+        },
+        "BackboneStopLayer": {"name": "flatten"},
+        "Neck": {"name": "BNNeck", "num_features": 32},
+        "deploy": True,
+    }
+    rng = np.random.default_rng(0)
+
+    def f(kp, s):
+        last = getattr(kp[-1], "key", "")
+        if last == "kernel":
+            return (rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype("f")
+        if last in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, s.shape).astype("f")
+        return rng.normal(0, 0.1, s.shape).astype("f")
+
+    model = build_model(arch)
+    save_model_dir(path, arch, jax.tree_util.tree_map_with_path(f, abstract_variables(model)))
+    return str(path)
+
+
+def _write_images(root, names_colors, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for name, label, color in names_colors:
+        yy, xx = np.mgrid[0:60, 0:80]
+        img = np.zeros((60, 80, 3)) + color
+        img[..., 0] += 60 * np.sin(xx / (4 + color[1] / 40))  # class-specific texture
+        img += rng.normal(0, 6, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name, quality=95)
+        lines.append(f"{name}\t{label}")
+    return lines
+
+
+def test_cli_build_append_remove_query_on_images(tmp_path, capsys):
+    model = _tiny_model_dir(tmp_path / "model")
+    g = tmp_path / "gallery"
+    g.mkdir()
+    colors = {"red can": (200, 30, 30), "green bottle": (30, 180, 40), "blue box": (20, 40, 210)}
+    spec = [(f"{lab.split()[0]}_{i}.jpg", lab, c) for lab, c in colors.items() for i in range(3)]
+    lines = _write_images(g, spec, seed=0)
+    (g / "first.txt").write_text("\n".join(lines[:6]) + "\n")  # red and green only
+    (g / "all.txt").write_text("\n".join(lines) + "\n")
+    q = tmp_path / "q"
+    q.mkdir()
+    _write_images(q, [(f"{lab.split()[0]}.jpg", lab, c) for lab, c in colors.items()], seed=5)
+    index = str(tmp_path / "index")
+
+    def run(*argv):
+        capsys.readouterr()
+        rc = search.main(list(argv))
+        return rc, capsys.readouterr()
+
+    rc, _ = run(
+        "build",
+        "--model",
+        model,
+        "--images",
+        str(g / "first.txt"),
+        "--index",
+        index,
+        "--method",
+        "Flat",
+    )
+    assert rc == 0
+    assert (
+        run("build", "--model", model, "--images", str(g / "first.txt"), "--index", index)[0] == 2
+    )  # refuses to clobber without --overwrite
+    rc, out = run("append", "--index", index, "--images", str(g / "all.txt"))
+    assert rc == 0 and "appended 3 images (6 already present" in out.out
+
+    def query(*extra):
+        rc, out = run(
+            "query",
+            "--index",
+            index,
+            "--image",
+            str(q / "red.jpg"),
+            "--image",
+            str(q / "blue.jpg"),
+            "--image",
+            str(g / "green_1.jpg"),
+            "--topk",
+            "3",
+            "--json",
+            *extra,
+        )
+        assert rc == 0
+        return json.loads(out.out)
+
+    res = query()
+    assert [r["prediction"] for r in res] == ["red can", "blue box", "green bottle"]
+    assert res[2]["hits"][0]["path"] == "green_1.jpg"
+    assert res[2]["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # itself, cosine 1
+    assert all(h["gallery_label"] == "blue box" for h in res[1]["hits"])
+    # Same answers from the exact backend on the same index directory.
+    res_exact = query("--backend", "exact")
+    assert [[h["id"] for h in r["hits"]] for r in res_exact] == [
+        [h["id"] for h in r["hits"]] for r in res
+    ]
+    # A threshold above every score makes everything unknown but keeps the hits.
+    res = query("--threshold", "1.01")
+    assert [r["prediction"] for r in res] == ["unknown"] * 3
+    assert all(h["label"] == "unknown" for r in res for h in r["hits"])
+    # Remove the blue images: blue queries can no longer return them.
+    (g / "blue.txt").write_text("\n".join(lines[6:]) + "\n")
+    rc, out = run("remove", "--index", index, "--images", str(g / "blue.txt"))
+    assert rc == 0 and "removed 3 images; index now holds 6" in out.out
+    res = query()
+    assert res[1]["prediction"] != "blue box"
+    assert not any(h["gallery_label"] == "blue box" for r in res for h in r["hits"])
+    rc, out = run("info", "--index", index)
+    info = json.loads(out.out)
+    assert info["size"] == 6 and info["labels"] == 2 and info["method"] == "Flat"
+    # Text output names the prediction and the threshold rule.
+    rc, out = run("query", "--index", index, "--image", str(q / "red.jpg"))
+    assert rc == 0 and "red.jpg: red can" in out.out and "similarity >= 0.5" in out.out
+    # A missing image in a list is reported with file and line.
+    (g / "bad.txt").write_text("red_0.jpg\tred can\nnope.jpg\tred can\n")
+    rc, out = run("append", "--index", index, "--images", str(g / "bad.txt"))
+    assert rc == 2 and "bad.txt:2" in out.err and "nope.jpg not found" in out.err
