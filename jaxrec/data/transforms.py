@@ -14,7 +14,8 @@ reference draws (``random.randint`` both ends inclusive, ``np.random.random() < 
 
 :func:`warp_affine` is a numpy port of OpenCV's ``warpAffine`` for uint8 with ``INTER_LINEAR`` and
 a constant border: coordinates quantized to 1/32 px through OpenCV's 10-bit fixed-point steps
-(``INTER_BITS=5``), 15-bit bilinear weights (``INTER_REMAP_COEF_BITS``) and its border rule.
+(``INTER_BITS=5``), 15-bit bilinear weights (``INTER_REMAP_COEF_BITS``) and its border rule;
+bit-exact with OpenCV 4.6 (tests/fixtures, tools/golden_transforms.py).
 """
 
 from __future__ import annotations
@@ -127,48 +128,38 @@ def warp_affine(
     fy = (y0[:, None] + bdelta[None, :]) >> sh
     sx = fx >> _INTER_BITS
     sy = fy >> _INTER_BITS
-    ax = (fx & (_INTER_TAB - 1)).astype(np.int64)
-    ay = (fy & (_INTER_TAB - 1)).astype(np.int64)
-
     # Fully outside (2x2 block misses the image): fill; otherwise missing samples read fill via
     # a one-pixel constant frame around the source.
     outside = (sx >= w) | (sx < -1) | (sy >= h) | (sy < -1)
     wp = w + 2
-    idx = (np.clip(sy, -1, h - 1) + 1) * wp + (np.clip(sx, -1, w - 1) + 1)
-    w00 = (_INTER_TAB - ay) * (_INTER_TAB - ax)
-    w01 = (_INTER_TAB - ay) * ax
-    w10 = ay * (_INTER_TAB - ax)
-    w11 = ay * ax
+    idx = ((np.clip(sy, -1, h - 1) + 1) * wp + (np.clip(sx, -1, w - 1) + 1)).astype(np.intp)
+    ax1 = (fx & (_INTER_TAB - 1)).astype(np.uint64)
+    ax0 = np.uint64(_INTER_TAB) - ax1
+    ay1 = (fy & (_INTER_TAB - 1))[..., None]
+    ay0 = _INTER_TAB - ay1
     # OpenCV's weights are (32-ax)(32-ay)*32 etc. (exact in its float table), summing to 1 << 15;
-    # the *32 and the 15-bit rounding shift reduce to (acc + 512) >> 10.
+    # the *32 and the 15-bit rounding shift reduce to (sum + 512) >> 10. The sum is taken in two
+    # exact integer stages: horizontal, with up to four channels in the 16-bit lanes of one
+    # uint64 (a lane never exceeds 255 * 32), then vertical in int32.
     half = 1 << (_COEF_BITS - 1 - 5)
     shift = _COEF_BITS - 5
     out = np.empty((oh, ow, c), dtype=np.uint8)
-    for start in range(0, c, 3):
-        # Up to three channels packed into 21-bit lanes of one int64: one gather and one
-        # weighted sum serve all of them (a lane never exceeds 255 * 1024 + 512 < 2**21).
-        group = src[:, :, start : start + 3].astype(np.int64)
-        ng = group.shape[2]
-        packed = group[:, :, 0]
-        for k in range(1, ng):
-            packed = packed | (group[:, :, k] << (21 * k))
-        framed = np.full((h + 2, wp), _pack_fill(fill, ng), dtype=np.int64)
-        framed[1:-1, 1:-1] = packed
-        framed = framed.reshape(-1)
-        acc = w00 * framed[idx]
-        acc += w01 * framed[idx + 1]
-        acc += w10 * framed[idx + wp]
-        acc += w11 * framed[idx + wp + 1]
-        acc += _pack_fill(half, ng)
+    for start in range(0, c, 4):
+        ng = min(4, c - start)
+        framed = np.full((h + 2, wp, 4), fill, dtype=np.uint16)
+        framed[1:-1, 1:-1, :ng] = src[:, :, start : start + ng]
+        packed = framed.reshape(-1).view(np.uint64)
+        top = ax0 * packed[idx] + ax1 * packed[idx + 1]
+        bot = ax0 * packed[idx + wp] + ax1 * packed[idx + wp + 1]
+        top16 = top.view(np.uint16).reshape(oh, ow, 4)[:, :, :ng]
+        bot16 = bot.view(np.uint16).reshape(oh, ow, 4)[:, :, :ng]
+        acc = ay0 * top16.astype(np.int32)
+        acc += ay1 * bot16
+        acc += half
         acc >>= shift
-        acc = np.where(outside, _pack_fill(fill, ng), acc)
-        for k in range(ng):
-            out[:, :, start + k] = (acc >> (21 * k)) & 0xFF
+        out[:, :, start : start + ng] = acc
+    out[outside] = fill
     return out[:, :, 0] if squeeze else out
-
-
-def _pack_fill(value: int, lanes: int) -> int:
-    return sum(int(value) << (21 * k) for k in range(lanes))
 
 
 def rotate(img: np.ndarray, angle: float, fill: int = 0) -> np.ndarray:
