@@ -603,9 +603,11 @@ def deploy_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_source(model_dir: str | None, workdir: str | None, step: int | None = None):
+def load_source(
+    model_dir: str | None, workdir: str | None, step: int | None = None, which: str = "best"
+):
     """(model, variables, arch, description) of the training-form model to export."""
-    from jaxrec.models import build_model, load_model_dir  # noqa: PLC0415
+    from jaxrec.models import load_model_dir  # noqa: PLC0415
 
     if (model_dir is None) == (workdir is None):
         raise ExportError("give exactly one of --model DIR or --workdir DIR")
@@ -614,24 +616,85 @@ def load_source(model_dir: str | None, workdir: str | None, step: int | None = N
             raise ExportError(f"--model {model_dir}: not a jaxrec model directory (no config.json)")
         model, variables, arch = load_model_dir(model_dir)
         return model, variables, arch, f"model dir {model_dir}"
-    arch, variables, desc = _load_workdir(workdir, step)
-    return build_model(arch), variables, arch, desc
+    return load_workdir(workdir, step, which)
 
 
-def _load_workdir(workdir: str, step: int | None):
-    """(arch, variables, description) from a training workdir (jaxrec.train_lib layout)."""
+def _ckpt_steps(d: Path) -> list[int]:
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def load_workdir(workdir: str, step: int | None = None, which: str = "best"):
+    """(model, variables, arch, description) from a training workdir written by train.py.
+
+    Layout (jaxrec.train_lib): WORKDIR/config.json (the run config, `Arch` section) and orbax
+    checkpoints WORKDIR/checkpoints/STEP/state and WORKDIR/best/STEP/state, whose `state` tree
+    holds params {"model", "loss"}, batch_stats, step and opt_state. `which` is "best" (falls
+    back to the newest if no evaluation ran) or "latest"; `step` picks one explicitly.
+    """
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    from jaxrec.models import abstract_variables, build_model  # noqa: PLC0415
+
+    wd = Path(workdir).absolute()
+    cfg_path = wd / "config.json"
+    if not cfg_path.is_file():
+        raise ExportError(f"{cfg_path} not found: is {workdir} a training workdir (train.py)?")
     try:
-        from jaxrec import train_lib  # noqa: PLC0415
-    except ImportError as err:
-        raise ExportError(f"--workdir needs jaxrec.train_lib ({err})") from err
-    loader = getattr(train_lib, "load_workdir_variables", None)
-    if loader is None:
+        arch = json.loads(cfg_path.read_text()).get("Arch")
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{cfg_path}: not valid JSON ({err})") from err
+    if not isinstance(arch, dict):
+        raise ExportError(f"{cfg_path}: no Arch section")
+    # Export float32 whatever the training compute dtype was; sync-BN is a training detail.
+    arch = {k: v for k, v in arch.items() if k not in ("dtype", "bn_axis_name")}
+    dirs = {"latest": wd / "checkpoints", "best": wd / "best"}
+    if step is not None:
+        found = [d for d in dirs.values() if step in _ckpt_steps(d)]
+        if not found:
+            avail = sorted(set(_ckpt_steps(dirs["latest"])) | set(_ckpt_steps(dirs["best"])))
+            raise ExportError(f"{workdir}: no checkpoint for step {step}; available: {avail}")
+        ckpt = found[0] / str(step)
+    else:
+        if which not in dirs:
+            raise ExportError(f"--which {which!r}: use best or latest")
+        if which == "best" and not _ckpt_steps(dirs["best"]):
+            print(f"{workdir} has no best checkpoint (no evaluation ran); using the latest")
+            which = "latest"
+        steps = _ckpt_steps(dirs[which])
+        if not steps:
+            raise ExportError(f"{workdir}: no checkpoint in {dirs[which]}")
+        ckpt = dirs[which] / str(steps[-1])
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        state = ckptr.restore(ckpt / "state")
+    except Exception as err:  # noqa: BLE001 - orbax raises many kinds
+        raise ExportError(f"checkpoint {ckpt} is unreadable: {type(err).__name__}: {err}") from err
+    finally:
+        ckptr.close()
+    try:
+        variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+    except (KeyError, TypeError) as err:
+        raise ExportError(f"{ckpt}/state: not a jaxrec TrainState (missing {err})") from err
+    model = build_model(arch)
+    want = abstract_variables(model)
+    got_sig = {
+        jax.tree_util.keystr(k): tuple(np.shape(v))
+        for k, v in jax.tree_util.tree_leaves_with_path(variables)
+    }
+    want_sig = {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(want)
+    }
+    if got_sig != want_sig:
+        diff = sorted(set(got_sig.items()) ^ set(want_sig.items()))[:5]
         raise ExportError(
-            "--workdir: this jaxrec's train_lib offers no `load_workdir_variables(workdir, step)`;"
-            " export the checkpoint to a model dir first and use --model"
+            f"checkpoint {ckpt} does not match the Arch in {cfg_path}; first differences: {diff}"
         )
-    arch, variables, used_step = loader(workdir, step)
-    return arch, variables, f"workdir {workdir} step {used_step}"
+    variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables)
+    return model, variables, arch, f"workdir {workdir} ({ckpt.parent.name} step {ckpt.name})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="jaxrec model directory of the trained model")
     src.add_argument("--workdir", help="training workdir (latest checkpoint unless --step)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (with --workdir)")
+    p.add_argument(
+        "--which",
+        default="best",
+        choices=("best", "latest"),
+        help="with --workdir: the best checkpoint (default) or the newest",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--check-images",
@@ -732,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model, variables, arch, desc = load_source(args.model, args.workdir, args.step)
+        model, variables, arch, desc = load_source(args.model, args.workdir, args.step, args.which)
         images = load_check_images(args.check_images, args.image_size)
         src = args.check_images or "synthetic"
         if not args.check_only:

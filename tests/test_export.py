@@ -275,3 +275,66 @@ def test_bad_source_is_reported(tmp_path, capsys):
     assert "not a jaxrec model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         E.main(["--out", str(tmp_path / "o")])  # needs --model or --workdir
+
+
+def _write_workdir(wd, arch, variables, use_train_lib):
+    """A training workdir as train.py writes it: config.json + orbax checkpoints of the state."""
+    import jax.numpy as jnp
+    import optax
+
+    params = {"model": variables["params"], "loss": {}}
+    state = {
+        "step": jnp.asarray(7, jnp.int32),
+        "params": params,
+        "batch_stats": variables["batch_stats"],
+        "opt_state": optax.sgd(0.1, momentum=0.9).init(params),
+    }
+    state = jax.tree_util.tree_map(jnp.asarray, state)
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps({"Arch": arch, "Global": {"epochs": 1}}))
+    if use_train_lib:
+        train_lib = pytest.importorskip("jaxrec.train_lib")
+        ts = train_lib.TrainState(**state)
+        ck = train_lib.Checkpoints(str(wd))
+        ck.save(3, ts, {"epoch": 0})
+        ck.save(7, ts, {"epoch": 1})
+        ck.close()
+    else:
+        import orbax.checkpoint as ocp
+
+        mgr = ocp.CheckpointManager(
+            str(wd / "checkpoints"),
+            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+            item_names=("state", "meta"),
+        )
+        host = jax.tree_util.tree_map(np.asarray, state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave({"epoch": 1})
+        )
+        mgr.save(7, args=args)
+        mgr.wait_until_finished()
+        mgr.close()
+
+
+@pytest.mark.parametrize("use_train_lib", [False, True])
+def test_export_from_workdir(tmp_path, capsys, use_train_lib):
+    arch = tiny_arch()
+    model = build_model(arch)
+    v = random_variables(model, 4)
+    wd = tmp_path / "run"
+    _write_workdir(wd, arch, v, use_train_lib)
+    got_model, got_v, got_arch, desc = E.load_workdir(str(wd))
+    assert "step 7" in desc and "no best checkpoint" in capsys.readouterr().out
+    for a, b in zip(jax.tree_util.tree_leaves(got_v), jax.tree_util.tree_leaves(v), strict=True):
+        np.testing.assert_array_equal(a, b)
+    out = tmp_path / "out"
+    rc = E.main(["--workdir", str(wd), "--out", str(out), "--image-size", str(SIZE), "--no-onnx"])
+    assert rc == 0
+    assert json.load(open(out / E.CHECK_FILE))["passed"]
+    with pytest.raises(E.ExportError, match="no checkpoint for step 5"):
+        E.load_workdir(str(wd), step=5)
+    bad = dict(arch, Neck={"name": "BNNeck", "num_features": 16},
+               Backbone=dict(arch["Backbone"], class_expand=16))  # fmt: skip
+    (wd / "config.json").write_text(json.dumps({"Arch": bad}))
+    with pytest.raises(E.ExportError, match="does not match the Arch"):
+        E.load_workdir(str(wd))
