@@ -284,12 +284,17 @@ def infer_arch(
 
 
 def convert_state_dict(
-    state: Mapping[str, np.ndarray], arch: Mapping[str, Any], *, seed: int = 0
+    state: Mapping[str, np.ndarray],
+    arch: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    strict: bool = False,
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Variables (training form) for `build_model(arch)` filled from a Paddle state dict.
 
     Tensors absent from the checkpoint or of another shape keep a fresh init (seed `seed`);
-    every such case is listed in the report. Requires a training-form arch (deploy False).
+    every such case is listed in the report (`strict=True`: PdparamsError instead). Requires a
+    training-form arch (deploy False).
     """
     if arch.get("deploy"):
         raise ValueError("convert into the training form, then call reparameterize()")
@@ -325,6 +330,8 @@ def convert_state_dict(
             report.ignored_fusion_targets.append(key)
         else:
             report.unexpected.append(key)
+    if strict and not report.ok:
+        raise PdparamsError(f"checkpoint does not match the model:\n{report.summary()}")
     fresh = init_variables(model, seed=seed) if need_init else None
     leaves = []
     for kp, _ in flat:
@@ -361,9 +368,10 @@ def convert_pdparams(
     if arch is None:
         arch = infer_arch(state, class_num=class_num, head=head, no_head=no_head, target=target)
     arch = {k: v for k, v in dict(arch).items() if k != "deploy"}
-    variables, report = convert_state_dict(state, arch, seed=seed)
-    if strict and not report.ok:
-        raise PdparamsError(f"{pdparams}: checkpoint does not match the model:\n{report.summary()}")
+    try:
+        variables, report = convert_state_dict(state, arch, seed=seed, strict=strict)
+    except PdparamsError as e:
+        raise PdparamsError(f"{pdparams}: {e}") from e
     if deploy:
         variables = reparameterize(variables)
         arch["deploy"] = True

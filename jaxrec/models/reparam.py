@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 BN_EPS = 1e-5
 _BRANCH = re.compile(r"^dw_conv_list_(\d+)$")
@@ -18,29 +20,33 @@ def _branches(params: Mapping[str, Any]) -> list[str]:
     return sorted(names, key=lambda k: int(_BRANCH.match(k).group(1)))
 
 
+def _is_concrete(tree: Any) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
+
+
 def fuse_branches(
     params: Mapping[str, Any], stats: Mapping[str, Any], eps: float = BN_EPS
-) -> tuple[jnp.ndarray, jnp.ndarray]:
+) -> tuple[Any, Any]:
     """Fused (kernel [k,k,1,C], bias [C]) of one block's `dw_conv_list_*` branches.
 
     Each branch's BN folds into its kernel (W*t, beta - mean*t with t = gamma/sqrt(var+eps)),
-    smaller kernels are zero-padded to the centre of the largest, and all are summed.
+    smaller kernels are zero-padded to the centre of the largest, and all are summed. Computed
+    in float32 with numpy for concrete arrays (fast, no per-shape compiles), jnp under tracing.
     """
+    xp = np if _is_concrete((params, stats)) else jnp
     names = _branches(params)
     size = max(params[n]["conv"]["kernel"].shape[0] for n in names)
     kernel = 0.0
     bias = 0.0
     for n in names:
-        w = jnp.asarray(params[n]["conv"]["kernel"], jnp.float32)
+        w = xp.asarray(params[n]["conv"]["kernel"], xp.float32)
         bn, st = params[n]["bn"], stats[n]["bn"]
-        t = jnp.asarray(bn["scale"], jnp.float32) / jnp.sqrt(
-            jnp.asarray(st["var"], jnp.float32) + eps
+        t = xp.asarray(bn["scale"], xp.float32) / xp.sqrt(
+            xp.asarray(st["var"], xp.float32) + xp.float32(eps)
         )
         p = (size - w.shape[0]) // 2
-        kernel = kernel + jnp.pad(w * t, ((p, p), (p, p), (0, 0), (0, 0)))
-        bias = bias + (
-            jnp.asarray(bn["bias"], jnp.float32) - jnp.asarray(st["mean"], jnp.float32) * t
-        )
+        kernel = kernel + xp.pad(w * t, ((p, p), (p, p), (0, 0), (0, 0)))
+        bias = bias + (xp.asarray(bn["bias"], xp.float32) - xp.asarray(st["mean"], xp.float32) * t)
     return kernel, bias
 
 

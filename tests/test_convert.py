@@ -1,0 +1,313 @@
+"""jaxrec.convert: safe .pdparams reading, key/layout mapping, mismatch reports, the CLI, and
+model directories."""
+
+import collections
+import json
+import os
+import pickle
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec import convert
+from jaxrec.convert import (
+    PdparamsError,
+    convert_pdparams,
+    convert_state_dict,
+    read_pdparams,
+)
+from jaxrec.models import (
+    abstract_variables,
+    build_model,
+    load_model_dir,
+    read_arch,
+    save_model_dir,
+)
+from jaxrec.models.naming import to_paddle_state_dict
+
+FIX = Path(__file__).parent / "fixtures"
+SHITU = FIX / "model_shitu.pdparams"
+IMAGENET = FIX / "model_imagenet.pdparams"
+
+
+# ---------------------------------------------------------------- safe unpickling
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pdparams"
+    bad.write_bytes(pickle.dumps({"w": np.ones(2, np.float32), "x": _Evil(marker)}, protocol=4))
+    with pytest.raises(PdparamsError) as e:
+        read_pdparams(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "system" in msg and "refusing" in msg
+    assert not marker.exists()
+    # through the CLI too
+    rc = convert.main(["--pdparams", str(bad), "--out", str(tmp_path / "out")])
+    assert rc == 1 and not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("glob", ["builtins.eval", "subprocess.Popen", "numpy.load"])
+def test_other_globals_are_refused(tmp_path, glob):
+    mod, name = glob.rsplit(".", 1)
+    # protocol-2 GLOBAL opcode naming the callable, then an empty-tuple REDUCE
+    payload = b"\x80\x02c" + f"{mod}\n{name}\n".encode() + b")R."
+    f = tmp_path / "g.pdparams"
+    f.write_bytes(payload)
+    with pytest.raises(PdparamsError, match=f"{mod}.{name}"):
+        read_pdparams(f)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_pickles_of_all_protocols_load(tmp_path, protocol):
+    state = collections.OrderedDict(
+        a=np.arange(6, dtype=np.float32).reshape(2, 3),
+        b=np.float32([1.5]),
+    )
+    state["StructuredToParameterName@@"] = {"a": "linear_0.w_0", "b": "linear_0.b_0"}
+    f = tmp_path / "ok.pdparams"
+    f.write_bytes(pickle.dumps(state, protocol=protocol))
+    got = read_pdparams(f)
+    assert set(got) == {"a", "b"}
+    np.testing.assert_array_equal(got["a"], state["a"])
+
+
+def test_real_paddle_file_loads():
+    state = read_pdparams(SHITU)
+    assert "StructuredToParameterName@@" not in state
+    assert state["backbone.stem.0.conv.weight"].shape == (8, 3, 3, 3)
+    assert state["head.fc.weight"].shape == (32, 10)
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(range(40)), "not a .pdparams file"),
+        (b'{"a": 1}', "not a .pdparams file"),
+        (pickle.dumps([np.ones(2)]), "top-level object is list"),
+        (pickle.dumps({"a": 3.0}), "'a' is a float"),
+        (pickle.dumps({"StructuredToParameterName@@": {}}), "no tensors"),
+        (b"", "not a .pdparams file"),
+    ],
+)
+def test_non_pdparams_files_are_rejected(tmp_path, content, needle):
+    f = tmp_path / "x.pdparams"
+    f.write_bytes(content)
+    with pytest.raises(PdparamsError, match=needle) as e:
+        read_pdparams(f)
+    assert str(f) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PdparamsError, match="cannot read"):
+        read_pdparams(tmp_path / "nope.pdparams")
+
+
+# ---------------------------------------------------------------- mapping and reports
+
+
+@pytest.fixture(scope="module")
+def shitu_state():
+    return read_pdparams(SHITU)
+
+
+@pytest.fixture(scope="module")
+def shitu_arch(shitu_state):
+    return convert.infer_arch(shitu_state)
+
+
+def test_layouts(shitu_state, shitu_arch):
+    v, report = convert_state_dict(shitu_state, shitu_arch)
+    assert report.ok
+    bb = v["params"]["backbone"]
+    np.testing.assert_array_equal(
+        bb["stem_0"]["conv"]["kernel"],
+        shitu_state["backbone.stem.0.conv.weight"].transpose(2, 3, 1, 0),
+    )
+    dw = shitu_state["backbone.stages.3.1.dw_conv_list.1.conv.weight"]  # [C,1,3,3]
+    np.testing.assert_array_equal(
+        bb["stages_3_1"]["dw_conv_list_1"]["conv"]["kernel"][:, :, 0, :],
+        dw[:, 0].transpose(1, 2, 0),
+    )
+    # Linear [in, out] is NOT transposed
+    np.testing.assert_array_equal(
+        v["params"]["head"]["fc"]["kernel"], shitu_state["head.fc.weight"]
+    )
+    np.testing.assert_array_equal(
+        v["batch_stats"]["neck"]["feat_bn"]["var"], shitu_state["neck.feat_bn._variance"]
+    )
+    np.testing.assert_array_equal(
+        v["params"]["neck"]["feat_bn"]["scale"], shitu_state["neck.feat_bn.weight"]
+    )
+    # round trip back to Paddle names/layouts
+    back = to_paddle_state_dict(v)
+    for key, val in back.items():
+        np.testing.assert_array_equal(val, shitu_state[key])
+    assert set(shitu_state) - set(back) == set(report.ignored_fusion_targets)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_reported(shitu_state, shitu_arch):
+    state = dict(shitu_state)
+    del state["backbone.stages.2.1.se.conv1.bias"]
+    state["backbone.stages.9.0.extra.weight"] = np.zeros(3, np.float32)
+    state["neck.feat_bn.weight"] = np.ones(7, np.float32)
+    v, report = convert_state_dict(state, shitu_arch)
+    assert report.missing == ["backbone.stages.2.1.se.conv1.bias"]
+    assert report.unexpected == ["backbone.stages.9.0.extra.weight"]
+    assert report.mismatched == [("neck.feat_bn.weight", [7], [32])]
+    text = report.summary()
+    for key in ("se.conv1.bias", "stages.9.0.extra.weight", "neck.feat_bn.weight"):
+        assert key in text
+    # left at fresh init with the right shapes (SE bias init is 0, BN gamma init is 1)
+    assert v["params"]["backbone"]["stages_2_1"]["se"]["conv1"]["bias"].shape == (16,)
+    assert not np.asarray(v["params"]["backbone"]["stages_2_1"]["se"]["conv1"]["bias"]).any()
+    assert (np.asarray(v["params"]["neck"]["feat_bn"]["scale"]) == 1).all()
+
+
+def test_strict_mode_names_the_keys(tmp_path, shitu_state):
+    state = dict(shitu_state)
+    del state["backbone.last_conv.bias"]
+    f = tmp_path / "m.pdparams"
+    f.write_bytes(pickle.dumps(state, protocol=4))
+    with pytest.raises(PdparamsError, match="backbone.last_conv.bias"):
+        convert_pdparams(f, strict=True)
+
+
+def test_imagenet_checkpoint_into_shitu_recmodel():
+    """The pretraining path: ImageNet PPLCNetV2 weights -> ShiTu RecModel (spec 2.4)."""
+    assert "Head" not in convert.infer_arch(read_pdparams(IMAGENET))
+    # with --class-num the head is added at its N(0, 0.001) init
+    arch, v, report = convert_pdparams(IMAGENET, class_num=11)
+    assert report.source_kind == "backbone"
+    assert arch["Backbone"]["name"] == "PPLCNetV2_base_ShiTu"
+    assert arch["Backbone"]["class_expand"] == 512
+    branch = "backbone.stages.3.0.dw_conv_list.2"
+    assert sorted(report.missing) == sorted(
+        ["backbone.last_conv.bias"]
+        + [f"{branch}.conv.weight", f"{branch}.bn.weight", f"{branch}.bn.bias"]
+        + [f"{branch}.bn._mean", f"{branch}.bn._variance"]
+        + [f"neck.feat_bn.{t}" for t in ("weight", "bias", "_mean", "_variance")]
+        + ["head.fc.weight"]
+    )
+    assert report.mismatched == [("backbone.last_conv.weight", [48, 128, 1, 1], [512, 128, 1, 1])]
+    assert sorted(report.unexpected) == ["backbone.fc.bias", "backbone.fc.weight"]
+    # stage-4 fusion targets of the ImageNet file are recognised as such
+    assert "backbone.stages.3.0.dw_conv.weight" in report.ignored_fusion_targets
+    state = read_pdparams(IMAGENET)
+    np.testing.assert_array_equal(
+        v["params"]["backbone"]["stages_3_0"]["dw_conv_list_0"]["conv"]["kernel"],
+        state["stages.3.0.dw_conv_list.0.conv.weight"].transpose(2, 3, 1, 0),
+    )
+    assert arch["Head"]["class_num"] == 11
+    assert v["params"]["head"]["fc"]["kernel"].shape == (512, 11)
+    assert float(np.std(v["params"]["head"]["fc"]["kernel"])) < 0.01
+
+
+def test_margin_head_checkpoint(shitu_state, shitu_arch):
+    state = {k: v for k, v in shitu_state.items() if not k.startswith("head.")}
+    w = np.random.default_rng(0).normal(size=(32, 9)).astype(np.float32)
+    state["head.weight"] = w
+    with pytest.raises(PdparamsError, match="--head"):
+        convert.infer_arch(state)
+    arch = convert.infer_arch(state, head="CosMargin")
+    assert arch["Head"] == {"name": "CosMargin", "embedding_size": 32, "class_num": 9}
+    v, report = convert_state_dict(state, arch)
+    assert report.ok
+    np.testing.assert_array_equal(v["params"]["head"]["weight"], w)
+
+
+def test_deploy_conversion(shitu_state):
+    arch, v, _ = convert_pdparams(SHITU, deploy=True, no_head=True)
+    assert arch["deploy"] is True and "Head" not in arch
+    want = abstract_variables(build_model(arch))
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
+
+
+# ---------------------------------------------------------------- CLI and model directories
+
+
+def test_cli_writes_a_loadable_model_dir(tmp_path, capsys):
+    out = tmp_path / "model"
+    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded 135 tensors" in printed and str(out) in printed
+    assert (out / "config.json").is_file() and (out / "conversion_report.json").is_file()
+    model, variables, arch = load_model_dir(out)
+    assert arch == read_arch(out) and arch["Head"]["class_num"] == 10
+    _, ref, _ = convert_pdparams(SHITU)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(ref), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # refuses to overwrite
+    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_bad_input_message(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello\n")
+    assert convert.main(["--pdparams", str(f), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert str(f) in err and "not a .pdparams file" in err
+
+
+def test_cli_arch_json_and_deploy(tmp_path):
+    arch = convert.infer_arch(read_pdparams(SHITU), no_head=True)
+    aj = tmp_path / "arch.json"
+    aj.write_text(json.dumps({"Arch": arch}))
+    out = tmp_path / "d"
+    rc = convert.main(
+        ["--pdparams", str(SHITU), "--out", str(out), "--arch-json", str(aj), "--deploy"]
+    )
+    assert rc == 0
+    _, v, arch2 = load_model_dir(out)
+    assert arch2["deploy"] is True
+    assert "dw_conv" in v["params"]["backbone"]["stages_3_1"]
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert "head.fc.weight" in report["unexpected"]
+
+
+def test_model_dir_round_trip_and_errors(tmp_path):
+    arch = {
+        "name": "RecModel",
+        "Backbone": {
+            "name": "PPLCNetV2_base_ShiTu",
+            "scale": 0.125,
+            "depths": [1, 1, 1, 1],
+            "class_expand": 8,
+        },
+        "BackboneStopLayer": {"name": "flatten"},
+        "Neck": {"name": "BNNeck", "num_features": 8},
+        "dtype": "bfloat16",
+    }
+    av = abstract_variables(build_model(arch))
+    rng = np.random.default_rng(0)
+    v = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32), av)
+    d = save_model_dir(tmp_path / "m", arch, v)
+    model, v2, arch2 = load_model_dir(d)
+    assert arch2 == arch and model.backbone.dtype == jnp.bfloat16
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v2), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    with pytest.raises(FileExistsError):
+        save_model_dir(tmp_path / "m", arch, v)
+    save_model_dir(tmp_path / "m", arch, v, overwrite=True)
+    with pytest.raises(ValueError, match="deploy"):
+        save_model_dir(tmp_path / "m2", {**arch, "deploy": True}, v)
+    with pytest.raises(FileNotFoundError, match="not a jaxrec model directory"):
+        load_model_dir(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{\n  oops\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_model_dir(tmp_path / "bad")
