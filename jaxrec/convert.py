@@ -43,7 +43,7 @@ from jaxrec.models import (
     reparameterize,
     save_model_dir,
 )
-from jaxrec.models.naming import from_paddle_layout, paddle_key, paddle_shape
+from jaxrec.models.naming import from_paddle_layout, jaxrec_path, paddle_key, paddle_shape
 
 # Globals a numpy-array pickle (protocols 2-5, numpy 1.x and 2.x) may reference.
 ALLOWED_GLOBALS = frozenset(
@@ -376,6 +376,26 @@ def convert_pdparams(
         variables = reparameterize(variables)
         arch["deploy"] = True
     return arch, variables, report
+
+
+def load_pdparams_variables(pdparams: str | Path) -> dict[str, Any]:
+    """Model-independent {"params", "batch_stats"} trees (jaxrec names and layouts) of a
+    .pdparams file, for non-strict merging into an existing model's variables.
+
+    Bare backbone checkpoints get the `backbone` prefix; rep-block fusion targets are skipped
+    (unused in the training form).
+    """
+    state, _ = _normalize_keys(read_pdparams(pdparams))
+    out: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    for key, value in state.items():
+        if _is_fusion_target(key, state):
+            continue
+        collection, path = jaxrec_path(key, value.ndim)
+        node = out[collection]
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = from_paddle_layout(value, path).astype(np.float32)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -311,3 +311,14 @@ def test_model_dir_round_trip_and_errors(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{\n  oops\n")
     with pytest.raises(ValueError, match="line 2"):
         load_model_dir(tmp_path / "bad")
+
+
+def test_load_pdparams_variables_matches_the_model_mapping(shitu_state, shitu_arch):
+    loaded = convert.load_pdparams_variables(SHITU)
+    v, _ = convert_state_dict(shitu_state, shitu_arch)
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(v)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(v), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    bare = convert.load_pdparams_variables(IMAGENET)
+    assert bare["params"]["backbone"]["fc"]["kernel"].shape == (48, 7)
+    assert "dw_conv" not in bare["params"]["backbone"]["stages_3_0"]

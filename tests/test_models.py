@@ -421,3 +421,34 @@ def test_neck_width_mismatch_is_reported():
 def test_init_keys_are_accepted():
     m = build_model(FULL)
     assert m.head.class_num == 192612 and m.backbone.shitu and m.backbone.class_expand == 512
+
+
+def test_bn_axis_name_synchronizes_batch_statistics():
+    """Arch key bn_axis_name: per-device BN under shard_map then equals full-batch BN."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxrec.models import BNNeck
+
+    n = len(jax.devices())
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.random.normal(jax.random.PRNGKey(0), (4 * n, 6)) * 3 + 1
+    ref_mod, sync_mod = BNNeck(6), BNNeck(6, bn_axis_name="data")
+    v = ref_mod.init(jax.random.key(0), x)
+    ref, ref_upd = ref_mod.apply(v, x, train=True, mutable=["batch_stats"])
+
+    def step(x):
+        return sync_mod.apply(v, x, train=True, mutable=["batch_stats"])
+
+    out, upd = jax.jit(
+        jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P()))
+    )(x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(upd["batch_stats"]["feat_bn"]["var"]),
+        np.asarray(ref_upd["batch_stats"]["feat_bn"]["var"]),
+        rtol=1e-5,
+    )
+    arch = tiny(bn_axis_name="data")
+    assert build_model(arch).backbone.bn_axis_name == "data"
+    with pytest.raises(ArchError, match="bn_axis_name"):
+        build_model(tiny(bn_axis_name=3))

@@ -32,6 +32,7 @@ class BNNeck(nn.Module):
     num_features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -41,7 +42,7 @@ class BNNeck(nn.Module):
                 f"BNNeck: num_features={self.num_features} but its input has {x.shape[-1]} "
                 "features; set Neck.num_features to the backbone's class_expand"
             )
-        return batch_norm(train, self.dtype, self.param_dtype, "feat_bn")(x)
+        return batch_norm(train, self.dtype, self.param_dtype, "feat_bn", self.bn_axis_name)(x)
 
 
 def _labels(labels: jax.Array) -> jax.Array:

@@ -35,10 +35,17 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
-def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
-    """BatchNorm with Paddle settings: running = 0.9*running + 0.1*batch, eps 1e-5, biased var."""
+def batch_norm(
+    train: bool, dtype: Dtype, param_dtype: Dtype, name: str, axis_name: str | None = None
+) -> nn.BatchNorm:
+    """BatchNorm with Paddle settings: running = 0.9*running + 0.1*batch, eps 1e-5, biased var.
+
+    `axis_name` (a mesh axis) averages batch statistics across devices (sync BN); None keeps
+    per-device statistics as the reference's multi-GPU training does.
+    """
     return nn.BatchNorm(
         use_running_average=not train,
+        axis_name=axis_name if train else None,
         momentum=0.9,
         epsilon=1e-5,
         use_fast_variance=False,
@@ -85,6 +92,7 @@ class ConvBN(nn.Module):
     act: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -97,7 +105,7 @@ class ConvBN(nn.Module):
             param_dtype=self.param_dtype,
             name="conv",
         )(x)
-        x = batch_norm(train, self.dtype, self.param_dtype, "bn")(x)
+        x = batch_norm(train, self.dtype, self.param_dtype, "bn", self.bn_axis_name)(x)
         if self.act:
             x = nn.relu(x)
         return x
@@ -163,6 +171,7 @@ class RepDepthwiseSeparable(nn.Module):
     deploy: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_axis_name: str | None = None
 
     @property
     def has_shortcut(self) -> bool:
@@ -171,6 +180,7 @@ class RepDepthwiseSeparable(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bkw = dict(kw, bn_axis_name=self.bn_axis_name)
         c = self.in_channels
         inp = x
         if self.use_rep and self.deploy:
@@ -188,23 +198,23 @@ class RepDepthwiseSeparable(nn.Module):
         elif self.use_rep:
             y = None
             for i, k in enumerate(rep_kernel_sizes(self.dw_size, self.stride)):
-                b = ConvBN(c, k, self.stride, groups=c, act=False, name=f"dw_conv_list_{i}", **kw)(
+                b = ConvBN(c, k, self.stride, groups=c, act=False, name=f"dw_conv_list_{i}", **bkw)(
                     x, train
                 )
                 y = b if y is None else y + b
             x = nn.relu(y)
         else:
-            x = ConvBN(c, self.dw_size, self.stride, groups=c, act=True, name="dw_conv", **kw)(
+            x = ConvBN(c, self.dw_size, self.stride, groups=c, act=True, name="dw_conv", **bkw)(
                 x, train
             )
         if self.use_se:
             x = SE(c, name="se", **kw)(x)
         if self.split_pw:
             mid = int(self.out_channels * 0.5)
-            x = ConvBN(mid, 1, name="pw_conv_1", **kw)(x, train)
-            x = ConvBN(self.out_channels, 1, name="pw_conv_2", **kw)(x, train)
+            x = ConvBN(mid, 1, name="pw_conv_1", **bkw)(x, train)
+            x = ConvBN(self.out_channels, 1, name="pw_conv_2", **bkw)(x, train)
         else:
-            x = ConvBN(self.out_channels, 1, name="pw_conv", **kw)(x, train)
+            x = ConvBN(self.out_channels, 1, name="pw_conv", **bkw)(x, train)
         if self.has_shortcut:
             x = x + inp
         return x

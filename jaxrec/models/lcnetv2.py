@@ -86,6 +86,7 @@ class PPLCNetV2(nn.Module):
     deploy: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_axis_name: str | None = None
 
     def _active(self, layer: str) -> bool:
         if self.stop_after is None:
@@ -95,14 +96,15 @@ class PPLCNetV2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bkw = dict(kw, bn_axis_name=self.bn_axis_name)
         s = self.scale
         x = x.astype(self.dtype)
-        x = ConvBN(make_divisible(32 * s), 3, 2, name="stem_0", **kw)(x, train)
+        x = ConvBN(make_divisible(32 * s), 3, 2, name="stem_0", **bkw)(x, train)
         x = RepDepthwiseSeparable(
-            make_divisible(32 * s), make_divisible(64 * s), 1, dw_size=3, name="stem_1", **kw
+            make_divisible(32 * s), make_divisible(64 * s), 1, dw_size=3, name="stem_1", **bkw
         )(x, train)
         for name, spec in block_specs(s, tuple(self.depths), self.shitu):
-            x = RepDepthwiseSeparable(**spec, deploy=self.deploy, name=name, **kw)(x, train)
+            x = RepDepthwiseSeparable(**spec, deploy=self.deploy, name=name, **bkw)(x, train)
         if not self._active("avg_pool"):
             return x
         x = jnp.mean(x, axis=(1, 2), keepdims=True)

@@ -80,3 +80,43 @@ def to_paddle_state_dict(variables: dict) -> dict[str, np.ndarray]:
             path = tuple(k.key for k in kp)
             out[paddle_key(collection, path)] = to_paddle_layout(np.asarray(leaf), path)
     return out
+
+
+_BN_MODULES = ("bn", "feat_bn")
+
+
+def jaxrec_path(key: str, ndim: int) -> tuple[str, tuple[str, ...]]:
+    """(collection, path) of the jaxrec leaf for a Paddle key (RecModel form, `backbone.`...).
+
+    The inverse of `paddle_key`: "backbone.stages.2.0.dw_conv_list.1.bn._mean" ->
+    ("batch_stats", ("backbone", "stages_2_0", "dw_conv_list_1", "bn", "mean")).
+    """
+    parts = key.split(".")
+    mods: list[str] = []
+    i = 0
+    body = parts[:-1]
+    while i < len(body):
+        p = body[i]
+        if p == "stages" and i + 2 < len(body):
+            mods.append(f"stages_{body[i + 1]}_{body[i + 2]}")
+            i += 3
+        elif p in ("stem", "dw_conv_list") and i + 1 < len(body):
+            mods.append(f"{p}_{body[i + 1]}")
+            i += 2
+        else:
+            mods.append(p)
+            i += 1
+    leaf = parts[-1]
+    if leaf == "_mean":
+        return "batch_stats", (*mods, "mean")
+    if leaf == "_variance":
+        return "batch_stats", (*mods, "var")
+    if leaf == "bias":
+        return "params", (*mods, "bias")
+    if leaf == "weight":
+        if mods and mods[-1] in _BN_MODULES:
+            return "params", (*mods, "scale")
+        if mods == ["head"]:  # margin heads own a bare `weight` [emb, classes]
+            return "params", (*mods, "weight")
+        return "params", (*mods, "kernel")
+    raise KeyError(f"no jaxrec name for Paddle key {key!r}")

@@ -90,6 +90,7 @@ _TOP_KEYS = {
     "head_feature_from",
     "dtype",
     "deploy",
+    "bn_axis_name",
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -144,7 +145,12 @@ def _dtype(arch: Mapping[str, Any]) -> Any:
 
 
 def _build_backbone(
-    cfg: Mapping[str, Any], stop_after: str | None, deploy: bool, dtype: Any, section: str
+    cfg: Mapping[str, Any],
+    stop_after: str | None,
+    deploy: bool,
+    dtype: Any,
+    section: str,
+    bn_axis_name: str | None = None,
 ) -> PPLCNetV2:
     _check_keys(section, cfg, _BACKBONE_KEYS)
     name = cfg.get("name")
@@ -171,18 +177,19 @@ def _build_backbone(
         stop_after=stop_after,
         deploy=deploy,
         dtype=dtype,
+        bn_axis_name=bn_axis_name,
         name="backbone",
     )
 
 
-def _build_neck(cfg: Mapping[str, Any], dtype: Any) -> BNNeck:
+def _build_neck(cfg: Mapping[str, Any], dtype: Any, bn_axis_name: str | None = None) -> BNNeck:
     name = cfg.get("name")
     if name != "BNNeck":
         raise ArchError(f"Arch.Neck.name: {name!r} is not supported (only 'BNNeck')")
     _check_keys("Neck", cfg, {"name", "num_features", "weight_attr", "bias_attr"})
     if "num_features" not in cfg:
         raise ArchError("Arch.Neck: BNNeck needs `num_features`")
-    return BNNeck(int(cfg["num_features"]), dtype=dtype, name="neck")
+    return BNNeck(int(cfg["num_features"]), dtype=dtype, bn_axis_name=bn_axis_name, name="neck")
 
 
 def _build_head(cfg: Mapping[str, Any], dtype: Any) -> nn.Module:
@@ -247,7 +254,9 @@ def build_model(arch: Mapping[str, Any]) -> RecModel:
     `name` is "RecModel" (with Backbone / BackboneStopLayer / Neck / Head sections), or a
     backbone name such as "PPLCNetV2_base" for a bare ImageNet classifier (backbone keys then sit
     at the top level, as in PaddleClas). jaxrec-only keys: `dtype` ("float32" | "bfloat16" |
-    "float16", the compute dtype; params stay float32) and `deploy` (fused rep blocks).
+    "float16", the compute dtype; params stay float32), `deploy` (fused rep blocks) and
+    `bn_axis_name` (mesh axis for synchronized BN batch statistics in training; default None =
+    per-device statistics, as the reference).
     Backbone sections also accept `scale` / `depths` / `dropout_prob` for reduced-size variants.
     Unknown keys raise `ArchError` naming the key.
     """
@@ -255,9 +264,12 @@ def build_model(arch: Mapping[str, Any]) -> RecModel:
     name = arch.get("name")
     dtype = _dtype(arch)
     deploy = bool(arch.get("deploy", False))
+    axis = arch.get("bn_axis_name")
+    if axis is not None and not isinstance(axis, str):
+        raise ArchError(f"Arch.bn_axis_name: must be a mesh axis name (str), got {axis!r}")
     if name in BACKBONES:
-        bb_cfg = {k: v for k, v in arch.items() if k not in ("dtype", "deploy")}
-        return RecModel(backbone=_build_backbone(bb_cfg, None, deploy, dtype, "(backbone)"))
+        bb_cfg = {k: v for k, v in arch.items() if k not in ("dtype", "deploy", "bn_axis_name")}
+        return RecModel(backbone=_build_backbone(bb_cfg, None, deploy, dtype, "(backbone)", axis))
     if name != "RecModel":
         raise ArchError(
             f"Arch.name: {name!r} is not supported; use 'RecModel' or one of {sorted(BACKBONES)}"
@@ -276,8 +288,8 @@ def build_model(arch: Mapping[str, Any]) -> RecModel:
                 f"Arch.BackboneStopLayer.name: {stop_after!r} is not supported; use one of "
                 f"{list(allowed)}"
             )
-    backbone = _build_backbone(arch["Backbone"], stop_after, deploy, dtype, "Backbone")
-    neck = _build_neck(arch["Neck"], dtype) if arch.get("Neck") else None
+    backbone = _build_backbone(arch["Backbone"], stop_after, deploy, dtype, "Backbone", axis)
+    neck = _build_neck(arch["Neck"], dtype, axis) if arch.get("Neck") else None
     head = _build_head(arch["Head"], dtype) if arch.get("Head") else None
     hff = arch.get("head_feature_from", "neck")
     if hff not in ("neck", "backbone"):
