@@ -324,8 +324,9 @@ class CombinedLoss:
 def build_loss(cfg_list: Sequence[Mapping[str, Mapping[str, Any]]] | None) -> CombinedLoss | None:
     """Build a :class:`CombinedLoss` from the YAML-style ``Loss.Train`` list.
 
-    Each entry is a one-key mapping ``{Name: {weight: w, ...kwargs}}``; ``weight`` is required as
-    in PaddleClas. ``None`` gives ``None`` (no loss configured).
+    Each entry is a one-key mapping ``{Name: {weight: w, ...kwargs}}`` (a dict or an
+    ``ml_collections.ConfigDict``); ``weight`` is required as in PaddleClas. ``None`` gives
+    ``None`` (no loss configured).
     """
     if cfg_list is None:
         return None
@@ -336,6 +337,8 @@ def build_loss(cfg_list: Sequence[Mapping[str, Mapping[str, Any]]] | None) -> Co
         )
     losses, weights = [], []
     for i, entry in enumerate(cfg_list):
+        if hasattr(entry, "to_dict"):  # ml_collections.ConfigDict entries
+            entry = entry.to_dict()
         if not isinstance(entry, Mapping) or len(entry) != 1:
             raise ValueError(
                 f"Loss entry {i} must be a one-key mapping {{Name: {{weight: w, ...}}}}, "

@@ -155,13 +155,19 @@ def test_shard_map_per_device_mean_then_pmean():
         total, _ = loss({}, {"features": f, "logits": z}, y)
         return jax.lax.pmean(total, "data")
 
-    got = jax.jit(sharded)(feats, logits, labels)
-    per_device = []
-    for i in range(n_dev):
-        part = slice(i * 8, (i + 1) * 8)
-        outputs = {"features": feats[part], "logits": logits[part]}
-        per_device.append(float(loss({}, outputs, labels[part])[0]))
-    np.testing.assert_allclose(float(got), np.mean(per_device), rtol=1e-5)
+    got, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(feats, logits, labels)
+
+    def host_mean(f, z):
+        total = 0.0
+        for i in range(n_dev):
+            part = slice(i * 8, (i + 1) * 8)
+            total += loss({}, {"features": f[part], "logits": z[part]}, labels[part])[0]
+        return total / n_dev
+
+    want, want_grads = jax.value_and_grad(host_mean, argnums=(0, 1))(feats, logits)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
 
 
 def test_build_loss_errors_and_single_loss_weight_ignored():
@@ -196,3 +202,14 @@ def test_center_loss_init_and_clip():
     value, _ = loss(params, {"features": feats}, np.array([0, 2]))
     # every clipped entry is 1e-12 (float32 rounding of |f|^2+|c|^2-2f.c may add ~1e-6)
     assert 0 <= float(value) < 1e-5
+
+
+def test_build_loss_from_the_project_config():
+    """configs/general_v2.py holds the Loss list as ConfigDict entries."""
+    import ml_collections
+
+    entries = [ml_collections.ConfigDict(e) for e in PPSHITU]
+    loss = losses.build_loss(entries)
+    assert loss.names == ["CELoss", "TripletAngularMarginLoss"]
+    value, _, _ = _loss_and_grads(loss, "spec53")
+    np.testing.assert_allclose(float(value), 0.9871370, rtol=1e-6)
