@@ -365,6 +365,45 @@ def re_ranking_distance(
     return final[:, nq:]
 
 
+_METRIC_NAMES = {"Recallk": "recall", "mAP": "mAP", "mINP": "mINP", "Precisionk": "precision"}
+
+
+def parse_metric_config(metric_cfg) -> tuple[list[str], list[int], list[str]]:
+    """Read a PaddleClas ``Metric.Eval`` list, e.g. ``[{Recallk: {topk: [1, 5]}}, {mAP: {}}]``.
+
+    Returns (metrics for :func:`retrieval_metrics`, the union of top-k values, the output keys
+    in PaddleClas order). ``Recallk`` / ``Precisionk`` default to ``topk=(1, 5)`` as there.
+    """
+    names, topk, keys = [], [], []
+    for i, entry in enumerate(metric_cfg):
+        if hasattr(entry, "to_dict"):
+            entry = entry.to_dict()
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"Metric entry {i} must be a one-key mapping {{Name: {{...}}}}")
+        ((name, kwargs),) = entry.items()
+        if name not in _METRIC_NAMES:
+            raise ValueError(
+                f"Metric entry {i}: {name!r} is not a retrieval metric; use {sorted(_METRIC_NAMES)}"
+            )
+        kwargs = dict(kwargs or {})
+        names.append(_METRIC_NAMES[name])
+        if name in ("Recallk", "Precisionk"):
+            ks = kwargs.get("topk", (1, 5))
+            ks = [int(ks)] if isinstance(ks, int) else [int(k) for k in ks]
+            topk += [k for k in ks if k not in topk]
+            keys += [f"recall{k}" if name == "Recallk" else f"precision@{k}" for k in ks]
+        else:
+            keys.append(name)
+    return names, topk, keys
+
+
+def retrieval_metrics_from_config(metric_cfg, *args, **kwargs) -> dict[str, float]:
+    """:func:`retrieval_metrics` with the metrics and keys of a ``Metric.Eval`` list."""
+    names, topk, keys = parse_metric_config(metric_cfg)
+    out = retrieval_metrics(*args, topk=topk, metrics=names, **kwargs)
+    return {k: out[k] for k in keys}
+
+
 def topk_neighbors(
     query_feats,
     gallery_feats,

@@ -199,3 +199,28 @@ def test_normalize_option():
     )
     want = _brute(unit, labels, unit, labels, np.arange(40), np.arange(40))
     _assert_same(got, want)
+
+
+def test_metric_config_keys_in_paddleclas_order():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 5, 30)
+    f = _features(rng, labels)
+    cfg = [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}, {"Precisionk": {"topk": [2]}}]
+    out = eval_lib.retrieval_metrics_from_config(
+        cfg, f, labels, f, labels, np.arange(30), np.arange(30), mesh=_mesh(1)
+    )
+    assert list(out) == ["recall1", "recall5", "mAP", "precision@2"]
+    full = _brute(
+        f,
+        labels,
+        f,
+        labels,
+        np.arange(30),
+        np.arange(30),
+        topk=(1, 5, 2),
+        metrics=("recall", "mAP", "precision"),
+    )
+    for key, value in out.items():
+        np.testing.assert_allclose(value, full[key], rtol=1e-12)
+    with pytest.raises(ValueError, match="not a retrieval metric"):
+        eval_lib.parse_metric_config([{"TopkAcc": {}}])
