@@ -220,8 +220,13 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     }
 
 
-def index_bench(n: int, dim: int, nq: int, k: int) -> dict:
-    from jaxrec.search import GalleryIndex
+def index_bench(n: int, dim: int, nq: int, k: int, ivf: bool, threads: int) -> dict:
+    from jaxrec.search import GalleryIndex, faiss_available
+
+    if faiss_available():
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
 
     # Clustered like real gallery features: n / 10 classes of 10 images around random centres
     # (within-class cosine about 0.8); queries are new samples of random classes.
@@ -238,16 +243,24 @@ def index_bench(n: int, dim: int, nq: int, k: int) -> dict:
     labels = [str(c) for c in cls]
     paths = [f"g/{i}.jpg" for i in range(n)]
     res, exact_ids = {}, None
-    for name, method, backend in (
-        ("exact numpy", "Flat", "exact"),
-        ("faiss Flat", "Flat", "faiss"),
-        ("faiss HNSW32", "HNSW32", "faiss"),
-        ("faiss IVF (nlist N/8, nprobe 1)", "IVF", "faiss"),
-    ):
-        idx = GalleryIndex(dim, "IP", method, backend=backend)
-        t = time.perf_counter()
-        idx.add(feats, labels, paths)
-        build = time.perf_counter() - t
+    runs = [
+        ("exact numpy", "Flat", "exact", {}),
+        ("faiss Flat", "Flat", "faiss", {}),
+        ("faiss HNSW32 (efSearch 16, faiss default as in PP-ShiTu)", "HNSW32", "faiss", {}),
+        ("faiss HNSW32, efSearch 128 (same index)", "HNSW32", "faiss", {"ef_search": 128}),
+    ]
+    if ivf:
+        runs.append(("faiss IVF (nlist N/8, nprobe 1)", "IVF", "faiss", {}))
+    idx = None
+    for name, method, backend, params in runs:
+        if params and idx is not None and idx.method == method:
+            idx.set_search_params(**params)  # search-time knob: reuse the built index
+            build = float("nan")
+        else:
+            idx = GalleryIndex(dim, "IP", method, backend=backend)
+            t = time.perf_counter()
+            idx.add(feats, labels, paths)
+            build = time.perf_counter() - t
         idx.search(q[:10], k)
         t = time.perf_counter()
         _, ids = idx.search(q, k)
@@ -261,7 +274,7 @@ def index_bench(n: int, dim: int, nq: int, k: int) -> dict:
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids, strict=True)])
         top1_label = float(np.mean(cls[ids[:, 0]] == q_cls))
         res[name] = {
-            "build_s": round(build, 3),
+            "build_s": None if build != build else round(build, 3),
             "search_1000_s": round(search, 3),
             "single_query_ms": round(single * 1e3, 3),
             "recall_at_10_vs_exact": round(float(recall), 4),
@@ -282,6 +295,10 @@ def main() -> None:
     ap.add_argument("--index-n", type=int, default=100_000)
     ap.add_argument("--skip-paddle", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--skip-engines", action="store_true", help="only the index benchmark")
+    ap.add_argument(
+        "--ivf", action="store_true", help="also IVF (k-means with N/8 centroids: minutes at 100k)"
+    )
     ap.add_argument("--paddle-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.paddle_worker:
@@ -289,8 +306,6 @@ def main() -> None:
         return
 
     import jax
-
-    from jaxrec import export as E
 
     os.makedirs(args.work, exist_ok=True)
     summary: dict = {
@@ -300,11 +315,41 @@ def main() -> None:
         "jax": jax.__version__,
         "threads": args.threads,
     }
+    summary["loadavg_start"] = loadavg()
+    path = os.path.join(args.work, "results.json")
+    if not args.skip_engines:
+        engine_bench(args, summary)
+        summary["loadavg_after_engines"] = loadavg()
+        save(summary, path)
+    if not args.skip_index:
+        summary["index"] = {
+            "n": args.index_n, "dim": 512, "queries": 1000, "k": 10,
+            "results": index_bench(args.index_n, 512, 1000, 10, args.ivf, args.threads),
+        }  # fmt: skip
+        summary["loadavg_end"] = loadavg()
+        save(summary, path)
+    print(json.dumps(summary, indent=1))
+
+
+def loadavg() -> list[str] | None:
     try:
         with open("/proc/loadavg") as f:
-            summary["loadavg_start"] = f.read().split()[:3]
+            return f.read().split()[:3]
     except OSError:
-        pass
+        return None
+
+
+def save(summary: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+def engine_bench(args: argparse.Namespace, summary: dict) -> None:
+    """Export the model, check fidelity against Paddle Inference, time all engines."""
+    import jax
+
+    from jaxrec import export as E
+
     engines = {}
     paddle = None
     if not args.skip_paddle:
@@ -323,11 +368,9 @@ def main() -> None:
         arch = arch_config()
         save_model_dir(model_dir, arch, init_variables(build_model(arch)), overwrite=True)
     t = time.perf_counter()
-    check_out = _run([py, "-m", "jaxrec.export", "--model", model_dir, "--out", out,
-                      "--overwrite"])  # fmt: skip
+    _run([py, "-m", "jaxrec.export", "--model", model_dir, "--out", out, "--overwrite"])
     summary["export_seconds"] = round(time.perf_counter() - t, 1)
     summary["export_check"] = json.load(open(os.path.join(out, E.CHECK_FILE)))["results"]
-    del check_out
 
     exp = jax.export.deserialize(bytearray(open(os.path.join(out, E.JAX_EXPORT_FILE), "rb").read()))
     call = jax.jit(exp.call)
@@ -374,19 +417,6 @@ def main() -> None:
         for name in engines
     }
     print(json.dumps(summary["latency"], indent=1), flush=True)
-    if not args.skip_index:
-        summary["index"] = {
-            "n": args.index_n, "dim": 512, "queries": 1000, "k": 10,
-            "results": index_bench(args.index_n, 512, 1000, 10),
-        }  # fmt: skip
-    try:
-        with open("/proc/loadavg") as f:
-            summary["loadavg_end"] = f.read().split()[:3]
-    except OSError:
-        pass
-    with open(os.path.join(args.work, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,14 @@ class FaissBackend:
             )
         self.dim, self.metric, self.method = dim, metric, method
         self.index = None
+        self.ef_search: int | None = None  # HNSW efSearch; None keeps faiss's default (16)
+        self.nprobe: int | None = None  # IVF lists visited; None keeps faiss's default (1)
+
+    def _apply_search_params(self) -> None:
+        if self.method == "HNSW32" and self.ef_search:
+            self.faiss.downcast_index(self.index.index).hnsw.efSearch = int(self.ef_search)
+        if self.method == "IVF" and self.nprobe:
+            self.faiss.extract_index_ivf(self.index).nprobe = int(self.nprobe)
 
     def _new_index(self, n: int):
         faiss = self.faiss
@@ -195,6 +203,7 @@ class FaissBackend:
         if self.index is None or self.index.ntotal == 0:
             fill = -np.inf if self.metric == "IP" else np.inf
             return np.full((q.shape[0], k), fill, np.float32), np.full((q.shape[0], k), -1)
+        self._apply_search_params()
         scores, ids = self.index.search(q, k)
         missing = ids < 0
         scores[missing] = -np.inf if self.metric == "IP" else np.inf
@@ -298,6 +307,8 @@ class GalleryIndex:
         backend: str = "auto",
         model_dir: str | None = None,
         delimiter: str = "\t",
+        ef_search: int | None = None,
+        nprobe: int | None = None,
     ):
         if metric not in METRICS:
             raise GalleryError(f"unknown metric {metric!r}; choose one of {METRICS}")
@@ -308,6 +319,7 @@ class GalleryIndex:
         self.dim, self.metric, self.method = int(dim), metric, method
         self.model_dir, self.delimiter = model_dir, delimiter
         self.backend = _make_backend(backend, self.dim, metric, method)
+        self.set_search_params(ef_search, nprobe)
         self.entries: list[Entry] = []
         self.features = np.zeros((0, self.dim), np.float32)
 
@@ -327,7 +339,21 @@ class GalleryIndex:
             "method": self.method,
             "model_dir": self.model_dir,
             "delimiter": self.delimiter,
+            "ef_search": self.ef_search,
+            "nprobe": self.nprobe,
         }
+
+    def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """faiss search-time knobs: HNSW efSearch and IVF nprobe (None: faiss defaults 16 and 1,
+        as PP-ShiTu uses them). Larger values trade speed for recall; the exact backend ignores
+        them."""
+        for name, val in (("ef_search", ef_search), ("nprobe", nprobe)):
+            if val is not None and int(val) < 1:
+                raise GalleryError(f"{name} must be a positive integer, got {val}")
+        self.ef_search = None if ef_search is None else int(ef_search)
+        self.nprobe = None if nprobe is None else int(nprobe)
+        if isinstance(self.backend, FaissBackend):
+            self.backend.ef_search, self.backend.nprobe = self.ef_search, self.nprobe
 
     def default_threshold(self) -> float:
         return DEFAULT_THRESHOLD[self.metric]
@@ -470,6 +496,8 @@ class GalleryIndex:
             backend=backend,
             model_dir=cfg.get("model_dir"),
             delimiter=cfg.get("delimiter", "\t"),
+            ef_search=cfg.get("ef_search"),
+            nprobe=cfg.get("nprobe"),
         )
         self.entries = [Entry(**e) for e in meta["entries"]]
         feats = np.load(os.path.join(index_dir, FEATURES_FILE), allow_pickle=False)
@@ -601,6 +629,8 @@ def _cmd_build(args) -> int:
         backend=args.backend,
         model_dir=os.path.abspath(args.model),
         delimiter=delim,
+        ef_search=args.ef_search,
+        nprobe=args.nprobe,
     )
     index.add(
         feats, [it.label for it in items], [it.rel_path for it in items], [it.line for it in items]
@@ -665,6 +695,11 @@ def _cmd_query(args) -> int:
     for p in args.image:
         if not os.path.isfile(p):
             raise GalleryError(f"query image {p} not found")
+    if args.ef_search is not None or args.nprobe is not None:
+        index.set_search_params(
+            args.ef_search if args.ef_search is not None else index.ef_search,
+            args.nprobe if args.nprobe is not None else index.nprobe,
+        )
     feats = extract_normalized(model_dir, args.image, args.batch_size)
     thr = index.default_threshold() if args.threshold is None else args.threshold
     results = index.query(feats, args.topk, thr)
@@ -739,6 +774,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--delimiter", default="\t", help="list field delimiter (default: tab)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    b.add_argument(
+        "--ef-search",
+        type=int,
+        default=None,
+        help="HNSW efSearch stored with the index (default: faiss's 16)",
+    )
+    b.add_argument(
+        "--nprobe",
+        type=int,
+        default=None,
+        help="IVF lists searched, stored with the index (default: faiss's 1)",
+    )
     b.set_defaults(func=_cmd_build)
 
     a = sub.add_parser("append", help="add the list's images that are not yet in the index")
@@ -764,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="IP: min similarity (default 0.5); L2: max squared distance (default 1.0)",
     )
     q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--ef-search", type=int, default=None, help="override HNSW efSearch")
+    q.add_argument("--nprobe", type=int, default=None, help="override IVF nprobe")
     q.set_defaults(func=_cmd_query)
 
     i = sub.add_parser("info", help="print the index config and size")

@@ -137,6 +137,8 @@ def test_append_remove_and_persist(tmp_path, method):
         "method": method,
         "model_dir": "/some/model",
         "delimiter": "\t",
+        "ef_search": None,
+        "nprobe": None,
     }
     assert len(meta["entries"]) == 50
     assert meta["entries"][0] == {"id": 0, "label": "class 0", "path": "p0", "line": "p0\tclass 0"}
@@ -149,6 +151,25 @@ def test_search_returns_minus_one_when_fewer_than_k():
         scores, ids = idx.search(np.ones((1, DIM), np.float32), 5)
         assert ids[0, 3:].tolist() == [-1, -1]
         assert len(idx.query(np.ones((1, DIM), np.float32), topk=5)[0].hits) == 3
+
+
+def test_search_params_ivf_full_probe_is_exact_and_persist(tmp_path):
+    feats, labels, centres = clustered(6, 10)
+    ivf = GalleryIndex(DIM, "IP", "IVF", backend="faiss", nprobe=7)  # nlist 60 // 8 = 7
+    ivf.add(feats, labels)
+    flat = GalleryIndex(DIM, "IP", "Flat", backend="exact")
+    flat.add(feats, labels)
+    q = np.random.default_rng(2).normal(size=(9, DIM)).astype(np.float32)
+    np.testing.assert_array_equal(ivf.search(q, 8)[1], flat.search(q, 8)[1])
+    hnsw = GalleryIndex(DIM, "IP", "HNSW32", backend="faiss", ef_search=77)
+    hnsw.add(feats, labels)
+    hnsw.search(q, 3)
+    assert faiss.downcast_index(hnsw.backend.index.index).hnsw.efSearch == 77
+    hnsw.save(str(tmp_path))
+    again = GalleryIndex.load(str(tmp_path))
+    assert again.ef_search == 77 and again.config["ef_search"] == 77
+    with pytest.raises(GalleryError, match="ef_search must be a positive"):
+        again.set_search_params(ef_search=0)
 
 
 def test_ivf_nlist_formula():
