@@ -308,7 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ImageListError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model, variables, arch = models.load_model_dir(args.model)
+    try:
+        model, variables, arch = models.load_model_dir(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     if args.fuse and not arch.get("deploy", False):
         model = models.build_model({**arch, "deploy": True})
         variables = models.reparameterize(variables)

@@ -161,6 +161,9 @@ def test_input_errors(tmp_path, capsys):
         extract.resolve_images(blank)
     assert run_cli("--model", "x", "--images", str(empty), "--out", str(tmp_path / "o.npy")) == 2
     assert "no images found" in capsys.readouterr().err
+    one = os.path.join(FILES, "rocket.bmp")
+    assert run_cli("--model", str(empty), "--images", one, "--out", str(tmp_path / "o.npy")) == 2
+    assert "not a jaxrec model directory" in capsys.readouterr().err
 
 
 def test_l2_normalize_keeps_zero_rows():
