@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -104,17 +105,24 @@ def _load(path: str, size: int) -> np.ndarray:
     return image_lib.preprocess_for_rec(image_lib.decode_image(path), size)
 
 
+@functools.cache
+def _jitted_forward():
+    import jax
+
+    def forward(model, output_key, pixel_scale, variables, x):
+        x = image_lib.normalize(x, scale=pixel_scale)
+        return model.apply(variables, x, train=False)[output_key]
+
+    # The model is a static argument: equal models (same Arch) share compiled executables.
+    return jax.jit(forward, static_argnums=(0, 1, 2))
+
+
 def make_forward(
     model: Any, output_key: str = "features", pixel_scale: float = image_lib.SCALE_TRAIN
 ) -> Callable[[Any, Any], Any]:
     """Jitted ``(variables, uint8 NHWC) -> model(normalize(x), train=False)[output_key]``."""
-    import jax
-
-    def forward(variables, x):
-        x = image_lib.normalize(x, scale=pixel_scale)
-        return model.apply(variables, x, train=False)[output_key]
-
-    return jax.jit(forward)
+    fwd = _jitted_forward()
+    return functools.partial(fwd, model, output_key, float(pixel_scale))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

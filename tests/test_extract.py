@@ -24,11 +24,12 @@ TINY_ARCH = {
     "BackboneStopLayer": {"name": "flatten"},
     "Neck": {"name": "BNNeck", "num_features": 16},
 }
+TINY_MODEL = models.build_model(TINY_ARCH)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    model = models.build_model(TINY_ARCH)
+    model = TINY_MODEL
     variables = models.init_variables(model, seed=0)
     # random BN statistics so that the eval-mode path is really exercised
     rng = np.random.default_rng(0)
@@ -59,10 +60,19 @@ def image_tree(tmp_path_factory):
     return root
 
 
+@jax.jit
+def _apply_one(variables, x):
+    return TINY_MODEL.apply(variables, x, train=False)["features"]
+
+
 def reference(model, variables, paths):
-    x = np.stack([image.preprocess_for_rec(image.decode_image(p)) for p in paths])
-    x = image.normalize(x)
-    f = np.asarray(model.apply(variables, x, train=False)["features"])
+    """Independent path: one image at a time, numpy normalization, plain model.apply."""
+    assert model == TINY_MODEL
+    rows = []
+    for p in paths:
+        x = image.normalize(image.preprocess_for_rec(image.decode_image(p)))[None]
+        rows.append(np.asarray(_apply_one(variables, x))[0])
+    f = np.stack(rows)
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
@@ -84,10 +94,10 @@ def test_folder_input_sorted_normalized_and_equal_to_reference(tiny_model, image
     np.testing.assert_allclose(feats, ref, atol=2e-5)
     assert not (tmp_path / "feats.bad.txt").exists()
 
-    # unnormalized output, and a batch size that pads the last batch differently
+    # unnormalized output (5 images in batches of 2: the last batch is padded)
     raw_out = tmp_path / "raw.npy"
     assert run_cli("--model", mdir, "--images", str(image_tree), "--out", str(raw_out),
-                   "--batch-size", "3", "--no-normalize") == 0  # fmt: skip
+                   "--batch-size", "2", "--no-normalize") == 0  # fmt: skip
     raw = np.load(raw_out)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
     np.testing.assert_allclose(extract.l2_normalize(raw), feats, atol=2e-5)
