@@ -160,3 +160,12 @@ def test_errors_name_the_file(tmp_path):
 
     with pytest.raises(image.ImageDecodeError, match="directory"):
         image.decode_image(tmp_path)
+
+
+def test_malformed_exif_is_ignored_like_opencv():
+    # OpenCV 4.6 decodes this file (orientation 6 with its TIFF header overwritten) unrotated.
+    data = bytearray(open(os.path.join(FILES, "chelsea_exif6.jpg"), "rb").read())  # noqa: SIM115
+    i = data.find(b"Exif")
+    data[i + 6 : i + 20] = b"\xff" * 14
+    got = image.decode_image(bytes(data), name="bad_exif.jpg")
+    assert np.array_equal(got, image.decode_image(os.path.join(FILES, "chelsea_exif1.jpg")))

@@ -124,6 +124,15 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation tag, or 1 when absent or unreadable (a broken EXIF block is ignored)."""
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # noqa: BLE001 - malformed EXIF must not make the image unreadable
+        return 1
+
+
 def decode_image(data: bytes | str | os.PathLike, name: str | None = None) -> np.ndarray:
     """Decode an encoded image (bytes or a file path) to ``uint8`` ``[H, W, 3]`` RGB.
 
@@ -144,9 +153,7 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None) -> np
     try:
         with Image.open(io.BytesIO(buf)) as im:
             im.load()
-            orientation = 1
-            if im.format in _EXIF_FORMATS:
-                orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            orientation = _orientation(im) if im.format in _EXIF_FORMATS else 1
             arr = _to_rgb_array(im)
     except UnidentifiedImageError:
         raise ImageDecodeError(
