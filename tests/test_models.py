@@ -452,3 +452,27 @@ def test_bn_axis_name_synchronizes_batch_statistics():
     assert build_model(arch).backbone.bn_axis_name == "data"
     with pytest.raises(ArchError, match="bn_axis_name"):
         build_model(tiny(bn_axis_name=3))
+
+
+@pytest.mark.parametrize("k,stride,size", [(5, 1, 7), (3, 2, 8)])
+def test_depthwise_shift_lowering_equals_grouped_conv(monkeypatch, k, stride, size):
+    """The CPU lowering (sum of shifted slices) equals lax's grouped conv, values and grads."""
+    from jaxrec.models.layers import DepthwiseConv
+
+    mod = DepthwiseConv(6, k, stride, use_bias=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
+    v = mod.init(jax.random.key(1), x)
+    v = {"params": {"kernel": v["params"]["kernel"], "bias": jnp.arange(6.0)}}
+
+    def run(impl):
+        monkeypatch.setenv("JAXREC_DW_IMPL", impl)  # read at trace time; fresh jit per impl
+        y = jax.jit(lambda v, x: mod.apply(v, x))(v, x)
+        loss = lambda v, x: jnp.sum(jnp.sin(mod.apply(v, x)))  # noqa: E731
+        g = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, x)
+        return y, g
+
+    (y1, g1), (y2, g2) = run("shift"), run("conv")
+    assert y1.shape == (2, (size - 1) // stride + 1, (size - 1) // stride + 1, 6)
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -14,13 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrec.models.initializers import normal, xavier_normal
 from jaxrec.models.layers import batch_norm
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
-
-# Paddle XavierNormal: plain normal with std sqrt(2 / (fan_in + fan_out)).
-xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
 
 class BNNeck(nn.Module):
@@ -65,7 +63,7 @@ class FCHead(nn.Module):
     embedding_size: int
     class_num: int
     use_bias: bool = False
-    kernel_init: Initializer = nn.initializers.normal(stddev=0.001)
+    kernel_init: Initializer = normal(0.001)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

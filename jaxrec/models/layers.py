@@ -8,26 +8,16 @@ Parameter and module names mirror the Paddle state-dict keys so that conversion 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrec.models.initializers import kaiming_normal, paddle_default_conv_init
+
 Dtype = Any
-
-# KaimingNormal (plain normal, std sqrt(2 / fan_in), fan_in = k*k*in/groups) for ConvBN convs.
-kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-
-def paddle_default_conv_init(in_channels: int, kernel_size: int):
-    """Paddle's default Conv2D weight init: N(0, sqrt(2 / (k*k*in_channels))), full in_channels.
-
-    For groups == 1 this equals `kaiming_normal`; it differs only for grouped convs, whose fan_in
-    Paddle still counts with the full channel number.
-    """
-    std = (2.0 / (kernel_size * kernel_size * in_channels)) ** 0.5
-    return nn.initializers.normal(stddev=std)
 
 
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -82,6 +72,76 @@ def conv2d(
     )
 
 
+def _depthwise_impl() -> str:
+    """ "shift" (sum of k*k shifted slices) on CPU, where XLA's grouped conv is 10-70x slower;
+    "conv" (lax grouped conv, cuDNN on GPU) elsewhere. JAXREC_DW_IMPL=shift|conv overrides."""
+    impl = os.environ.get("JAXREC_DW_IMPL", "auto")
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "conv"
+    if impl not in ("shift", "conv"):
+        raise ValueError(f"JAXREC_DW_IMPL={impl!r}: use auto, shift or conv")
+    return impl
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k conv (groups = channels) with symmetric padding (k-1)//2.
+
+    Same parameters as `nn.Conv(feature_group_count=C)`: `kernel` [k, k, 1, C] (+ `bias`), so
+    the two are interchangeable; only the lowering differs (see `_depthwise_impl`).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    use_bias: bool = False
+    kernel_init: Any = kaiming_normal
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, c = self.kernel_size, self.stride, self.features
+        if x.shape[-1] != c:
+            raise ValueError(f"depthwise conv over {c} channels got input {x.shape}")
+        kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        p = (k - 1) // 2
+        if _depthwise_impl() == "conv":
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (s, s),
+                ((p, p), (p, p)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=c,
+            )
+        else:
+            n, h, w, _ = x.shape
+            ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            acc_t = jnp.promote_types(self.dtype, jnp.float32)
+            y = jnp.zeros((n, ho, wo, c), acc_t)
+            for i in range(k):
+                for j in range(k):
+                    win = jax.lax.slice(
+                        xp,
+                        (0, i, j, 0),
+                        (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c),
+                        (1, s, s, 1),
+                    )
+                    y = y + (win * kernel[i, j, 0]).astype(acc_t)
+            y = y.astype(self.dtype)
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class ConvBN(nn.Module):
     """Conv (no bias, KaimingNormal) -> BatchNorm -> optional ReLU. Keys `conv`, `bn`."""
 
@@ -96,15 +156,25 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = conv2d(
-            self.features,
-            self.kernel_size,
-            self.stride,
-            self.groups,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )(x)
+        if self.groups > 1 and self.groups == self.features == x.shape[-1]:
+            x = DepthwiseConv(
+                self.features,
+                self.kernel_size,
+                self.stride,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv",
+            )(x)
+        else:
+            x = conv2d(
+                self.features,
+                self.kernel_size,
+                self.stride,
+                self.groups,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv",
+            )(x)
         x = batch_norm(train, self.dtype, self.param_dtype, "bn", self.bn_axis_name)(x)
         if self.act:
             x = nn.relu(x)
@@ -184,11 +254,10 @@ class RepDepthwiseSeparable(nn.Module):
         c = self.in_channels
         inp = x
         if self.use_rep and self.deploy:
-            x = conv2d(
+            x = DepthwiseConv(
                 c,
                 self.dw_size,
                 self.stride,
-                groups=c,
                 use_bias=True,
                 kernel_init=paddle_default_conv_init(c, self.dw_size),
                 name="dw_conv",

@@ -8,11 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrec.models.initializers import paddle_default_conv_init, xavier_uniform
 from jaxrec.models.layers import (
     ConvBN,
     DownscaleInInferDropout,
     RepDepthwiseSeparable,
-    paddle_default_conv_init,
 )
 
 Dtype = Any
@@ -129,7 +129,7 @@ class PPLCNetV2(nn.Module):
         if self._active("fc"):
             x = nn.Dense(
                 self.class_num,
-                kernel_init=nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                kernel_init=xavier_uniform,
                 bias_init=nn.initializers.zeros,
                 name="fc",
                 **kw,

@@ -11,13 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxrec.models import initializers
 from jaxrec.models.heads import (
     ArcMargin,
     BNNeck,
     CircleMargin,
     CosMargin,
     FCHead,
-    xavier_normal,
 )
 from jaxrec.models.lcnetv2 import LAYER_ORDER, PPLCNetV2
 
@@ -118,19 +118,15 @@ def _initializer(section: str, attr: Any, default):
     init = dict(attr["initializer"])
     name = init.pop("name", None)
     if name == "Normal":
-        mean, std = float(init.get("mean", 0.0)), float(init.get("std", 1.0))
-        base = nn.initializers.normal(stddev=std)
-        if mean == 0.0:
-            return base
-        return lambda key, shape, dtype=jnp.float32: base(key, shape, dtype) + mean
+        return initializers.normal(float(init.get("std", 1.0)), float(init.get("mean", 0.0)))
     if name == "Constant":
         return nn.initializers.constant(float(init.get("value", 0.0)))
     if name == "XavierNormal":
-        return xavier_normal
+        return initializers.xavier_normal
     if name == "XavierUniform":
-        return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+        return initializers.xavier_uniform
     if name == "KaimingNormal":
-        return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+        return initializers.kaiming_normal
     raise ArchError(
         f"Arch.{section}: initializer {name!r} is not supported "
         "(use Normal, Constant, XavierNormal, XavierUniform or KaimingNormal)"
@@ -208,7 +204,7 @@ def _build_head(cfg: Mapping[str, Any], dtype: Any) -> nn.Module:
         init = _initializer("Head.weight_attr", cfg.get("weight_attr"), None)
         kw = {} if init is None else {"kernel_init": init}
         return FCHead(emb, cls, use_bias=use_bias, dtype=dtype, name="head", **kw)
-    init = _initializer("Head.weight_attr", cfg.get("weight_attr"), xavier_normal)
+    init = _initializer("Head.weight_attr", cfg.get("weight_attr"), initializers.xavier_normal)
     if name == "ArcMargin":
         _check_keys("Head", cfg, common | {"margin", "scale", "easy_margin"})
         return ArcMargin(
