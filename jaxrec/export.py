@@ -167,7 +167,7 @@ def fold_network(model: Any, variables: Mapping[str, Any]) -> list[dict]:
         if bb._active("act") and not bb.shitu:
             ops.append({"op": "relu"})
         if bb._active("dropout") and bb.dropout_prob > 0:
-            keep = 1.0 - float(np.float32(bb.dropout_prob))
+            keep = float(np.float32(1.0 - bb.dropout_prob))  # the float32 factor flax/Paddle use
             d = _width(ops)
             ops.append({"op": "affine", "a": np.full(d, keep), "c": np.zeros(d)})
     if bb._active("fc"):

@@ -737,6 +737,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jaxrec.search",
         description="Build, update and query a gallery index of image features (PP-ShiTu "
         "style). List files hold one `path<TAB>label` line per gallery image.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  python -m jaxrec.search build  --model export_dir --images gallery/label.txt --index idx
+  python -m jaxrec.search append --index idx --images new_items.txt
+  python -m jaxrec.search remove --index idx --images discontinued.txt
+  python -m jaxrec.search query  --index idx --image photo.jpg --topk 5 --threshold 0.5
+
+Files in the index dir: index.json (config + id -> label/path/line, JSON), features.npy
+(the normalized gallery features), vector.index (faiss only). Hits whose score fails the
+threshold (IP: similarity < threshold; L2: squared distance > threshold) are labelled
+"unknown"; PP-ShiTu instead keeps only the top-1 hit and drops it below score_thres.""",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -803,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(q, False)
     q.add_argument("--image", required=True, action="append", help="query image (repeatable)")
     q.add_argument("--model", default=None, help="model directory (default: the index's)")
-    q.add_argument("--topk", type=int, default=5)
+    q.add_argument("--topk", type=int, default=5, help="hits per query (default 5)")
     q.add_argument(
         "--threshold",
         type=float,
