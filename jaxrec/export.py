@@ -830,7 +830,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif not Path(args.out).is_dir():
             raise ExportError(f"--check-only: {args.out} does not exist")
         ok, _ = check(model, variables, args.out, images, src)
-    except (ExportError, FileExistsError, FileNotFoundError) as err:
+    except FileExistsError:
+        print(
+            f"error: {args.out} exists and is not empty; pass --overwrite to replace the "
+            "export there (or --check-only to re-check it)",
+            file=sys.stderr,
+        )
+        return 2
+    except (ExportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0 if ok else 1
