@@ -1,0 +1,59 @@
+"""Evaluate a training run: restore a checkpoint and the run's own config from --workdir.
+
+    python evaluate.py --workdir runs/general_v2            # best checkpoint (by recall1)
+    python evaluate.py --workdir runs/general_v2 --latest   # newest checkpoint
+    python evaluate.py --workdir runs/general_v2 --step 5000
+
+Prints Recall@k / mAP on the config's Eval query/gallery sets, writes
+WORKDIR/eval/eval_step{N}.json and a rank-list picture WORKDIR/eval/ranklist_step{N}.png.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (written by train.py).")
+_STEP = flags.DEFINE_integer("step", None, "Evaluate the checkpoint of this training step.")
+_BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (the default).")
+_LATEST = flags.DEFINE_bool("latest", False, "Evaluate the newest checkpoint.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output folder (default WORKDIR/eval).")
+_NUM_VIS = flags.DEFINE_integer(
+    "num_visualize", 8, "Queries shown in the rank-list picture (0 = no picture)."
+)
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if sum([_STEP.value is not None, _BEST.value, _LATEST.value]) > 1:
+        raise app.UsageError("use at most one of --step, --best, --latest")
+    import sys
+
+    from absl import logging
+
+    from jaxrec import train_lib
+
+    if not any(a.startswith(("-v", "--v")) for a in sys.argv):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+
+    which = "latest" if _LATEST.value else "best"
+    res = train_lib.evaluate_workdir(
+        _WORKDIR.value,
+        which=which,
+        step=_STEP.value,
+        output=_OUTPUT.value,
+        num_visualize=_NUM_VIS.value,
+    )
+    print(f"checkpoint step {res['step']} of {_WORKDIR.value}")
+    print(f"{'metric':<12}{'value':>10}")
+    for k, v in res["metrics"].items():
+        print(f"{k:<12}{v:>10.4f}")
+    if res["json"]:
+        print(f"metrics: {res['json']}")
+    if res["png"]:
+        print(f"rank list: {res['png']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,66 @@
+"""Train a PP-ShiTuV2 recognition model (data parallel over all devices and hosts).
+
+    python train.py --config configs/general_v2.py --workdir runs/general_v2
+    python train.py --config configs/demo.py --workdir /tmp/demo --config.Global.epochs=2
+
+Re-running the same command resumes from the newest checkpoint in --workdir (model, optimizer,
+data position and RNG), so an interrupted run ends exactly where an uninterrupted one would.
+Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
+(or let SLURM / Open MPI / JAX_COORDINATOR_ADDRESS be auto-detected).
+Outputs in --workdir: config.json, checkpoints/ (last K), best/ (best recall1), tensorboard/.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Training config file (e.g. configs/general_v2.py). Override fields with "
+    "--config.Section.key=value, e.g. --config.Global.epochs=2 or "
+    "--config.Loss.Train[1].TripletAngularMarginLoss.margin=0.3; unknown keys are errors.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, logs and config.json; reused to resume."
+)
+_COORD = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0's coordinator."
+)
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (0-based).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    from jaxrec import train_lib
+
+    if logging.get_verbosity() == logging.INFO and not any(
+        a.startswith(("-v", "--v")) for a in sys.argv
+    ):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+    train_lib.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    try:
+        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (
+        train_lib.ConfigMismatchError,
+        train_lib.CheckpointMismatchError,
+        train_lib.TrainingDivergedError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from jaxrec.config_lib import parse_flags_with_config_errors
+
+    app.run(main, flags_parser=parse_flags_with_config_errors)
