@@ -128,34 +128,10 @@ def depthwise_micro(iters: int) -> dict:
     return out
 
 
-def _shifted_depthwise(lhs, rhs, window_strides, padding, *args, **kwargs):
-    """`lax.conv_general_dilated` drop-in: depthwise NHWC convs as a sum of k*k shifted products."""
-    from jax import lax
-
-    groups = kwargs.get("feature_group_count", args[4] if len(args) > 4 else 1)
-    if groups != lhs.shape[-1] or rhs.shape[2] != 1 or isinstance(padding, str):
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
-    import jax.numpy as jnp
-
-    kh, kw = rhs.shape[:2]
-    sh, sw = window_strides
-    xp = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    ho = (xp.shape[1] - kh) // sh + 1
-    wo = (xp.shape[2] - kw) // sw + 1
-    acc = None
-    for i in range(kh):
-        for j in range(kw):
-            win = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-            acc = win * rhs[i, j, 0] if acc is None else acc + win * rhs[i, j, 0]
-    return acc
-
-
-def depthwise_proposal(args: argparse.Namespace) -> dict:
-    """The full model (train form, bs32) with flax Conv's `conv_general_dilated` hook set to the
-    shifted-sum depthwise conv, vs the stock model, alternating runs in one process."""
-    from typing import Any
-
-    import flax.linen as nn
+def depthwise_lowerings(args: argparse.Namespace) -> dict:
+    """The whole model (train form, bs32) with each depthwise lowering of jaxrec.models.layers:
+    JAXREC_DW_IMPL=conv (XLA grouped conv) vs shift (sum of shifted slices, the CPU default).
+    The variable is read when the model is traced, so both run in this process, alternating."""
     import jax
     import jax.numpy as jnp
 
@@ -164,36 +140,34 @@ def depthwise_proposal(args: argparse.Namespace) -> dict:
     model = models.build_model(ARCH)
     variables = models.init_variables(model, seed=0, image_size=224)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 224, 224, 3), dtype=np.float32))
-    stock = jax.jit(lambda v, x: model.apply(v, x, train=False)["features"])
-    ref = stock(variables, x).block_until_ready()
-
-    class ShiftedConv(nn.Conv):
-        conv_general_dilated: Any = _shifted_depthwise
-
-    original = nn.Conv
-    nn.Conv = ShiftedConv  # the model modules look nn.Conv up when they are built and traced
+    fns, outs = {}, {}
+    previous = os.environ.get("JAXREC_DW_IMPL")
     try:
-        patched_model = models.build_model(ARCH)
-        patched = jax.jit(lambda v, x: patched_model.apply(v, x, train=False)["features"])
-        got = patched(variables, x).block_until_ready()
+        for impl in ("conv", "shift"):
+            os.environ["JAXREC_DW_IMPL"] = impl
+            fns[impl] = jax.jit(lambda v, x: model.apply(v, x, train=False)["features"])
+            outs[impl] = fns[impl](variables, x).block_until_ready()
     finally:
-        nn.Conv = original
-    times: dict[str, list[float]] = {"stock": [], "shifted": []}
+        if previous is None:
+            os.environ.pop("JAXREC_DW_IMPL", None)
+        else:
+            os.environ["JAXREC_DW_IMPL"] = previous
+    times: dict[str, list[float]] = {"conv": [], "shift": []}
     for _ in range(args.bs32_iters):
-        for name, f in (("stock", stock), ("shifted", patched)):
+        for impl, f in fns.items():
             t0 = time.perf_counter()
             f(variables, x).block_until_ready()
-            times[name].append(time.perf_counter() - t0)
+            times[impl].append(time.perf_counter() - t0)
     out = {
-        "proposal_bs32_stock_median_ms": statistics.median(times["stock"]) * 1e3,
-        "proposal_bs32_shifted_depthwise_median_ms": statistics.median(times["shifted"]) * 1e3,
-        "proposal_max_abs_diff": float(jnp.abs(ref - got).max()),
-        "proposal_ref_abs_max": float(jnp.abs(ref).max()),
+        "dw_impl_conv_bs32_median_ms": statistics.median(times["conv"]) * 1e3,
+        "dw_impl_shift_bs32_median_ms": statistics.median(times["shift"]) * 1e3,
+        "dw_impl_max_abs_diff": float(jnp.abs(outs["conv"] - outs["shift"]).max()),
+        "dw_impl_ref_abs_max": float(jnp.abs(outs["conv"]).max()),
     }
     print(
-        f"bs32 train form: stock {out['proposal_bs32_stock_median_ms']:.0f} ms, shifted-sum "
-        f"depthwise {out['proposal_bs32_shifted_depthwise_median_ms']:.0f} ms "
-        f"(max |diff| {out['proposal_max_abs_diff']:.2e})",
+        f"bs32 train form: JAXREC_DW_IMPL=conv {out['dw_impl_conv_bs32_median_ms']:.0f} ms, "
+        f"shift {out['dw_impl_shift_bs32_median_ms']:.0f} ms "
+        f"(max |diff| {out['dw_impl_max_abs_diff']:.2e})",
         flush=True,
     )
     return out
@@ -285,8 +259,8 @@ def main() -> None:
     ap.add_argument(
         "--depthwise-micro",
         action="store_true",
-        help="also time XLA depthwise convs vs a shifted-sum formulation, per layer and in the "
-        "whole model (explains the CPU speed; a proposal, not what jaxrec runs)",
+        help="also time XLA's grouped conv vs a shifted-slice sum for the depthwise layer shapes, "
+        "and the whole model with JAXREC_DW_IMPL=conv vs shift",
     )
     ap.add_argument("--paddle-side", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,12 +272,13 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "JAXREC_DW_IMPL": os.environ.get("JAXREC_DW_IMPL", "auto"),
     }
     if not args.skip_jax:
         summary.update(jax_side(args))
     if args.depthwise_micro:
         summary.update(depthwise_micro(args.bs32_iters))
-        summary.update(depthwise_proposal(args))
+        summary.update(depthwise_lowerings(args))
     if args.paddle_python:
         cmd = [args.paddle_python, os.path.abspath(__file__), "--paddle-side",
                "--bs1-iters", str(args.bs1_iters), "--bs32-iters", str(args.bs32_iters),
