@@ -79,6 +79,39 @@ def test_shitu_train_mode_matches_paddle(shitu):
         assert rel_err(leaf, gold[f"stat_{key}"]) < 1e-4, key
 
 
+def test_shitu_train_gradients_match_paddle(shitu):
+    """d/dparams of sum(logits*R1) + sum(features*R2) in train mode (dropout p=0)."""
+    gold, arch, variables, _, x = shitu
+    from jaxrec.models.naming import jaxrec_path, to_paddle_layout
+
+    arch = dict(arch, Backbone=dict(arch["Backbone"], dropout_prob=0.0))
+    model = build_model(arch)
+    r1, r2 = jnp.asarray(gold["grad_r_logits"]), jnp.asarray(gold["grad_r_features"])
+
+    def scalar(params):
+        out, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            labels=jnp.asarray(gold["label"]),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(out["logits"] * r1) + jnp.sum(out["features"] * r2)
+
+    grads = jax.jit(jax.grad(scalar))(variables["params"])
+    keys = [
+        k[len("grad_") :] for k in gold if k.startswith("grad_") and not k.startswith("grad_r_")
+    ]
+    assert len(keys) == 12
+    for key in keys:
+        want = gold[f"grad_{key}"]
+        _, path = jaxrec_path(key, want.ndim)
+        node = grads
+        for name in path:
+            node = node[name]
+        assert rel_err(to_paddle_layout(np.asarray(node), path), want) < 1e-4, key
+
+
 def test_shitu_deploy_matches_paddle_reparameterized(shitu):
     gold, arch, variables, _, x = shitu
     model = build_model(dict(arch, deploy=True))

@@ -34,6 +34,20 @@ import paddle
 SCALE = 0.125
 DEPTHS = [1, 1, 2, 2]
 N, H, W = 4, 36, 36
+GRAD_KEYS = (
+    "backbone.stem.0.conv.weight",
+    "backbone.stem.0.bn.weight",
+    "backbone.stages.2.0.dw_conv_list.0.conv.weight",
+    "backbone.stages.2.1.dw_conv_list.2.conv.weight",
+    "backbone.stages.2.1.se.conv1.weight",
+    "backbone.stages.2.1.se.conv2.bias",
+    "backbone.stages.3.1.pw_conv.bn.bias",
+    "backbone.last_conv.weight",
+    "backbone.stages.3.0.dw_conv_list.2.bn.weight",
+    "neck.feat_bn.weight",
+    "neck.feat_bn.bias",
+    "head.fc.weight",
+)
 
 
 def randomize(layer: paddle.nn.Layer, rng: np.random.Generator) -> None:
@@ -121,6 +135,24 @@ def main() -> None:
         if k.endswith("._mean") or k.endswith("._variance"):
             assert not np.array_equal(v.numpy(), sd[k]), k
             rec[f"stat_{k}"] = v.numpy()
+
+    # Gradients of a fixed scalar of the train-mode outputs (BN batch statistics included).
+    # (last_conv.bias is left out: train-mode BNNeck removes any per-batch constant, so its
+    # gradient is exactly 0 up to rounding noise.)
+    graded = copy.deepcopy(model)
+    graded.train()
+    graded.backbone.dropout.p = 0.0
+    out = graded(paddle.to_tensor(x), paddle.to_tensor(label))
+    r_logits = rng.normal(0.0, 1.0, out["logits"].shape).astype("float32")
+    r_feats = rng.normal(0.0, 1.0, out["features"].shape).astype("float32")
+    scalar = (out["logits"] * paddle.to_tensor(r_logits)).sum() + (
+        out["features"] * paddle.to_tensor(r_feats)
+    ).sum()
+    scalar.backward()
+    rec["grad_r_logits"], rec["grad_r_features"] = r_logits, r_feats
+    grads = {name: p.grad for name, p in graded.named_parameters() if p.grad is not None}
+    for name in GRAD_KEYS:
+        rec[f"grad_{name}"] = grads[name].numpy()
 
     # Dropout semantics of the reference, on the real backbone layer.
     drop = model.backbone.dropout
