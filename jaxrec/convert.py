@@ -146,11 +146,17 @@ class ConversionReport:
         lines = [
             f"source: {self.source_kind} checkpoint; loaded {len(self.loaded)} tensors",
         ]
-        for key in self.missing:
+        if self.source_kind == "backbone" and self.missing:
+            lines.append(
+                "  (a bare backbone checkpoint, e.g. ImageNet weights: for the ShiTu RecModel the "
+                "ShiTu-only last_conv, stages.3.0.dw_conv_list.2, the neck and the head are "
+                "expected to start from init)"
+            )
+        for key in sorted(self.missing):
             lines.append(f"  missing from checkpoint (left at init): {key}")
         for key, got, want in self.mismatched:
             lines.append(f"  shape mismatch (left at init): {key}: checkpoint {got}, model {want}")
-        for key in self.unexpected:
+        for key in sorted(self.unexpected):
             lines.append(f"  not in model (dropped): {key}")
         if self.ignored_fusion_targets:
             lines.append(
