@@ -2,7 +2,13 @@
 model directories. See docs/ARCHITECTURE.md for the interfaces."""
 
 from jaxrec.models.heads import ArcMargin, BNNeck, CircleMargin, CosMargin, FCHead
-from jaxrec.models.layers import SE, ConvBN, DownscaleInInferDropout, RepDepthwiseSeparable
+from jaxrec.models.layers import (
+    SE,
+    ConvBN,
+    DepthwiseConv,
+    DownscaleInInferDropout,
+    RepDepthwiseSeparable,
+)
 from jaxrec.models.lcnetv2 import PPLCNetV2, make_divisible
 from jaxrec.models.modeldir import load_model_dir, read_arch, save_model_dir
 from jaxrec.models.recmodel import (
@@ -22,6 +28,7 @@ __all__ = [
     "CircleMargin",
     "ConvBN",
     "CosMargin",
+    "DepthwiseConv",
     "DownscaleInInferDropout",
     "FCHead",
     "PPLCNetV2",
