@@ -7,10 +7,12 @@ reference's DataParallel run (spec 6.5):
 * BatchNorm uses per-device batch statistics (`Global.sync_bn=True` switches to statistics
   synchronized over the "data" axis instead).
 * Triplet mining sees only the device's own samples.
-* The optimized loss is the mean over devices of the per-device loss (`pmean` of the loss inside
-  the differentiated function). With `check_vma=True` the gradient of replicated parameters then
-  comes out already summed over devices, i.e. the mean gradient; we never `pmean` gradients again
-  (that would scale updates by the device count; see environment_facts.md).
+* The optimized loss is the mean over devices of the per-device loss. The step runs with
+  `check_vma=False` (the model's custom-VJP depthwise convolutions do not carry varying-axis
+  types), so each device differentiates its own loss and the gradients are `pmean`-ed once.
+  (With `check_vma=True` one would `pmean` the loss instead and must not also `pmean` the
+  gradients: they would come out N times too large; see environment_facts.md.) The tests
+  compare the step against an explicit per-shard computation.
 * BN running statistics are averaged over devices after each step so that the replicated state
   (and the checkpoint) holds one set. The reference keeps rank 0's statistics; the average is the
   natural data-parallel equivalent and is what we store.
@@ -316,11 +318,13 @@ def make_train_step(
             )
             out = _cast_floats(out, jnp.float32)
             total, terms = loss_fn(params["loss"], out, labels)
-            # Mean over devices of per-device losses; its gradient w.r.t. the replicated
-            # params is the device-mean gradient (no further pmean of grads!).
-            return jax.lax.pmean(total, AXIS), (terms, mutated["batch_stats"])
+            return total, (terms, mutated["batch_stats"])
 
-        (_, (terms, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (_, (terms, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params
+        )
+        # check_vma=False: these are this device's gradients; average them exactly once.
+        grads = jax.lax.pmean(grads, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_stats = jax.lax.pmean(new_stats, AXIS)
@@ -338,6 +342,7 @@ def make_train_step(
         mesh=mesh,
         in_specs=(P(), P(AXIS), P(AXIS), P()),
         out_specs=(P(), P()),
+        check_vma=False,
     )
 
     @jax.jit

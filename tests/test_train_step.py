@@ -143,3 +143,40 @@ def test_frozen_neck_bias_never_moves_and_bn_scale_not_decayed():
         s, _ = step(s, gb, jax.random.PRNGKey(i))
     np.testing.assert_array_equal(s.params["model"]["neck"]["feat_bn"]["bias"], 0.0)
     assert not np.allclose(s.params["model"]["neck"]["feat_bn"]["scale"], 1.0)
+
+
+def test_bf16_mixed_precision_step_keeps_float32_params():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_data_util import tiny_config
+
+    cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
+    cfg.AMP.use_amp = True
+    mesh = train_lib.make_mesh(jax.devices()[:2])
+    model = train_lib.build_model_from_config(cfg)
+    loss = train_lib.build_loss_from_config(cfg)
+    hold = {}
+
+    def builder(params, stats):
+        tx, hold["s"] = train_lib.optimizer_from_config(
+            cfg, 10, train_lib.param_labels(params, stats)
+        )
+        return tx
+
+    state, tx = train_lib.init_train_state(
+        model, loss, builder, (32, 32, 3), jax.random.PRNGKey(0), mesh
+    )
+    step = train_lib.make_train_step(
+        model, loss, tx, mesh, hold["s"], compute_dtype=train_lib.compute_dtype(cfg)
+    )
+    rs = np.random.RandomState(0)
+    batch = {
+        "image": rs.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
+        "label": np.repeat(np.arange(4), 2).astype(np.int32),
+    }
+    new, m = step(state, train_lib.global_batch(mesh, batch), jax.random.PRNGKey(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.batch_stats))
+    assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
