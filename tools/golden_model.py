@@ -15,7 +15,8 @@ It builds REDUCED-size reference models with random weights and random BN runnin
 
 Train-mode outputs are recorded with the backbone Dropout's p set to 0 (Paddle's
 downscale_in_infer dropout draws its own mask, which cannot be reproduced in JAX); everything
-else (BN batch statistics, running-stat updates, margin heads with labels) is the real train path.
+else (BN batch statistics, running-stat updates, parameter gradients of a fixed random projection
+of logits and features, margin heads with labels) is the real train path.
 The dropout itself is checked separately in the tests against the spec semantics.
 
 Files written (all small): model_shitu.pdparams, model_shitu.npz, model_imagenet.pdparams,
