@@ -14,7 +14,9 @@
    `python -m jaxrec.export` writes the deploy model dir, the jax.export artifact and the ONNX
    graph (with its built-in equality check). Features of Paddle Inference, onnxruntime and the
    jax.export artifact on the same 8 synthetic images are compared (cosine, max abs error).
-3. Latency (batch 1) and throughput (batch 32) of the three engines, interleaved in `--rounds`.
+3. Latency (batch 1) and throughput (batch 32) of the engines, interleaved in `--rounds`:
+   Paddle Inference, onnxruntime (jaxrec's session: no thread spinning; and, with more than one
+   thread, onnxruntime's default spinning threads), the jax.export artifact on XLA:CPU.
 4. Gallery index: 100k x 512 random unit vectors, 1,000 queries, k 10, with `jaxrec.search`
    (faiss Flat, faiss HNSW32, exact numpy backend): build time, batched search time, and HNSW's
    recall@10 against exact search.
@@ -151,12 +153,12 @@ def paddle_worker(args: argparse.Namespace) -> None:
 class PaddleClient:
     """Talks to the paddle worker subprocess."""
 
-    def __init__(self, python: str, work: str, threads: int):
+    def __init__(self, python: str, work: str, threads: int, extra_env: dict | None = None):
         self.proc = subprocess.Popen(
             [python, os.path.abspath(__file__), "--paddle-worker", "--work", work,
              "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            env={**os.environ, "OMP_NUM_THREADS": str(threads), **(extra_env or {})},
         )  # fmt: skip
         self.info = self._read()["ready"]
 
@@ -295,6 +297,11 @@ def main() -> None:
     ap.add_argument("--index-n", type=int, default=100_000)
     ap.add_argument("--skip-paddle", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument(
+        "--paddle-passive",
+        action="store_true",
+        help="also time Paddle with OMP_WAIT_POLICY=PASSIVE (no spinning threads)",
+    )
     ap.add_argument("--skip-engines", action="store_true", help="only the index benchmark")
     ap.add_argument(
         "--ivf", action="store_true", help="also IVF (k-means with N/8 centroids: minutes at 100k)"
@@ -357,6 +364,14 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
         paddle = PaddleClient(args.paddle_python, args.work, args.threads)
         summary["paddle"] = paddle.info
         engines["paddle_inference_onednn"] = paddle.times
+        if args.paddle_passive:
+            passive = PaddleClient(
+                args.paddle_python,
+                os.path.join(args.work, "paddle_passive"),
+                args.threads,
+                {"OMP_WAIT_POLICY": "PASSIVE"},
+            )
+            engines["paddle_inference_onednn_omp_passive"] = passive.times
     pd = os.path.join(args.work, "model.pdparams")
     model_dir, out = os.path.join(args.work, "jaxrec_model"), os.path.join(args.work, "export")
     py = sys.executable
@@ -375,12 +390,16 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
     exp = jax.export.deserialize(bytearray(open(os.path.join(out, E.JAX_EXPORT_FILE), "rb").read()))
     call = jax.jit(exp.call)
     sess = E.onnx_session(os.path.join(out, E.ONNX_FILE), threads=args.threads)
+    sess_spin = E.onnx_session(os.path.join(out, E.ONNX_FILE), threads=args.threads, spinning=True)
 
     def jax_run(x_nchw):
         return np.asarray(call(np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))))
 
     def ort_run(x_nchw):
         return sess.run(["features"], {"x": x_nchw})[0]
+
+    def ort_spin_run(x_nchw):
+        return sess_spin.run(["features"], {"x": x_nchw})[0]
 
     # Fidelity against Paddle Inference on the same inputs.
     x8 = bench_input(8)
@@ -403,6 +422,8 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
         return times
 
     engines["onnxruntime"] = local(ort_run)
+    if args.threads > 1:
+        engines["onnxruntime_spinning"] = local(ort_spin_run)
     engines["jax_export_xla"] = local(jax_run)
     collected = {(e, bs): [] for e in engines for bs in (1, 32)}
     for r in range(args.rounds):
@@ -412,6 +433,8 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     if paddle is not None:
         paddle.close()
+    if args.paddle_passive:
+        passive.close()
     summary["latency"] = {
         name: {f"batch{bs}": summarize(collected[(name, bs)], bs) for bs in (1, 32)}
         for name in engines

@@ -376,14 +376,20 @@ def build_onnx(ops: Sequence[dict], image_size: int = 224, opset: int = ONNX_OPS
     return model
 
 
-def onnx_session(path: str, threads: int | None = None):
-    """An onnxruntime CPU session with all graph optimizations."""
+def onnx_session(path: str, threads: int | None = None, spinning: bool = False):
+    """An onnxruntime CPU session with all graph optimizations.
+
+    `spinning=False` stops idle worker threads from busy-waiting. On shared/loaded CPUs this
+    made batch-1 inference about 1.6x faster (benchmarks/results_inference.md); onnxruntime's
+    own default (spinning) can be slightly faster on an idle machine."""
     import onnxruntime as ort  # noqa: PLC0415
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
