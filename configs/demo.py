@@ -13,10 +13,10 @@ require it:
 * 6 training classes: `class_num` 6, PK batches of 6 ids x 4 images per device, no
   `id_list`/`ratio` (the reference ranges point past this dataset);
 * no ImageNet initialization (jaxrec downloads nothing), so training starts from scratch with
-  LR 0.05 and a 1-epoch warmup;
+  LR 0.15 (tuned on this data: 0.05 learned slower) and a 1-epoch warmup;
 * evaluation on 400 images of 4 classes never seen in training (query == gallery, self-matches
-  excluded by the list's third column) before training (the untrained baseline) and every 4
-  epochs.
+  excluded by the list's third column) before training (the untrained baseline) and every 2
+  epochs (the best checkpoint by recall1 is kept; the small training set overfits late).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ SIZE = 32
 def get_config():
     c = general_v2.get_config()
     g = c.Global
-    g.epochs = 12
-    g.eval_interval = 4
+    g.epochs = 16
+    g.eval_interval = 2
     g.print_batch_step = 25
     g.image_shape = (3, SIZE, SIZE)
     g.checkpoint_every_steps = 200
@@ -53,7 +53,7 @@ def get_config():
     c.Arch.Head.embedding_size = 128
     c.Arch.Head.class_num = 6
 
-    c.Optimizer.lr.learning_rate = 0.05
+    c.Optimizer.lr.learning_rate = 0.15
     c.Optimizer.lr.warmup_epoch = 1.0
 
     tr = c.DataLoader.Train
