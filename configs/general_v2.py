@@ -41,7 +41,12 @@ batch is batch_size x number of devices. LR 0.06 is tuned for 8 x 256.
 `Arch.Backbone.pretrained`/`use_ssld` only document the reference's ImageNet initialization:
 jaxrec downloads nothing; convert `PPLCNetV2_base_ssld_pretrained.pdparams` with jaxrec.convert
 and pass it as `Global.pretrained_model` (non-matching keys are skipped with a message).
-`Global.checkpoints` must stay null: runs resume from `--workdir`.
+`Global.checkpoints` must stay null: runs resume from `--workdir`. Inert here (kept for key
+parity): `Global.output_dir`, `save_interval` (jaxrec checkpoints every
+`checkpoint_every_steps` and at each epoch end, keeping the last `keep_checkpoints` plus the
+best), `device`, `use_visualdl` (TensorBoard files are always written), `use_dali`,
+`save_inference_dir`, the AMP loss-scaling keys, `DataLoader.*.loader.use_shared_memory` and the
+eval samplers' `drop_last`/`shuffle`.
 """
 
 from __future__ import annotations

@@ -320,9 +320,7 @@ def make_train_step(
             total, terms = loss_fn(params["loss"], out, labels)
             return total, (terms, mutated["batch_stats"])
 
-        (_, (terms, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params
-        )
+        (_, (terms, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         # check_vma=False: these are this device's gradients; average them exactly once.
         grads = jax.lax.pmean(grads, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
