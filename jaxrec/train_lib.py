@@ -673,15 +673,7 @@ def arch_dict(config: Any, for_training: bool = True) -> dict:
 def build_model_from_config(config: Any, for_training: bool = True):
     from jaxrec.models import build_model
 
-    try:
-        return build_model(arch_dict(config, for_training))
-    except ValueError as e:
-        if "bn_axis_name" in str(e):
-            raise ValueError(
-                "Global.sync_bn=True needs a model whose BatchNorm layers accept an axis name "
-                "(Arch key bn_axis_name); this jaxrec build does not support it yet"
-            ) from e
-        raise
+    return build_model(arch_dict(config, for_training))
 
 
 def build_loss_from_config(config: Any):
