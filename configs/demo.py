@@ -16,7 +16,7 @@ require it:
   images in poses that never occur at test time. Measured at 48 px, LR 0.05, 8 epochs over two
   seeds, turning it off gave higher mAP at every epoch from 2 on (last epoch 0.634 vs 0.520 and
   0.587 vs 0.521) and a steadier recall1 (0.78-0.81 vs 0.64-0.83 with seed 0); see
-  benchmarks/results_train.md.
+  BENCHMARKS.md.
 * 6 training classes: `class_num` 6, PK batches of 6 ids x 4 images per device, no
   `id_list`/`ratio` (the reference ranges point past this dataset).
 * no ImageNet initialization (jaxrec downloads nothing), so training starts from scratch: LR
@@ -28,7 +28,7 @@ require it:
   input size) and after every epoch; the best checkpoint by recall1 is kept in best/ and is the
   one evaluate.py restores.
 
-Measured (2-core CPU, 2026-11-28, Global.seed 0; benchmarks/results_train.md): untrained
+Measured (2-core CPU, 2026-11-28, Global.seed 0; BENCHMARKS.md): untrained
 recall1 0.7175 / mAP 0.3836 -> best checkpoint (epoch 7, restored by evaluate.py) recall1
 0.8050 / mAP 0.6314; train 2 min 17 s + evaluate 9 s wall time on an otherwise idle machine.
 """

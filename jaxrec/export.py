@@ -380,7 +380,7 @@ def onnx_session(path: str, threads: int | None = None, spinning: bool = False):
     """An onnxruntime CPU session with all graph optimizations.
 
     `spinning=False` stops idle worker threads from busy-waiting. On shared/loaded CPUs this
-    made batch-1 inference about 1.6x faster (benchmarks/results_inference.md); onnxruntime's
+    made batch-1 inference about 1.6x faster (BENCHMARKS.md); onnxruntime's
     own default (spinning) can be slightly faster on an idle machine."""
     import onnxruntime as ort  # noqa: PLC0415
 
