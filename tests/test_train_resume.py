@@ -205,5 +205,12 @@ def test_two_processes_match_one_process(setup, reference):
     ref_losses = _losses(reference[3])
     assert len(ref_losses) == 4
     np.testing.assert_allclose(_losses(outs[0]), ref_losses, rtol=1e-4)
-    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(reference[1]), strict=True):
-        np.testing.assert_allclose(x, y, rtol=2e-2, atol=2e-3)
+    # Parameters and BN statistics agree to float32 rounding of a different reduction order
+    # (measured: max abs diff 3.3e-5 on parameters up to 3.8, 4.5e-6 on BN statistics). Momentum
+    # traces (accumulated raw gradients) differ more, measured 2.6e-3 on values up to 5, so they
+    # get a looser bound.
+    for name, atol in (("params", 1e-4), ("batch_stats", 1e-5), ("opt_state", 1e-2)):
+        for x, y in zip(
+            jax.tree.leaves(state[name]), jax.tree.leaves(reference[1][name]), strict=True
+        ):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=name)
