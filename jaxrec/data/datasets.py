@@ -225,24 +225,8 @@ def load_list(
     ``image_root`` defaults to the list file's folder. ``relabel`` maps labels to 0..K-1 by sorted
     order. Every referenced file must exist (``check_files``); all missing ones are reported.
     """
-    name = str(list_path)
-    paths, labels, _, linenos = parse_label_lines(_read_lines(list_path), name, delimiter=delimiter)
-    if not paths:
-        raise DatasetError(f"{name}: the list has no entries")
-    root = _resolve_root(list_path, image_root)
-    full = [os.path.join(root, p) for p in paths]
-    if check_files:
-        _check_files(full, linenos, name)
-    lab = np.asarray(labels, dtype=np.int64)
-    if relabel:
-        mapping = relabel_map(lab)
-        lab = np.asarray([mapping[int(v)] for v in lab], dtype=np.int64)
-    return Source(
-        name=name,
-        paths=full,
-        labels=lab,
-        reader=_file_reader(full),
-        lines=np.asarray(linenos, dtype=np.int64),
+    return _list_source(
+        list_path, image_root, relabel, check_files, delimiter=delimiter, max_used_fields=2
     )
 
 
@@ -258,9 +242,24 @@ def load_query_gallery_list(
     The optional third column (camera or unique id) lands in ``Source.uids``; when query and
     gallery are the same list it must be unique per image so an image does not match itself.
     """
+    return _list_source(
+        list_path, image_root, relabel, check_files, delimiter=None, max_used_fields=3
+    )
+
+
+def _list_source(
+    list_path: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    relabel: bool,
+    check_files: bool,
+    *,
+    delimiter: str | None,
+    max_used_fields: int,
+) -> Source:
+    """Parse a label list, resolve and check its paths, optionally relabel (both list loaders)."""
     name = str(list_path)
     paths, labels, uids, linenos = parse_label_lines(
-        _read_lines(list_path), name, delimiter=None, max_used_fields=3
+        _read_lines(list_path), name, delimiter=delimiter, max_used_fields=max_used_fields
     )
     if not paths:
         raise DatasetError(f"{name}: the list has no entries")
