@@ -175,8 +175,11 @@ def depthwise_lowerings(args: argparse.Namespace) -> dict:
 
 def paddle_side(args: argparse.Namespace) -> dict:
     import paddle
-    from paddle import inference
-    from paddle.static import InputSpec
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    )
+    from paddle_ref import export_inference_model, onednn_predictor
     from paddleclas.ppcls.arch import build_model
 
     paddle.set_device("cpu")
@@ -201,32 +204,10 @@ def paddle_side(args: argparse.Namespace) -> dict:
         results[f"dygraph_{key}_images_per_s"] = bs / med
         print(f"paddle dygraph bs{bs}: median {med * 1e3:.1f} ms", flush=True)
 
-    for layer in model.sublayers():
-        if hasattr(layer, "re_parameterize"):
-            layer.re_parameterize()
-
-    class Export(paddle.nn.Layer):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x)["features"]
-
-    exp = Export(model)
-    exp.eval()
     with tempfile.TemporaryDirectory() as d:
         prefix = os.path.join(d, "inference")
-        static = paddle.jit.to_static(exp, input_spec=[InputSpec([None, 3, 224, 224], "float32")])
-        paddle.jit.save(static, prefix)
-        model_file = prefix + (".json" if os.path.exists(prefix + ".json") else ".pdmodel")
-        cfg = inference.Config(model_file, prefix + ".pdiparams")
-        cfg.disable_gpu()
-        cfg.enable_mkldnn()
-        cfg.set_cpu_math_library_num_threads(args.threads)
-        cfg.switch_ir_optim(True)
-        cfg.disable_glog_info()
-        pred = inference.create_predictor(cfg)
+        export_inference_model(model, prefix)
+        pred = onednn_predictor(prefix, args.threads)
         inp = pred.get_input_handle(pred.get_input_names()[0])
         out = pred.get_output_handle(pred.get_output_names()[0])
 

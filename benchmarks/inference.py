@@ -75,8 +75,11 @@ def timed(fn, x, iters: int) -> list[float]:
 # ------------------------------------------------------------------------------ paddle worker
 def paddle_worker(args: argparse.Namespace) -> None:
     import paddle
-    from paddle import inference
-    from paddle.static import InputSpec
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    )
+    from paddle_ref import export_inference_model, onednn_predictor
     from paddleclas.ppcls.arch import build_model
 
     paddle.set_device("cpu")
@@ -101,31 +104,9 @@ def paddle_worker(args: argparse.Namespace) -> None:
     model.eval()
     os.makedirs(args.work, exist_ok=True)
     paddle.save(model.state_dict(), os.path.join(args.work, "model.pdparams"))
-    for layer in model.sublayers():
-        if hasattr(layer, "re_parameterize"):
-            layer.re_parameterize()
-
-    class Export(paddle.nn.Layer):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x)["features"]
-
-    exp = Export(model)
-    exp.eval()
     prefix = os.path.join(args.work, "paddle_inference", "inference")
-    static = paddle.jit.to_static(exp, input_spec=[InputSpec([None, 3, 224, 224], "float32")])
-    paddle.jit.save(static, prefix)
-    prog = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".pdmodel"
-    cfg = inference.Config(prog, prefix + ".pdiparams")
-    cfg.disable_gpu()
-    cfg.enable_mkldnn()
-    cfg.set_cpu_math_library_num_threads(args.threads)
-    cfg.switch_ir_optim(True)
-    cfg.disable_glog_info()
-    pred = inference.create_predictor(cfg)
+    prog = export_inference_model(model, prefix)
+    pred = onednn_predictor(prefix, args.threads)
     inp = pred.get_input_handle(pred.get_input_names()[0])
     out = pred.get_output_handle(pred.get_output_names()[0])
 

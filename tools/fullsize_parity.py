@@ -127,34 +127,12 @@ def paddle_side(args: argparse.Namespace) -> None:
     np.save(os.path.join(args.work, "paddle_input.npy"), x)
 
     # Export as tools/export_model.py does, then Paddle Inference (oneDNN) on the same input.
-    from paddle.static import InputSpec
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from paddle_ref import export_inference_model, onednn_predictor
 
-    for layer in model.sublayers():
-        if hasattr(layer, "re_parameterize"):
-            layer.re_parameterize()
-
-    class Export(paddle.nn.Layer):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x)["features"]
-
-    exp = Export(model)
-    exp.eval()
     prefix = os.path.join(args.work, "inference", "inference")
-    static = paddle.jit.to_static(exp, input_spec=[InputSpec([None, 3, 224, 224], "float32")])
-    paddle.jit.save(static, prefix)
-    from paddle import inference
-
-    cfg = inference.Config(prefix + ".json" if os.path.exists(prefix + ".json") else
-                           prefix + ".pdmodel", prefix + ".pdiparams")  # fmt: skip
-    cfg.disable_gpu()
-    cfg.enable_mkldnn()
-    cfg.set_cpu_math_library_num_threads(2)
-    cfg.switch_ir_optim(True)
-    pred = inference.create_predictor(cfg)
+    export_inference_model(model, prefix)
+    pred = onednn_predictor(prefix, 2, quiet=False)
     inp = pred.get_input_handle(pred.get_input_names()[0])
     inp.copy_from_cpu(x.astype(np.float32))
     pred.run()
