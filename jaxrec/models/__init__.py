@@ -10,7 +10,14 @@ from jaxrec.models.layers import (
     RepDepthwiseSeparable,
 )
 from jaxrec.models.lcnetv2 import PPLCNetV2, make_divisible
-from jaxrec.models.modeldir import load_model_dir, read_arch, save_model_dir
+from jaxrec.models.modeldir import (
+    FeatureSpec,
+    ModelDir,
+    fingerprint,
+    load_model_dir,
+    read_arch,
+    save_model_dir,
+)
 from jaxrec.models.recmodel import (
     ArchError,
     RecModel,
@@ -30,7 +37,9 @@ __all__ = [
     "CosMargin",
     "DepthwiseConv",
     "DownscaleInInferDropout",
+    "FeatureSpec",
     "FCHead",
+    "ModelDir",
     "PPLCNetV2",
     "RecModel",
     "RepDepthwiseSeparable",
@@ -38,6 +47,7 @@ __all__ = [
     "abstract_variables",
     "build_model",
     "count_params",
+    "fingerprint",
     "init_variables",
     "load_model_dir",
     "make_divisible",

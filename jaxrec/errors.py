@@ -1,0 +1,40 @@
+"""User-facing errors. Every command-line entry point prints these as one `error: ...` line.
+
+A `JaxrecError` is a problem the user can fix (bad config, bad data, a checkpoint that does not
+fit): the message says what is wrong, where (file and line, config key, checkpoint path) and how
+to fix it. Anything else escaping a command is a bug in jaxrec and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class JaxrecError(ValueError):
+    """Base class of the errors a user can act on."""
+
+
+class ConfigError(JaxrecError):
+    """A config key has a value jaxrec cannot honour, or is unknown; the message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class CheckpointMismatchError(JaxrecError):
+    """A checkpoint does not fit the model/optimizer the config builds, or cannot be read."""
+
+
+class ConfigChangedError(JaxrecError):
+    """A resumed run was started with a config that differs from the run's saved config."""
+
+
+class TrainingDivergedError(JaxrecError, FloatingPointError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+class ModelDirError(JaxrecError):
+    """A model directory is missing, malformed, or does not match what it claims to hold."""
+
+
+class LabelError(JaxrecError):
+    """A label in a list file does not fit the model (e.g. outside the classifier's classes)."""
