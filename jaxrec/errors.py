@@ -38,3 +38,12 @@ class ModelDirError(JaxrecError):
 
 class LabelError(JaxrecError):
     """A label in a list file does not fit the model (e.g. outside the classifier's classes)."""
+
+
+class DatasetError(JaxrecError):
+    """A list file, image folder or dataset name is malformed or points at nothing; the message
+    names the file and line."""
+
+
+class GalleryError(JaxrecError):
+    """A gallery index, its arguments or the model used with it is wrong (`jaxrec.search`)."""
