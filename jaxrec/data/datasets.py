@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+# The list-line parser and the extension list live in lists.py (shared with extract and search);
+# they stay importable from here.
+from jaxrec.data.lists import IMAGE_EXTENSIONS, parse_label_lines, read_lines
+from jaxrec.errors import DatasetError
+
 MAX_REPORTED = 20
-
-
-class DatasetError(ValueError):
-    """A dataset description (list file, folder, tfds name) is malformed or points at nothing."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,21 +106,6 @@ def _file_reader(paths: Sequence[str]) -> Callable[[int], bytes]:
     return read
 
 
-def _parse_int(text: str, what: str, file: str, lineno: int, line: str) -> int:
-    try:
-        if text.strip() != text or not text:
-            raise ValueError
-        value = int(text, 10)
-    except ValueError:
-        raise DatasetError(
-            f"{file}:{lineno}: {what} {text!r} is not an integer (line: {line!r}). "
-            f"Each line must be 'path label' with an integer label."
-        ) from None
-    if not -(2**63) <= value < 2**63:
-        raise DatasetError(f"{file}:{lineno}: {what} {value} does not fit in int64")
-    return value
-
-
 def _check_files(paths: Sequence[str], lines: Sequence[int], list_file: str) -> None:
     missing = [(p, n) for p, n in zip(paths, lines, strict=True) if not os.path.isfile(p)]
     if missing:
@@ -137,72 +122,6 @@ def _check_files(paths: Sequence[str], lines: Sequence[int], list_file: str) -> 
 def relabel_map(labels: np.ndarray) -> dict[int, int]:
     """Sorted-unique map old label -> 0..K-1 (PaddleClas ``relabel`` for dense labels)."""
     return {int(old): new for new, old in enumerate(np.unique(labels))}
-
-
-def parse_label_lines(
-    text_lines: Sequence[str],
-    file: str,
-    *,
-    delimiter: str | None = " ",
-    min_fields: int = 2,
-    max_used_fields: int = 2,
-) -> tuple[list[str], list[int], list[int] | None, list[int]]:
-    """Parse list lines into (paths, labels, third-column ids or None, 1-based line numbers).
-
-    ``delimiter=None`` splits on any whitespace (VeriWild); a string splits on exactly that
-    string (ImageNetDataset). Blank lines are skipped. Fields past ``max_used_fields`` are ignored,
-    as in the reference. All-or-nothing third column: mixing 2- and 3-field lines is an error.
-    """
-    paths: list[str] = []
-    labels: list[int] = []
-    uids: list[int] = []
-    linenos: list[int] = []
-    uid_state: bool | None = None
-    for lineno, raw in enumerate(text_lines, start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        fields = line.split() if delimiter is None else line.split(delimiter)
-        if len(fields) < min_fields:
-            sep = "whitespace" if delimiter is None else repr(delimiter)
-            raise DatasetError(
-                f"{file}:{lineno}: expected 'path label' separated by {sep}, got {len(fields)} "
-                f"field(s) in {line!r}. Check the delimiter option."
-            )
-        if not fields[0]:
-            raise DatasetError(f"{file}:{lineno}: empty image path in {line!r}")
-        if delimiter is not None and fields[1] == "":
-            raise DatasetError(
-                f"{file}:{lineno}: empty label field in {line!r}: the delimiter is {delimiter!r} "
-                "and the line has two delimiters in a row. Use exactly one, or set delimiter."
-            )
-        label = _parse_int(fields[1], "label", file, lineno, line)
-        if max_used_fields >= 3:
-            has_uid = len(fields) >= 3
-            if uid_state is None:
-                uid_state = has_uid
-            elif uid_state != has_uid:
-                raise DatasetError(
-                    f"{file}:{lineno}: this line has {len(fields)} fields but earlier lines have "
-                    f"{3 if uid_state else 2}; either every line carries the third column "
-                    "(unique id) or none does."
-                )
-            if has_uid:
-                uids.append(_parse_int(fields[2], "unique id", file, lineno, line))
-        paths.append(fields[0])
-        labels.append(label)
-        linenos.append(lineno)
-    return paths, labels, (uids if uid_state else None), linenos
-
-
-def _read_lines(list_path: str | os.PathLike) -> list[str]:
-    p = Path(list_path)
-    if not p.is_file():
-        raise DatasetError(f"label list {p} does not exist (or is not a file)")
-    try:
-        return p.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of a path
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{p}: not a UTF-8 text file ({e})") from None
 
 
 def _resolve_root(list_path: str | os.PathLike, image_root: str | os.PathLike | None) -> str:
@@ -259,7 +178,10 @@ def _list_source(
     """Parse a label list, resolve and check its paths, optionally relabel (both list loaders)."""
     name = str(list_path)
     paths, labels, uids, linenos = parse_label_lines(
-        _read_lines(list_path), name, delimiter=delimiter, max_used_fields=max_used_fields
+        read_lines(list_path, "label list"),
+        name,
+        delimiter=delimiter,
+        max_used_fields=max_used_fields,
     )
     if not paths:
         raise DatasetError(f"{name}: the list has no entries")
