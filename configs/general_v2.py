@@ -9,50 +9,40 @@ Override any field on the command line, e.g.
     python train.py --config configs/general_v2.py --workdir runs/x \
         --config.Global.epochs=10 --config.Arch.Head.class_num=1000 \
         --config.DataLoader.Train.sampler.batch_size=64 \
-        --config.Loss.Train[1].TripletAngularMarginLoss.margin=0.3 \
-        '--config.Global.image_shape=(3, 112, 112)'
+        --config.Loss.Train[1].TripletAngularMarginLoss.margin=0.3
+
+A different input size changes every resize in the train and eval chains and
+Global.image_shape together: `--config configs/general_v2.py:112`.
 
 Lists of one-key dicts (`Loss.Train`, `Metric.Eval`, `transform_ops`) hold ConfigDicts: change a
 single entry by index as above; to add or remove entries write a small config file that imports
 this one (`cfg = general_v2.get_config(); cfg.Loss.Train.append(...)`). Tuples are overridden as
 quoted Python literals. Unknown keys are errors.
 
-Sections and keys mirror the YAML (spec section 1). jaxrec-only keys (not in the YAML):
-
-* `Global.seed` (0): seeds init, dropout, sampling and augmentation (the reference's
-  unset seed also behaves as 0).
-* `Global.sync_bn` (False): BatchNorm statistics synchronized over all devices instead of the
-  reference's per-device statistics.
-* `Global.checkpoint_every_steps` (1000, 0 = off) and `Global.keep_checkpoints` (3): besides
-  a checkpoint at every epoch end; the best (by recall1) is kept separately.
-* `Global.eval_batch_size_per_device` (0 = Eval sampler batch_size / device count).
-* `Global.feature_normalize` (True), `Global.start_eval_epoch` (0): reference defaults made
-  explicit.
-* `Global.allow_config_change` (False): resume a workdir although the config changed.
-* `Global.eval_before_training` (False): also evaluate the freshly initialized network (logged
-  as step 0; not used for best-model selection).
-* `AMP.dtype` ("bfloat16"): compute dtype when `AMP.use_amp` (params, BNNeck stats, losses and
-  margin heads stay float32). The reference's fp16 loss-scaling keys are kept but unused.
+Sections and keys mirror the YAML key for key. Every key is either honoured or rejected
+with an error naming it when the config is resolved (`jaxrec.config.resolve`); the few keys that
+are accepted but change nothing are listed, with the reason, in docs/CONFIG.md. jaxrec's own
+keys (`Global.seed`, `Global.sync_bn`, `Global.checkpoint_every_steps`, ...) and PaddleClas
+defaults the YAML leaves out (`Global.feature_normalize`, `Global.sim_block_size`, ...) are
+added by `jaxrec.config.defaults.fill`, which documents each one; they can be overridden here
+like any other key.
 
 `DataLoader.Train.sampler.batch_size` is per device, as in the reference (per GPU): the global
 batch is batch_size x number of devices. LR 0.06 is tuned for 8 x 256.
 
 `Global.pretrained_model` may be a jaxrec model directory or a PaddleClas `.pdparams` file.
-`Arch.Backbone.pretrained`/`use_ssld` only document the reference's ImageNet initialization:
-jaxrec downloads nothing; convert `PPLCNetV2_base_ssld_pretrained.pdparams` with jaxrec.convert
-and pass it as `Global.pretrained_model` (non-matching keys are skipped with a message).
-`Global.checkpoints` must stay null: runs resume from `--workdir`. Inert here (kept for key
-parity): `Global.output_dir`, `save_interval` (jaxrec checkpoints every
-`checkpoint_every_steps` and at each epoch end, keeping the last `keep_checkpoints` plus the
-best), `device`, `use_visualdl` (TensorBoard files are always written), `use_dali`,
-`save_inference_dir`, the AMP loss-scaling keys, `DataLoader.*.loader.use_shared_memory` and the
-eval samplers' `drop_last`/`shuffle`.
+`Arch.Backbone.pretrained=True` asks for ImageNet initialization: jaxrec downloads nothing, so
+convert `PPLCNetV2_base_ssld_pretrained.pdparams` with `python -m jaxrec.convert` and pass it as
+`Global.pretrained_model` (non-matching keys are skipped with a message), or set
+`Arch.Backbone.pretrained=False` to train from scratch.
 """
 
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
+
+from jaxrec.config import defaults
 
 _C = ml_collections.ConfigDict
 
@@ -132,7 +122,9 @@ def eval_set(image_root: str, cls_label_path: str, size: int = 224, batch_size: 
     )
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(size: str | None = None) -> ml_collections.ConfigDict:
+    """The recipe; `size` (the text after `general_v2.py:`) sets the square input size."""
+    size = int(size) if size else 224
     feat_dim = 512
     c = ml_collections.ConfigDict()
     c.Global = _C(
@@ -151,18 +143,8 @@ def get_config() -> ml_collections.ConfigDict:
             "retrieval_feature_from": "features",
             "re_ranking": False,
             "use_dali": False,
-            "image_shape": (3, 224, 224),
+            "image_shape": (3, size, size),
             "save_inference_dir": "./inference",
-            # jaxrec-only
-            "seed": 0,
-            "sync_bn": False,
-            "checkpoint_every_steps": 1000,
-            "keep_checkpoints": 3,
-            "eval_batch_size_per_device": 0,
-            "feature_normalize": True,
-            "start_eval_epoch": 0,
-            "allow_config_change": False,
-            "eval_before_training": False,
         }
     )
     c.AMP = _C(
@@ -173,7 +155,6 @@ def get_config() -> ml_collections.ConfigDict:
             "use_dynamic_loss_scaling": True,
             "use_promote": False,
             "level": "O1",
-            "dtype": "bfloat16",  # jaxrec-only
         }
     )
     c.Arch = _C(
@@ -245,7 +226,7 @@ def get_config() -> ml_collections.ConfigDict:
                     "image_root": "./dataset/",
                     "cls_label_path": "./dataset/train_reg_all_data_v2.txt",
                     "relabel": True,
-                    "transform_ops": train_transform_ops(224),
+                    "transform_ops": train_transform_ops(size),
                 },
                 "sampler": {
                     "name": "PKSampler",
@@ -260,10 +241,14 @@ def get_config() -> ml_collections.ConfigDict:
                 "loader": {"num_workers": 4, "use_shared_memory": True},
             },
             "Eval": {
-                "Query": eval_set("./dataset/Aliproduct/", "./dataset/Aliproduct/val_list.txt"),
-                "Gallery": eval_set("./dataset/Aliproduct/", "./dataset/Aliproduct/val_list.txt"),
+                "Query": eval_set(
+                    "./dataset/Aliproduct/", "./dataset/Aliproduct/val_list.txt", size
+                ),
+                "Gallery": eval_set(
+                    "./dataset/Aliproduct/", "./dataset/Aliproduct/val_list.txt", size
+                ),
             },
         }
     )
     c.Metric = _C({"Eval": [_C({"Recallk": {"topk": (1, 5)}}), _C({"mAP": {}})]})
-    return c
+    return defaults.fill(c)

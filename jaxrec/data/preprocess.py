@@ -24,6 +24,25 @@ INTERPOLATIONS = ("bilinear",)
 
 
 @dataclasses.dataclass(frozen=True)
+class PixelNorm:
+    """`NormalizeImage`: `(float32(x) * scale - mean) / std` per RGB channel, on device."""
+
+    scale: float = image_lib.SCALE_TRAIN
+    mean: tuple[float, float, float] = image_lib.IMAGENET_MEAN
+    std: tuple[float, float, float] = image_lib.IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean}, {self.std}")
+        if any(float(s) == 0.0 for s in self.std):
+            raise ValueError(f"std must not contain 0, got {self.std}")
+
+    def __call__(self, x: Any) -> Any:
+        """uint8 NHWC (numpy or jax, also under jit) -> normalized float32."""
+        return image_lib.normalize(x, self.scale, self.mean, self.std)
+
+
+@dataclasses.dataclass(frozen=True)
 class Preprocess:
     """Deterministic eval/inference preprocessing of one image.
 
@@ -54,10 +73,7 @@ class Preprocess:
             raise ValueError(
                 f"interpolation {self.interpolation!r} is not supported; use {INTERPOLATIONS}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean}, {self.std}")
-        if any(float(s) == 0.0 for s in self.std):
-            raise ValueError(f"std must not contain 0, got {self.std}")
+        PixelNorm(self.scale, self.mean, self.std)  # validates
         for name, size in (("resize", self.resize), ("crop", self.crop)):
             if size is not None and (len(size) != 2 or min(size) < 1):
                 raise ValueError(f"{name} must be a positive (h, w), got {size}")
@@ -87,9 +103,13 @@ class Preprocess:
             img = img[top : top + ch, left : left + cw]
         return np.ascontiguousarray(img)
 
+    @property
+    def pixel(self) -> PixelNorm:
+        return PixelNorm(self.scale, self.mean, self.std)
+
     def normalize(self, x: Any) -> Any:
         """uint8 NHWC (numpy or jax, also under jit) -> normalized float32."""
-        return image_lib.normalize(x, self.scale, self.mean, self.std)
+        return self.pixel(x)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,4 @@
-"""Retrieval evaluation: an exact, memory-bounded evaluator on device (spec section 8).
-
-Section 1 (this file's top part) is the retrieval evaluator; workdir-level evaluation helpers
-follow at the bottom of the file.
+"""Exact, memory-bounded retrieval metrics on device, with PaddleClas semantics.
 
 How :func:`retrieval_metrics` stays exact without the [Q, G] matrix:
 every metric (Recall@k, mAP, mINP, Precision@k) is a function of the ranks of each query's
@@ -10,18 +7,23 @@ whole gallery (``[block, G]``, cosine for L2-normalized features), applies the e
 (similarity set to 0 where label and id both match, spec 8.3), and counts for every relevant
 item how many gallery items rank above it. An item ``g`` ranks above a relevant item ``j`` when
 ``s_g > s_j``, or ``s_g == s_j`` and ``g < j``: the stable-sort tie rule of
-:mod:`jaxrec.metrics`. Only the ``[block, M]`` rank matrix (M = most relevant items of a query
-in the block) returns to the host, which turns it into per-query statistics and aggregates them
-with :func:`jaxrec.metrics.aggregate` (PaddleClas block weighting by default).
+:mod:`jaxrec.evaluation.metrics`. Only the ``[block, M]`` rank matrix (M = most relevant items
+of a query in the block) returns to the host, which turns it into per-query statistics and
+aggregates them
+with :func:`jaxrec.evaluation.metrics.aggregate` (PaddleClas block weighting by default).
 
 With several devices the gallery is sharded over a 1-D ``"data"`` mesh; each device counts on
 its shard and the counts are summed with ``psum``. The cost is ``O(Q * G * (D + M))``; memory
 is ``O(block * G / devices)`` on device plus the features.
+
+The jitted kernels are cached per (mesh, shapes), so repeated evaluations of a run (one per
+epoch) compile them once.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -31,25 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrec import metrics as metrics_lib
-
-DATA_AXIS = "data"
-
-
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named "data" over ``devices`` (default: all devices), with Auto axes."""
-    devices = list(jax.devices() if devices is None else devices)
-    try:
-        return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-    except (AttributeError, TypeError):  # older jax without axis types
-        return Mesh(np.array(devices), (DATA_AXIS,))
-
-
-def l2_normalize(feats, eps: float = 1e-12) -> np.ndarray:
-    """Eval-feature normalization of PaddleClas (``feature_normalize``): f / max(|f|, eps)."""
-    f = np.asarray(feats, np.float32)
-    norm = np.sqrt(np.sum(f.astype(np.float64) ** 2, axis=-1, keepdims=True))
-    return (f / np.maximum(norm, eps)).astype(np.float32)
+from jaxrec.evaluation import metrics as metrics_lib
+from jaxrec.evaluation.rerank import reranked_stats
+from jaxrec.ops import l2_normalize
+from jaxrec.parallel import AXIS as DATA_AXIS
+from jaxrec.parallel import make_mesh
 
 
 def _as_1d(x, name: str, n: int) -> np.ndarray:
@@ -116,16 +104,13 @@ def _varying(x: jax.Array) -> jax.Array:
     return jax.lax.pvary(x, (DATA_AXIS,))
 
 
+@functools.lru_cache(maxsize=32)
 def _rank_block_fn(mesh: Mesh, has_ids: bool):
     """Jitted (query block, relevant indices, sharded gallery) -> 0-based ranks [B, M]."""
 
     def per_device(q, q_lab, q_id, pos_idx, g, g_lab, g_id, g_valid):
-        sim = jnp.dot(q, g.T, precision=jax.lax.Precision.HIGHEST)
-        if has_ids:
-            keep = (q_lab[:, None] != g_lab[None, :]) | (q_id[:, None] != g_id[None, :])
-            sim = jnp.where(keep, sim, 0.0)
-        # Padding rows of the sharded gallery never rank above anything.
-        sim = jnp.where(g_valid[None, :], sim, -jnp.inf)
+        # Padding rows of the sharded gallery (-inf) never rank above anything.
+        sim = _masked_similarity(q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids)
         n_local = g.shape[0]
         offset = jax.lax.axis_index(DATA_AXIS) * n_local
         local = pos_idx - offset
@@ -214,7 +199,7 @@ def retrieval_metrics(
     topk = metrics_lib._check_topk(topk, ng)
 
     if re_ranking:
-        stats = _reranked_stats(qf, ql, gf, gl, qi, gi, topk)
+        stats = reranked_stats(qf, ql, gf, gl, qi, gi, topk)
         block = nq  # PaddleClas evaluates the re-ranked matrix as one block
     else:
         stats = _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress)
@@ -227,7 +212,7 @@ def retrieval_metrics(
 
 def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
     nq, ng = qf.shape[0], gf.shape[0]
-    mesh = data_mesh() if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
     has_ids = qi is not None
     ql_c, gl_c = _dense_codes(ql, gl)
@@ -254,7 +239,7 @@ def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
     # Visit queries grouped by their number of same-label gallery items, so each block pads
     # to a small M; statistics are put back in the original order at the end.
     visit = np.argsort(finder.num_same_label(ql), kind="stable")
-    fns: dict[int, object] = {}
+    rank_fn = _rank_block_fn(mesh, has_ids)
     block = max(1, min(query_block, nq))
     pending: collections.deque = collections.deque()
     parts: list[metrics_lib.PerQuery] = []
@@ -274,10 +259,8 @@ def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
         q_lab = np.pad(ql_c[rows], (0, pad), constant_values=-1)
         q_id = np.pad(qi_c[rows], (0, pad), constant_values=-1)
         pos_idx = np.pad(pos_idx, ((0, pad), (0, 0)), constant_values=-1)
-        if has_ids not in fns:
-            fns[has_ids] = _rank_block_fn(mesh, has_ids)
         args = [jax.device_put(a, replicated) for a in (q, q_lab, q_id, pos_idx)]
-        pending.append((fns[has_ids](*args, g_dev, g_lab, g_id, g_valid), n))
+        pending.append((rank_fn(*args, g_dev, g_lab, g_id, g_valid), n))
         if len(pending) > 2:
             finish()
         if progress:
@@ -290,118 +273,38 @@ def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
     return stats.take(np.argsort(visit))
 
 
-def _reranked_stats(qf, ql, gf, gl, qi, gi, topk):
-    dist = re_ranking_distance(qf, gf, k1=20, k2=6, lambda_value=0.3)
-    rel = ql[:, None] == gl[None, :]
-    if qi is not None:
-        keep = (ql[:, None] != gl[None, :]) | (qi[:, None] != gi[None, :])
-        dist = np.where(keep, dist, dist.max() + 1)
-        rel &= keep
-    order = np.argsort(dist, axis=1, kind="stable")
-    return metrics_lib.PerQuery.from_relevance(np.take_along_axis(rel, order, axis=1), topk)
+def _masked_similarity(q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids: bool):
+    """[B, G_local] similarities; excluded pairs (same label and id) 0, padding rows -inf."""
+    sim = jnp.dot(q, g.T, precision=jax.lax.Precision.HIGHEST)
+    if has_ids:
+        keep = (q_lab[:, None] != g_lab[None, :]) | (q_id[:, None] != g_id[None, :])
+        sim = jnp.where(keep, sim, 0.0)
+    return jnp.where(g_valid[None, :], sim, -jnp.inf)
 
 
-def re_ranking_distance(
-    query_feats: np.ndarray,
-    gallery_feats: np.ndarray,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-    feature_normed: bool = True,
-) -> np.ndarray:
-    """k-reciprocal re-ranking distance (Zhong et al. 2017) as PaddleClas computes it (spec 8.5).
+@functools.lru_cache(maxsize=32)
+def _topk_fn(mesh: Mesh, has_ids: bool, k: int, k_local: int):
+    """Jitted (query block, sharded gallery) -> (top-k scores, global indices)."""
 
-    Works on the full (Q+G) x (Q+G) matrices in host memory, so it is meant for sets of up to a
-    few ten thousand items. The encoding V and the Jaccard distance are kept in float16 as in
-    the reference. Returns the [Q, G] fused distance ``(1-lambda) * jaccard + lambda * d``.
-    """
-    qf = np.asarray(query_feats, np.float32)
-    gf = np.asarray(gallery_feats, np.float32)
-    nq = qf.shape[0]
-    feats = np.concatenate([qf, gf])
-    n = feats.shape[0]
-    if n <= k1:
-        raise ValueError(f"re-ranking needs more than k1={k1} items in query+gallery, got {n}")
-    if feature_normed:
-        dist = 2.0 - 2.0 * (feats @ feats.T)
-    else:
-        sq = np.sum(feats * feats, axis=1, keepdims=True)
-        dist = sq + sq.T - 2.0 * (feats @ feats.T)
-    dist = np.transpose(dist / np.max(dist, axis=0))
-    rank = np.argpartition(dist, range(1, k1 + 1))
-    v = np.zeros((n, n), np.float16)
-    half = int(np.around(k1 / 2))
+    def per_device(q, q_lab, q_id, g, g_lab, g_id, g_valid):
+        sim = _masked_similarity(q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids)
+        val, idx = jax.lax.top_k(sim, k_local)
+        idx = idx + jax.lax.axis_index(DATA_AXIS) * g.shape[0]
+        val = jax.lax.all_gather(val, DATA_AXIS, axis=1, tiled=True)
+        idx = jax.lax.all_gather(idx, DATA_AXIS, axis=1, tiled=True)
+        best, pos = jax.lax.top_k(val, k)
+        return best, jnp.take_along_axis(idx, pos, axis=1)
 
-    def reciprocal(p: int, k: int) -> np.ndarray:
-        forward = rank[p, : k + 1]
-        back = rank[forward, : k + 1]
-        return forward[np.nonzero(back == p)[0]]
-
-    for p in range(n):
-        r_p = reciprocal(p, k1)
-        expanded = [r_p]
-        for q in r_p:
-            r_q = reciprocal(q, half)
-            if np.intersect1d(r_p, r_q, assume_unique=True).size > 2 / 3 * r_q.size:
-                expanded.append(r_q)
-        members = np.unique(np.concatenate(expanded))
-        w = np.exp(-dist[p, members])
-        v[p, members] = w / np.sum(w)
-    dist_q = dist[:nq]
-    if k2 > 1:
-        v_qe = np.zeros_like(v)
-        for i in range(n):
-            v_qe[i] = np.mean(v[rank[i, :k2]], axis=0)
-        v = v_qe
-    holders = [np.nonzero(v[:, j])[0] for j in range(n)]
-    jaccard = np.zeros((nq, n), np.float16)
-    for p in range(nq):
-        sum_min = np.zeros((1, n), np.float16)
-        for j in np.nonzero(v[p])[0]:
-            rows = holders[j]
-            sum_min[0, rows] += np.minimum(v[p, j], v[rows, j])
-        jaccard[p] = 1 - sum_min / (2 - sum_min)
-    final = (1 - lambda_value) * jaccard + lambda_value * dist_q
-    return final[:, nq:]
-
-
-_METRIC_NAMES = {"Recallk": "recall", "mAP": "mAP", "mINP": "mINP", "Precisionk": "precision"}
-
-
-def parse_metric_config(metric_cfg) -> tuple[list[str], list[int], list[str]]:
-    """Read a PaddleClas ``Metric.Eval`` list, e.g. ``[{Recallk: {topk: [1, 5]}}, {mAP: {}}]``.
-
-    Returns (metrics for :func:`retrieval_metrics`, the union of top-k values, the output keys
-    in PaddleClas order). ``Recallk`` / ``Precisionk`` default to ``topk=(1, 5)`` as there.
-    """
-    names, topk, keys = [], [], []
-    for i, entry in enumerate(metric_cfg):
-        if hasattr(entry, "to_dict"):
-            entry = entry.to_dict()
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise ValueError(f"Metric entry {i} must be a one-key mapping {{Name: {{...}}}}")
-        ((name, kwargs),) = entry.items()
-        if name not in _METRIC_NAMES:
-            raise ValueError(
-                f"Metric entry {i}: {name!r} is not a retrieval metric; use {sorted(_METRIC_NAMES)}"
-            )
-        kwargs = dict(kwargs or {})
-        names.append(_METRIC_NAMES[name])
-        if name in ("Recallk", "Precisionk"):
-            ks = kwargs.get("topk", (1, 5))
-            ks = [int(ks)] if isinstance(ks, int) else [int(k) for k in ks]
-            topk += [k for k in ks if k not in topk]
-            keys += [f"recall{k}" if name == "Recallk" else f"precision@{k}" for k in ks]
-        else:
-            keys.append(name)
-    return names, topk, keys
-
-
-def retrieval_metrics_from_config(metric_cfg, *args, **kwargs) -> dict[str, float]:
-    """:func:`retrieval_metrics` with the metrics and keys of a ``Metric.Eval`` list."""
-    names, topk, keys = parse_metric_config(metric_cfg)
-    out = retrieval_metrics(*args, topk=topk, metrics=names, **kwargs)
-    return {k: out[k] for k in keys}
+    rep, dat = PartitionSpec(), PartitionSpec(DATA_AXIS)
+    return jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(rep, rep, rep, dat, dat, dat, dat),
+            out_specs=(rep, rep),
+            check_vma=False,
+        )
+    )
 
 
 def topk_neighbors(
@@ -429,7 +332,7 @@ def topk_neighbors(
     has_ids = query_ids is not None and gallery_ids is not None
     if has_ids and (query_labels is None or gallery_labels is None):
         raise ValueError("exclusion by ids also needs query_labels and gallery_labels")
-    mesh = data_mesh() if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
     if has_ids:
         ql_c, gl_c = _dense_codes(
@@ -451,29 +354,7 @@ def topk_neighbors(
             x = np.concatenate([x, np.full((g_pad, *x.shape[1:]), fill, x.dtype)])
         return jax.device_put(x, shard)
 
-    def per_device(q, q_lab, q_id, g, g_lab, g_id, g_valid):
-        sim = jnp.dot(q, g.T, precision=jax.lax.Precision.HIGHEST)
-        if has_ids:
-            keep = (q_lab[:, None] != g_lab[None, :]) | (q_id[:, None] != g_id[None, :])
-            sim = jnp.where(keep, sim, 0.0)
-        sim = jnp.where(g_valid[None, :], sim, -jnp.inf)
-        val, idx = jax.lax.top_k(sim, k_local)
-        idx = idx + jax.lax.axis_index(DATA_AXIS) * g.shape[0]
-        val = jax.lax.all_gather(val, DATA_AXIS, axis=1, tiled=True)
-        idx = jax.lax.all_gather(idx, DATA_AXIS, axis=1, tiled=True)
-        best, pos = jax.lax.top_k(val, k)
-        return best, jnp.take_along_axis(idx, pos, axis=1)
-
-    rep, dat = PartitionSpec(), PartitionSpec(DATA_AXIS)
-    fn = jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(rep, rep, rep, dat, dat, dat, dat),
-            out_specs=(rep, rep),
-            check_vma=False,
-        )
-    )
+    fn = _topk_fn(mesh, has_ids, k, k_local)
     g_args = (put(gf, 0.0), put(gl_c, -1), put(gi_c, -1), put(np.ones(ng, bool), False))
     replicated = NamedSharding(mesh, PartitionSpec())
     block = max(1, min(query_block, nq))
@@ -489,7 +370,3 @@ def topk_neighbors(
         scores.append(np.asarray(val)[: e - s])
         indices.append(np.asarray(idx)[: e - s].astype(np.int64))
     return np.concatenate(scores), np.concatenate(indices)
-
-
-# ------------------------------------------------------------------------------------------------
-# Workdir-level evaluation (appended by another module owner below this line).

@@ -1,0 +1,77 @@
+"""Defaults, in one place: jaxrec's own keys and PaddleClas keys that YAML files may omit.
+
+`fill(config)` adds the missing ones to a config (configs/general_v2.py and the PaddleClas YAML
+reader call it, so the keys can be overridden on the command line), and the resolver applies
+the same tables to whatever still lacks them, so every route resolves to the same run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Keys that jaxrec adds to the PaddleClas sections, with their defaults and meaning.
+JAXREC_KEYS: dict[str, dict[str, Any]] = {
+    "Global": {
+        # Seeds init, dropout, sampling and augmentation (the reference's unset seed acts as 0).
+        "seed": 0,
+        # BatchNorm statistics synchronized over all devices (the reference: per device).
+        "sync_bn": False,
+        # A checkpoint every N steps besides one at every epoch end (0: epoch ends only).
+        "checkpoint_every_steps": 1000,
+        # Checkpoints kept in WORKDIR/checkpoints (the best is kept separately in best/).
+        "keep_checkpoints": 3,
+        # Eval images per device (0: the Eval sampler's batch_size split over the devices).
+        "eval_batch_size_per_device": 0,
+        # Resume a workdir although the config changed (the run is then not reproducible).
+        "allow_config_change": False,
+        # Also evaluate the freshly initialized network (step 0; not used for best selection).
+        "eval_before_training": False,
+    },
+    "AMP": {
+        # Compute dtype when AMP.use_amp (parameters, BNNeck statistics and losses stay float32).
+        "dtype": "bfloat16",
+    },
+    "DataLoader.Train": {
+        # Random crop/flip/rotation/erasing inside the jitted step instead of on the host.
+        "augment_on_device": False,
+    },
+}
+
+#: PaddleClas keys that are absent from its YAML files but have defaults that matter.
+PADDLE_DEFAULTS: dict[str, Any] = {
+    "Global.feature_normalize": True,
+    "Global.start_eval_epoch": 0,
+    "Global.sim_block_size": 64,
+    "Global.re_ranking": False,
+    "Global.eval_mode": "classification",
+    "Global.retrieval_feature_from": "features",
+    "Global.eval_interval": 1,
+}
+
+
+def _sections(tree: Any, dotted: str, create: bool) -> Any:
+    node = tree
+    for part in dotted.split("."):
+        if part not in node or node[part] is None:
+            if not create:
+                return None
+            node[part] = type(node)()
+        node = node[part]
+    return node
+
+
+def fill(tree: Any) -> Any:
+    """Add missing jaxrec keys and PaddleClas defaults to a config (ConfigDict or dict), in
+    place, for the sections the config has; returns it."""
+    for section, keys in JAXREC_KEYS.items():
+        node = _sections(tree, section, create=False)
+        if node is not None:
+            for k, v in keys.items():
+                if k not in node:
+                    node[k] = v
+    for dotted, v in PADDLE_DEFAULTS.items():
+        section, k = dotted.rsplit(".", 1)
+        node = _sections(tree, section, create=False)
+        if node is not None and k not in node:
+            node[k] = v
+    return tree
