@@ -238,3 +238,11 @@ def test_fuzz_parser_round_trip(rows):
     paths, labels, _, nums = parse_label_lines(text, "rt.txt")
     assert paths == [p for p, _ in rows] and labels == [v for _, v in rows]
     assert nums == list(range(1, len(rows) + 1))
+
+
+def test_tfds_missing_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(DatasetError, match=r'pip install -e "\.\[tfds\]"'):
+        load_tfds("mnist", "train")

@@ -1,10 +1,12 @@
 """jaxrec.data.image against goldens made by OpenCV 4.6 and PaddleClas's deploy preprocess.
 
 The fixtures come from tools/golden_image.py (real photos from scikit-image's sample data,
-re-encoded small in many formats); see that script for how they were made.
+re-encoded small in many formats); see that script for how they were made. Both forms of each
+kernel are checked: the OpenCV calls and the Pillow/numpy reference forms.
 """
 
 import hashlib
+import io
 import json
 import os
 
@@ -41,11 +43,18 @@ def pattern(h: int, w: int, c: int, seed: int) -> np.ndarray:
     return img
 
 
+def test_opencv_kernels_are_active():
+    """The dependency is pinned: without it every test below would compare a reference to itself."""
+    assert image.cv2 is not None, "install opencv-python-headless>=4.10,<5"
+    assert image.cv2.__version__.startswith("4.")
+
+
+@pytest.mark.parametrize("decode", [image.decode_image, image.decode_image_reference])
 @pytest.mark.parametrize("name", sorted(GOLDEN["files"]))
-def test_decode_resize_normalize_match_paddleclas(name):
+def test_decode_resize_normalize_match_paddleclas(name, decode):
     g = GOLDEN["files"][name]
     path = os.path.join(FILES, name)
-    rgb = image.decode_image(path)
+    rgb = decode(path)
     assert rgb.dtype == np.uint8 and list(rgb.shape) == g["shape"], (rgb.shape, g["shape"])
     key = "decoded/" + name
     if key in ARRAYS:
@@ -54,11 +63,12 @@ def test_decode_resize_normalize_match_paddleclas(name):
     assert sha(rgb) == g["decoded_sha256"], f"{name}: decoded bytes differ from cv2.imdecode"
 
     with open(path, "rb") as f:
-        assert np.array_equal(image.decode_image(f.read(), name=name), rgb)
+        assert np.array_equal(decode(f.read(), name=name), rgb)
 
     r224 = image.preprocess_for_rec(rgb)
     assert r224.shape == (224, 224, 3)
     assert sha(r224) == g["resized224_sha256"], f"{name}: 224 resize differs from ResizeImage"
+    assert np.array_equal(image.resize_bilinear_reference(rgb, (224, 224)), r224)
     dep = np.transpose(image.normalize(r224, scale=image.SCALE_DEPLOY), (2, 0, 1))
     assert dep.dtype == np.float32
     assert sha(dep) == g["deploy_chw_float32_sha256"]
@@ -81,13 +91,14 @@ def test_exif_orientations_are_the_eight_dihedral_transforms():
         assert np.array_equal(got, want), o
 
 
-def test_resize_matches_cv2_on_random_sizes():
+@pytest.mark.parametrize("resize", [image.resize_bilinear, image.resize_bilinear_reference])
+def test_resize_matches_cv2_on_random_sizes(resize):
     cases = GOLDEN["resize"]
     assert len(cases) >= 500
     kinds = {"up": 0, "down": 0, "2x": 0}
     for seed, h, w, c, oh, ow, digest in cases:
         img = pattern(h, w, c, seed)
-        out = image.resize_bilinear(img, (oh, ow))
+        out = resize(img, (oh, ow))
         assert out.shape == (oh, ow, c)
         key = f"resize/{seed}"
         if key in ARRAYS:
@@ -98,14 +109,69 @@ def test_resize_matches_cv2_on_random_sizes():
     assert min(kinds.values()) > 0, kinds
 
 
-def test_resize_2d_identity_and_errors():
+def test_resize_opencv_equals_reference_on_random_cases():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        h, w, oh, ow = (int(v) for v in rng.integers(1, 160, 4))
+        c = int(rng.choice([1, 2, 3, 4, 5]))
+        img = pattern(h, w, c, int(rng.integers(1 << 30)))
+        img = img[:, :, 0] if c == 1 and rng.random() < 0.5 else img
+        fast = image.resize_bilinear(img, (oh, ow))
+        ref = image.resize_bilinear_reference(img, (oh, ow))
+        assert fast.shape == ref.shape and np.array_equal(fast, ref), (h, w, c, oh, ow)
+
+
+@pytest.mark.parametrize("resize", [image.resize_bilinear, image.resize_bilinear_reference])
+def test_resize_2d_identity_and_errors(resize):
     img = pattern(7, 9, 1, 3)[:, :, 0]
-    assert image.resize_bilinear(img, (7, 9)).tolist() == img.tolist()
-    assert image.resize_bilinear(img, (5, 4)).shape == (5, 4)
+    same = resize(img, (7, 9))
+    assert same.tolist() == img.tolist() and same is not img
+    assert resize(img, (5, 4)).shape == (5, 4)
     with pytest.raises(TypeError, match="uint8"):
-        image.resize_bilinear(img.astype(np.float32), (4, 4))
+        resize(img.astype(np.float32), (4, 4))
     with pytest.raises(ValueError, match="positive"):
-        image.resize_bilinear(img, (0, 4))
+        resize(img, (0, 4))
+
+
+def _encode_random(rng: np.random.Generator, k: int) -> bytes:
+    """A small photo-like image in one of many JPEG/PNG variants (case ``k`` picks the variant)."""
+    from PIL import Image
+
+    h, w = (int(v) for v in rng.integers(8, 90, 2))
+    rgb = pattern(h, w, 3, int(rng.integers(1 << 30)) * 4)  # seed % 4 == 0: smooth rows
+    im = Image.fromarray(rgb)
+    buf = io.BytesIO()
+    kind = k % 9
+    if kind <= 4:
+        mode = {0: "RGB", 1: "RGB", 2: "L", 3: "CMYK", 4: "RGB"}[kind]
+        exif = Image.Exif()
+        exif[0x0112] = int(rng.integers(1, 9))
+        im.convert(mode).save(
+            buf,
+            format="JPEG",
+            quality=int(rng.integers(30, 100)),
+            subsampling=int(rng.integers(0, 3)),
+            progressive=kind == 1,
+            exif=exif.tobytes() if kind == 4 else b"",
+        )
+    else:
+        mode = {5: "RGB", 6: "RGBA", 7: "LA", 8: "P"}[kind]
+        im.convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_opencv_equals_reference_on_random_files():
+    rng = np.random.default_rng(3)
+    for k in range(90):
+        data = _encode_random(rng, k)
+        assert image._complete_jpeg_or_png(data)
+        fast, ref = image.decode_image(data), image.decode_image_reference(data)
+        assert fast.shape == ref.shape and np.array_equal(fast, ref), k
+    # Bytes after the end-of-image marker: decoded by Pillow, still the same pixels.
+    jpeg = _encode_random(rng, 0)
+    padded = jpeg + b"\0" * 100
+    assert not image._complete_jpeg_or_png(padded)
+    assert np.array_equal(image.decode_image(padded), image.decode_image(jpeg))
 
 
 def test_normalize_numpy_and_jit_agree_bitwise():

@@ -23,6 +23,8 @@ from jaxrec.data.transforms import (
     rng_for,
     rotate,
     rotation_matrix,
+    warp_affine,
+    warp_affine_reference,
 )
 
 ROOT = Path(__file__).parents[1]
@@ -78,11 +80,30 @@ def test_warp_affine_matches_cv2(golden):
     """RandomRotation's cv2.warpAffine (INTER_LINEAR, black border): bit-exact on 48 cases."""
     worst = 0
     for i, angle in enumerate(golden["rot_angles"]):
-        ours = rotate(golden[f"rot{i}/input"], float(angle))
+        img = golden[f"rot{i}/input"]
+        ours = rotate(img, float(angle))
         ref = golden[f"rot{i}/output"]
         assert ours.shape == ref.shape
-        worst = max(worst, int(np.abs(ours.astype(int) - ref).max()))
+        h, w = img.shape[:2]
+        port = warp_affine_reference(img, rotation_matrix(float(angle), (w / 2, h / 2)))
+        worst = max(worst, int(np.abs(ours.astype(int) - ref).max()), int(np.abs(port - ref).max()))
     assert worst == 0, f"max |ours - cv2| = {worst}"
+
+
+def test_warp_affine_opencv_equals_numpy_port():
+    """Random angles, centres, scales, output sizes, fills and channel counts."""
+    rng = np.random.default_rng(11)
+    for k in range(300):
+        h, w = (int(v) for v in rng.integers(2, 80, 2))
+        c = int(rng.choice([1, 3, 4, 6]))
+        img = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+        img = img[:, :, 0] if c == 1 and k % 2 else img
+        centre = (w / 2, h / 2) if k % 3 else tuple(rng.uniform(-5, 90, 2))
+        m = rotation_matrix(float(rng.uniform(-180, 180)), centre, float(rng.uniform(0.5, 2)))
+        size = None if k % 4 else tuple(int(v) for v in rng.integers(2, 90, 2))
+        fill = int(rng.choice([0, 127, 255]))
+        fast, port = warp_affine(img, m, size, fill), warp_affine_reference(img, m, size, fill)
+        assert fast.shape == port.shape and np.array_equal(fast, port), k
 
 
 def test_rotation_matrix_convention():

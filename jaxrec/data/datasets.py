@@ -260,8 +260,13 @@ def load_tfds(
     Images are read undecoded (``SkipDecoding``) so the pipeline decodes them exactly like files.
     The dataset must already be prepared under ``data_dir`` unless ``download=True``.
     """
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DatasetError(
+            f"tfds dataset {name!r} needs the optional tensorflow-datasets package: "
+            'pip install -e ".[tfds]" (or pip install "jaxrec[tfds]")'
+        ) from None
     try:
         ds = tfds.data_source(
             name,

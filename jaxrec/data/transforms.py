@@ -12,10 +12,12 @@ parameters can therefore be fed to the reference for golden tests. The distribut
 reference draws (``random.randint`` both ends inclusive, ``np.random.random() < p``,
 ``random.uniform``); the generator differs.
 
-:func:`warp_affine` is a numpy port of OpenCV's ``warpAffine`` for uint8 with ``INTER_LINEAR`` and
-a constant border: coordinates quantized to 1/32 px through OpenCV's 10-bit fixed-point steps
+:func:`warp_affine` calls OpenCV's ``warpAffine`` (uint8, ``INTER_LINEAR``, constant border), as
+PaddleClas does. :func:`warp_affine_reference` is its numpy port, the reference the tests compare
+it with: coordinates quantized to 1/32 px through OpenCV's 10-bit fixed-point steps
 (``INTER_BITS=5``), 15-bit bilinear weights (``INTER_REMAP_COEF_BITS``) and its border rule;
-bit-exact with OpenCV 4.6 (tests/fixtures, tools/golden_transforms.py).
+bit-exact with OpenCV 4.6 (tests/fixtures, tools/golden_transforms.py) and 4.14. OpenCV 5.x rounds
+differently, which is why jaxrec pins OpenCV 4 (``jaxrec.data.image``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxrec.data.image import IMAGENET_MEAN, IMAGENET_STD, resize_bilinear
+from jaxrec.data.image import IMAGENET_MEAN, IMAGENET_STD, cv2, resize_bilinear
 
 _AB_BITS = 10
 _AB_SCALE = 1 << _AB_BITS
@@ -104,10 +106,33 @@ def warp_affine(
     """``cv2.warpAffine(img, matrix, (w, h), flags=INTER_LINEAR, borderValue=fill)`` for uint8.
 
     ``matrix`` maps source to destination (OpenCV inverts it). ``out_size`` is (h, w), default
-    the input size. Fixed-point steps follow OpenCV: destination -> source coordinates in units of
-    1/1024 px rounded half-to-even, reduced to 1/32 px (floor), then 15-bit integer bilinear
-    weights with rounding. A pixel whose 2x2 neighbourhood is entirely outside gets ``fill``;
-    partly outside neighbourhoods use ``fill`` for the missing samples.
+    the input size. Equal to :func:`warp_affine_reference` bit for bit.
+    """
+    if img.dtype != np.uint8:
+        raise TypeError(f"warp_affine expects uint8, got {img.dtype}")
+    if cv2 is None or (img.ndim == 3 and img.shape[2] > 4):
+        return warp_affine_reference(img, matrix, out_size, fill)
+    oh, ow = img.shape[:2] if out_size is None else out_size
+    out = cv2.warpAffine(
+        np.ascontiguousarray(img),
+        np.asarray(matrix, dtype=np.float64),
+        (int(ow), int(oh)),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(fill,) * 4,
+    )
+    return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out
+
+
+def warp_affine_reference(
+    img: np.ndarray, matrix: np.ndarray, out_size: tuple[int, int] | None = None, fill: int = 0
+) -> np.ndarray:
+    """:func:`warp_affine` in numpy: a port of OpenCV 4's fixed-point ``warpAffine``.
+
+    Destination -> source coordinates in units of 1/1024 px rounded half-to-even, reduced to
+    1/32 px (floor), then 15-bit integer bilinear weights with rounding. A pixel whose 2x2
+    neighbourhood is entirely outside gets ``fill``; partly outside neighbourhoods use ``fill``
+    for the missing samples.
     """
     if img.dtype != np.uint8:
         raise TypeError(f"warp_affine expects uint8, got {img.dtype}")
