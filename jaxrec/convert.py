@@ -1,31 +1,37 @@
-"""Import PaddleClas `.pdparams` weights into a jaxrec model directory.
+"""Convert between PaddleClas `.pdparams` checkpoints and jaxrec models (no Paddle needed).
+
+PaddleClas -> jaxrec model directory:
 
     python -m jaxrec.convert --pdparams general_PPLCNetV2_base_pretrained_v1.0.pdparams --out DIR
     python -m jaxrec.convert --pdparams PPLCNetV2_base_ssld_pretrained.pdparams --out DIR \
         --class-num 192612
 
-A `.pdparams` file is a pickle of {structured name: numpy array}. It is read with a restricted
-unpickler that only admits the globals numpy needs to rebuild arrays (and plain containers);
-anything else is refused before it can run. Paddle is not needed.
+jaxrec model -> PaddleClas training-form state dict (for `Global.pretrained_model`,
+`load_dygraph_pretrain`, PaddleClas's `tools/export_model.py` and PP-ShiTu's deployment):
 
-Two kinds of checkpoint are understood:
+    python -m jaxrec.convert --to-pdparams --model DIR --out model.pdparams
+    python -m jaxrec.convert --to-pdparams --workdir WORKDIR [--which best|latest | --step N] \
+        --out model.pdparams
+
+Files are read and written by `jaxrec.pdparams` (restricted unpickler; paddle.save's format).
+Two kinds of checkpoint are imported:
 - a RecModel checkpoint (keys `backbone.*`, `neck.*`, optional `head.*`);
 - a bare backbone checkpoint, e.g. the ImageNet PPLCNetV2_base (SSLD) weights (keys `stem.*`,
   `stages.*`, `last_conv.*`, `fc.*`). Loaded into the ShiTu RecModel it leaves `last_conv`
   (shape differs, bias missing) and `stages.3.0.dw_conv_list.2.*` (branch absent at stride 2) at
   their fresh init, and drops `fc.*`; all of this is reported by name.
 The `dw_conv.weight/bias` tensors of rep blocks are Paddle's fusion targets, unused in training
-and often stale: they are ignored (reported), and the deploy form is recomputed exactly from the
-branches by `reparameterize` (`--deploy`).
+and often stale: import ignores them (reported) and `reparameterize` recomputes the deploy form
+from the branches (`--deploy`); export writes them as the fused branches.
+Converted models record PaddleClas's deploy preprocessing (`inference_rec.yaml`: 224x224,
+scale 0.00392157, ImageNet mean/std).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
-import pickle
 import re
 import sys
 from collections.abc import Mapping
@@ -35,94 +41,32 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxrec.data.preprocess import INFERENCE_REC
+from jaxrec.errors import JaxrecError
 from jaxrec.models import (
+    FeatureSpec,
+    ModelDir,
     abstract_variables,
     build_model,
     init_variables,
+    load_model_dir,
     make_divisible,
     reparameterize,
     save_model_dir,
 )
-from jaxrec.models.naming import from_paddle_layout, jaxrec_path, paddle_key, paddle_shape
-
-# Globals a numpy-array pickle (protocols 2-5, numpy 1.x and 2.x) may reference.
-ALLOWED_GLOBALS = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-        ("collections", "OrderedDict"),
-    }
+from jaxrec.models.naming import (
+    from_paddle_layout,
+    jaxrec_path,
+    paddle_key,
+    paddle_shape,
 )
-META_KEYS = ("StructuredToParameterName@@",)
-
-
-class PdparamsError(ValueError):
-    """A .pdparams file that cannot be read or converted."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, path: str) -> None:
-        super().__init__(file, encoding="latin1")
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED_GLOBALS:
-            raise PdparamsError(
-                f"{self._path}: refusing to unpickle global {module}.{name}; a .pdparams file "
-                "only needs numpy array globals. The file is not a plain Paddle state dict "
-                "(possibly malicious); convert it in a trusted Paddle environment first."
-            )
-        if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
-            module = "numpy._core" + module[len("numpy.core") :]
-        elif module.startswith("numpy._core") and int(np.__version__.split(".")[0]) < 2:
-            module = "numpy.core" + module[len("numpy._core") :]
-        return super().find_class(module, name)
-
-
-def read_pdparams(path: str | Path) -> dict[str, np.ndarray]:
-    """{structured name: float32 array} from a .pdparams file, read safely (see module doc)."""
-    path = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise PdparamsError(f"{path}: cannot read ({e.strerror})") from e
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
-    except PdparamsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a pdparams"
-        raise PdparamsError(
-            f"{path}: not a .pdparams file (pickle load failed: {type(e).__name__}: {e}); "
-            "expected a file written by paddle.save(model.state_dict())"
-        ) from e
-    if not isinstance(obj, Mapping):
-        raise PdparamsError(
-            f"{path}: not a .pdparams state dict (top-level object is {type(obj).__name__})"
-        )
-    if "UnpackBigParamInfor@@" in obj:
-        raise PdparamsError(
-            f"{path}: holds tensors split into pieces (UnpackBigParamInfor@@, Paddle protocol-2 "
-            "save of >1 GiB tensors); re-save it with paddle.save(..., protocol=4)"
-        )
-    out: dict[str, np.ndarray] = {}
-    for key, value in obj.items():
-        if key in META_KEYS:
-            continue
-        if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise PdparamsError(
-                f"{path}: entry {key!r} is a {type(value).__name__}, not a numpy array"
-            )
-        out[key] = value
-    if not out:
-        raise PdparamsError(f"{path}: contains no tensors")
-    return out
+from jaxrec.pdparams import (
+    PdparamsError,
+    is_fusion_target,
+    paddle_state_dict,
+    read_pdparams,
+    write_pdparams,
+)
 
 
 @dataclasses.dataclass
@@ -173,16 +117,6 @@ def _normalize_keys(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarr
     if any(k.startswith("backbone.") for k in state):
         return dict(state), "RecModel"
     return {f"backbone.{k}": v for k, v in state.items()}, "backbone"
-
-
-_REP_TARGET = re.compile(r"^(.*)\.dw_conv\.(weight|bias)$")
-
-
-def _is_fusion_target(key: str, state: Mapping[str, Any]) -> bool:
-    m = _REP_TARGET.match(key)
-    if not m:
-        return False
-    return f"{m.group(1)}.dw_conv_list.0.conv.weight" in state
 
 
 def infer_arch(
@@ -332,7 +266,7 @@ def convert_state_dict(
     for key in state:
         if key in consumed:
             continue
-        if _is_fusion_target(key, state):
+        if is_fusion_target(key, state):
             report.ignored_fusion_targets.append(key)
         else:
             report.unexpected.append(key)
@@ -394,7 +328,7 @@ def load_pdparams_variables(pdparams: str | Path) -> dict[str, Any]:
     state, _ = _normalize_keys(read_pdparams(pdparams))
     out: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for key, value in state.items():
-        if _is_fusion_target(key, state):
+        if is_fusion_target(key, state):
             continue
         collection, path = jaxrec_path(key, value.ndim)
         node = out[collection]
@@ -404,14 +338,90 @@ def load_pdparams_variables(pdparams: str | Path) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------- jaxrec -> Paddle
+
+
+def paddleclas_notes(arch: Mapping[str, Any]) -> list[str]:
+    """What a PaddleClas user needs to know to build the model this Arch describes."""
+    bb = arch.get("Backbone", arch)
+    notes = []
+    if bb.get("name") == "PPLCNetV2_base_ShiTu" and (
+        float(bb.get("scale", 1.0)) != 1.0 or list(bb.get("depths", [2, 2, 6, 2])) != [2, 2, 6, 2]
+    ):
+        notes.append(
+            f"PaddleClas's PPLCNetV2_base_ShiTu always builds scale 1.0, depths [2, 2, 6, 2]; "
+            f"this model has scale {bb.get('scale', 1.0)}, depths {bb.get('depths', [2, 2, 6, 2])}"
+            ", so the stock YAML cannot build it (PaddleClas's PPLCNetV2 class can)"
+        )
+    return notes
+
+
+def export_pdparams(
+    model: ModelDir, out: str | Path, *, head: bool = True, overwrite: bool = False
+) -> dict[str, np.ndarray]:
+    """Write a loaded model as a PaddleClas .pdparams file (see `paddle_state_dict`)."""
+    try:
+        state = paddle_state_dict(model.variables, head=head)
+    except PdparamsError as e:
+        raise PdparamsError(f"{model.source}: {e}") from None
+    write_pdparams(out, state, overwrite=overwrite)
+    return state
+
+
+def _restore_workdir(workdir: str, which: str, step: int | None) -> ModelDir:
+    try:
+        from jaxrec.checkpoint import restore_model  # noqa: PLC0415
+    except ImportError:
+        raise PdparamsError(
+            "--workdir needs jaxrec.checkpoint.restore_model, which this jaxrec does not have "
+            "yet; write the run as a model dir first and use --model"
+        ) from None
+    return restore_model(workdir, which=which, step=step)
+
+
+def _to_pdparams(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.workdir is None):
+        raise PdparamsError("--to-pdparams needs exactly one of --model DIR or --workdir DIR")
+    if args.model is not None and (args.step is not None or args.which is not None):
+        raise PdparamsError("--step and --which select a checkpoint of --workdir, not --model")
+    out = Path(args.out)
+    if out.suffix != ".pdparams":
+        raise PdparamsError(f"--out {out}: the file name must end with .pdparams")
+    if out.exists() and not args.overwrite:
+        raise PdparamsError(f"--out {out} exists (use --overwrite)")
+    if args.model is not None:
+        model = load_model_dir(args.model)
+    else:
+        model = _restore_workdir(args.workdir, args.which or "best", args.step)
+    state = export_pdparams(model, out, head=not args.no_head, overwrite=args.overwrite)
+    n_fused = sum(1 for k in state if is_fusion_target(k, state))
+    n_values = sum(int(v.size) for v in state.values())
+    print(
+        f"wrote {out}: {len(state)} tensors ({n_values:,} values; {n_fused} rep-block fusion "
+        f"targets set to the fused branches), from {model.source}"
+    )
+    print(f"Arch: {json.dumps(model.arch)}")
+    prefix = str(out.absolute())[: -len(".pdparams")]
+    print(f"PaddleClas loads it with -o Global.pretrained_model={prefix}")
+    for note in paddleclas_notes(model.arch):
+        print(f"note: {note}")
+    return 0
+
+
+_IMPORT_ONLY = ("arch_json", "class_num", "head", "target", "deploy", "strict", "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m jaxrec.convert",
         description="Convert a PaddleClas .pdparams checkpoint (PP-LCNetV2 ImageNet backbone or "
-        "PP-ShiTuV2 RecModel) into a jaxrec model directory (config.json + orbax variables).",
+        "PP-ShiTuV2 RecModel) into a jaxrec model directory (config.json + orbax variables), "
+        "or, with --to-pdparams, a jaxrec model back into a PaddleClas .pdparams.",
     )
-    ap.add_argument("--pdparams", required=True, help="input .pdparams file")
-    ap.add_argument("--out", required=True, help="output model directory (must not exist)")
+    ap.add_argument("--pdparams", help="input .pdparams file")
+    ap.add_argument(
+        "--out", required=True, help="output model directory (must not exist), or .pdparams file"
+    )
     ap.add_argument("--arch-json", help="JSON file with the Arch dict (default: inferred)")
     ap.add_argument(
         "--class-num",
@@ -427,7 +437,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--target",
         choices=["shitu", "imagenet"],
-        default="shitu",
         help="model to build when inferring the Arch: the PP-ShiTuV2 RecModel (default) or the "
         "ImageNet PPLCNetV2 classifier",
     )
@@ -435,41 +444,79 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--strict", action="store_true", help="fail on any missing/mis-shaped/unexpected tensor"
     )
-    ap.add_argument("--seed", type=int, default=0, help="seed for tensors left at init")
+    ap.add_argument("--seed", type=int, help="seed for tensors left at init (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = ap.parse_args(argv)
+    exp = ap.add_argument_group("jaxrec -> PaddleClas (--to-pdparams)")
+    exp.add_argument(
+        "--to-pdparams",
+        action="store_true",
+        help="write a jaxrec model (--model or --workdir) as a PaddleClas training-form "
+        ".pdparams (--out FILE.pdparams) for load_dygraph_pretrain / Global.pretrained_model",
+    )
+    exp.add_argument("--model", help="jaxrec model directory (training form)")
+    exp.add_argument("--workdir", help="training workdir (train.py)")
+    exp.add_argument("--step", type=int, help="with --workdir: this checkpoint step")
+    exp.add_argument(
+        "--which",
+        choices=["best", "latest"],
+        help="with --workdir: the best checkpoint (default) or the newest",
+    )
+    return ap
+
+
+def _from_pdparams(args: argparse.Namespace) -> int:
+    given = [f"--{o}" for o in ("model", "workdir", "step", "which") if getattr(args, o)]
+    if given:
+        raise PdparamsError(f"{', '.join(given)} need --to-pdparams")
+    if args.pdparams is None:
+        raise PdparamsError("give --pdparams FILE (import) or --to-pdparams (export)")
     arch = None
     if args.arch_json:
         try:
             arch = json.loads(Path(args.arch_json).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            print(f"error: --arch-json {args.arch_json}: {e}", file=sys.stderr)
-            return 2
+            raise PdparamsError(f"--arch-json {args.arch_json}: {e}") from None
         arch = arch.get("Arch", arch)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out} exists and is not empty (use --overwrite)", file=sys.stderr)
-        return 2
-    try:
-        arch, variables, report = convert_pdparams(
-            args.pdparams,
-            arch=arch,
-            class_num=args.class_num,
-            head=args.head,
-            no_head=args.no_head,
-            target=args.target,
-            deploy=args.deploy,
-            strict=args.strict,
-            seed=args.seed,
-        )
-    except (PdparamsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    save_model_dir(out, arch, variables, overwrite=args.overwrite)
+        raise PdparamsError(f"{out} exists and is not empty (use --overwrite)")
+    arch, variables, report = convert_pdparams(
+        args.pdparams,
+        arch=arch,
+        class_num=args.class_num,
+        head=args.head,
+        no_head=args.no_head,
+        target=args.target or "shitu",
+        deploy=args.deploy,
+        strict=args.strict,
+        seed=args.seed or 0,
+    )
+    # A converted PaddleClas model is fed as PaddleClas's deploy inference_rec.yaml feeds it.
+    features = FeatureSpec(arch.get("infer_output_key", "features"))
+    save_model_dir(
+        out, arch, variables, preprocess=INFERENCE_REC, features=features, overwrite=args.overwrite
+    )
     (out / "conversion_report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
     print(report.summary())
     print(f"wrote {out} (Arch: {json.dumps(arch)})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.to_pdparams:
+            bad = [f"--{o.replace('_', '-')}" for o in _IMPORT_ONLY if getattr(args, o)]
+            if args.pdparams or bad:
+                raise PdparamsError(
+                    f"{', '.join((['--pdparams'] if args.pdparams else []) + bad)}: "
+                    "import options, not used with --to-pdparams"
+                )
+            return _to_pdparams(args)
+        return _from_pdparams(args)
+    except JaxrecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

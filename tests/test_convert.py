@@ -1,10 +1,11 @@
-"""jaxrec.convert: safe .pdparams reading, key/layout mapping, mismatch reports, the CLI, and
-model directories."""
+"""jaxrec.convert and jaxrec.pdparams: safe .pdparams reading, key/layout mapping, mismatch
+reports, writing PaddleClas state dicts (round trips), the CLI, and model directories."""
 
 import collections
 import json
 import os
 import pickle
+import pickletools
 from pathlib import Path
 
 import jax
@@ -12,21 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec import convert
-from jaxrec.convert import (
-    PdparamsError,
-    convert_pdparams,
-    convert_state_dict,
-    read_pdparams,
-)
+from jaxrec import convert, pdparams
+from jaxrec.convert import convert_pdparams, convert_state_dict
+from jaxrec.data.preprocess import INFERENCE_REC, Preprocess
+from jaxrec.errors import ModelDirError
 from jaxrec.models import (
     abstract_variables,
     build_model,
     load_model_dir,
     read_arch,
+    reparameterize,
     save_model_dir,
 )
 from jaxrec.models.naming import to_paddle_state_dict
+from jaxrec.pdparams import PdparamsError, read_pdparams
 
 FIX = Path(__file__).parent / "fixtures"
 SHITU = FIX / "model_shitu.pdparams"
@@ -243,16 +243,20 @@ def test_cli_writes_a_loadable_model_dir(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "loaded 135 tensors" in printed and str(out) in printed
     assert (out / "config.json").is_file() and (out / "conversion_report.json").is_file()
-    model, variables, arch = load_model_dir(out)
-    assert arch == read_arch(out) and arch["Head"]["class_num"] == 10
+    md = load_model_dir(out)
+    assert md.arch == read_arch(out) and md.arch["Head"]["class_num"] == 10
+    # converted PaddleClas models are fed like PaddleClas's deploy inference_rec.yaml
+    assert md.preprocess == INFERENCE_REC and not md.legacy
+    assert md.features.output_key == "features"
     _, ref, _ = convert_pdparams(SHITU)
     for a, b in zip(
-        jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(ref), strict=True
+        jax.tree_util.tree_leaves(md.variables), jax.tree_util.tree_leaves(ref), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # refuses to overwrite
-    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 2
-    assert "exists" in capsys.readouterr().err
+    # refuses to overwrite, and says so in one line
+    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "exists" in err and err.count("\n") == 1
 
 
 def test_cli_bad_input_message(tmp_path, capsys):
@@ -272,9 +276,9 @@ def test_cli_arch_json_and_deploy(tmp_path):
         ["--pdparams", str(SHITU), "--out", str(out), "--arch-json", str(aj), "--deploy"]
     )
     assert rc == 0
-    _, v, arch2 = load_model_dir(out)
-    assert arch2["deploy"] is True
-    assert "dw_conv" in v["params"]["backbone"]["stages_3_1"]
+    md = load_model_dir(out)
+    assert md.arch["deploy"] is True
+    assert "dw_conv" in md.variables["params"]["backbone"]["stages_3_1"]
     report = json.loads((out / "conversion_report.json").read_text())
     assert "head.fc.weight" in report["unexpected"]
 
@@ -295,21 +299,24 @@ def test_model_dir_round_trip_and_errors(tmp_path):
     av = abstract_variables(build_model(arch))
     rng = np.random.default_rng(0)
     v = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32), av)
-    d = save_model_dir(tmp_path / "m", arch, v)
-    model, v2, arch2 = load_model_dir(d)
-    assert arch2 == arch and model.backbone.dtype == jnp.bfloat16
-    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v2), strict=True):
+    pre = Preprocess(resize=(48, 48))
+    d = save_model_dir(tmp_path / "m", arch, v, preprocess=pre)
+    md = load_model_dir(d)
+    assert md.arch == arch and md.model.backbone.dtype == jnp.bfloat16 and md.preprocess == pre
+    for a, b in zip(
+        jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(md.variables), strict=True
+    ):
         np.testing.assert_array_equal(a, np.asarray(b))
     with pytest.raises(FileExistsError):
-        save_model_dir(tmp_path / "m", arch, v)
-    save_model_dir(tmp_path / "m", arch, v, overwrite=True)
-    with pytest.raises(ValueError, match="deploy"):
-        save_model_dir(tmp_path / "m2", {**arch, "deploy": True}, v)
-    with pytest.raises(FileNotFoundError, match="not a jaxrec model directory"):
+        save_model_dir(tmp_path / "m", arch, v, preprocess=pre)
+    save_model_dir(tmp_path / "m", arch, v, preprocess=pre, overwrite=True)
+    with pytest.raises(ModelDirError, match="deploy"):
+        save_model_dir(tmp_path / "m2", {**arch, "deploy": True}, v, preprocess=pre)
+    with pytest.raises(ModelDirError, match="not a jaxrec model directory"):
         load_model_dir(tmp_path)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{\n  oops\n")
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(ModelDirError, match="line 2"):
         load_model_dir(tmp_path / "bad")
 
 
@@ -322,3 +329,206 @@ def test_load_pdparams_variables_matches_the_model_mapping(shitu_state, shitu_ar
     bare = convert.load_pdparams_variables(IMAGENET)
     assert bare["params"]["backbone"]["fc"]["kernel"].shape == (48, 7)
     assert "dw_conv" not in bare["params"]["backbone"]["stages_3_0"]
+
+
+# ---------------------------------------------------------------- .pdparams out
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()  # bitwise (also for -0.0 and NaN payloads)
+
+
+@pytest.fixture(scope="module")
+def shitu_model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "model"
+    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 0
+    return out
+
+
+def test_writer_reproduces_a_paddle_file(tmp_path):
+    """Re-encoding a file paddle.save wrote gives the same objects, order and name table."""
+    obj = pdparams.load_pickle(SHITU)
+    state = read_pdparams(SHITU)
+    data = pdparams.encode_state_dict(state, obj[pdparams.NAME_TABLE])
+    back = pickle.loads(data)  # the plain unpickler (as paddle.load uses it) reads it too
+    assert type(back) is dict and list(back) == list(obj)
+    assert back[pdparams.NAME_TABLE] == obj[pdparams.NAME_TABLE]
+    for k in state:
+        assert back[k].dtype == np.float32 and back[k].flags.c_contiguous
+        assert back[k].tobytes() == obj[k].tobytes() and back[k].shape == obj[k].shape
+    # opcodes: protocol 4, only the numpy globals paddle.save writes under numpy 1.x
+    ops = list(pickletools.genops(data))
+    assert ops[0][0].name == "PROTO" and ops[0][1] == 4
+    strings = [arg for op, arg, _ in ops if op.name == "SHORT_BINUNICODE"]
+    globs = {
+        (strings[i - 1], strings[i])
+        for i in range(1, len(strings))
+        if strings[i] in ("_reconstruct", "ndarray", "dtype")
+    }
+    assert globs == {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+    assert sum(op.name == "STACK_GLOBAL" for op, _, _ in ops) == 3  # memoized once each
+
+
+def test_internal_names_follow_paddle_layer_kinds():
+    obj = pdparams.load_pickle(SHITU)
+    state = read_pdparams(SHITU)
+    names = pdparams.internal_names(state)
+    assert len(set(names.values())) == len(names)
+
+    def kind_and_leaf(name):
+        layer, leaf = name.split(".")
+        return layer.rsplit("_", 1)[0], leaf
+
+    for k in state:
+        assert kind_and_leaf(names[k]) == kind_and_leaf(obj[pdparams.NAME_TABLE][k]), k
+
+
+def test_export_matches_paddleclas_keys_order_shapes_and_values(shitu_state, shitu_arch):
+    v, _ = convert_state_dict(shitu_state, shitu_arch, strict=True)
+    out = pdparams.paddle_state_dict(v)
+    # every key PaddleClas's RecModel has (fusion targets included), in its order, same shapes
+    assert list(out) == list(shitu_state)
+    assert {k: a.shape for k, a in out.items()} == {k: a.shape for k, a in shitu_state.items()}
+    fused = reparameterize(v)["params"]["backbone"]
+    for k, a in out.items():
+        assert a.dtype == np.float32
+        if not pdparams.is_fusion_target(k, out):
+            assert a.tobytes() == shitu_state[k].tobytes(), k
+    # fusion targets hold the fused branches (what Paddle's re_parameterize() computes)
+    dw = fused["stages_2_1"]["dw_conv"]
+    np.testing.assert_array_equal(
+        out["backbone.stages.2.1.dw_conv.weight"], np.asarray(dw["kernel"]).transpose(3, 2, 0, 1)
+    )
+    np.testing.assert_array_equal(out["backbone.stages.2.1.dw_conv.bias"], dw["bias"])
+    assert list(pdparams.paddle_state_dict(v, head=False)) == [
+        k for k in shitu_state if not k.startswith("head.")
+    ]
+
+
+def test_full_size_key_list():
+    """The full PPLCNetV2_base_ShiTu RecModel: PaddleClas's 286 tensors / 4,778,880 values
+    without the head; the FC head adds head.fc.weight [512, classes]."""
+    arch = convert.infer_arch(read_pdparams(SHITU))
+    arch["Backbone"] = {"name": "PPLCNetV2_base_ShiTu", "class_expand": 512}
+    arch["Neck"]["num_features"] = 512
+    arch["Head"].update(embedding_size=512, class_num=7)
+    av = abstract_variables(build_model(arch))
+    v = jax.tree_util.tree_map(lambda s: np.ones(s.shape, np.float32), av)
+    out = pdparams.paddle_state_dict(v)
+    assert len(out) == 287 and sum(a.size for a in out.values()) == 4_778_880 + 512 * 7
+    shapes = {k: list(a.shape) for k, a in out.items()}
+    assert list(out)[:2] == ["backbone.stem.0.conv.weight", "backbone.stem.0.bn.weight"]
+    assert list(out)[-7:] == [
+        "backbone.last_conv.weight",
+        "backbone.last_conv.bias",
+        "neck.feat_bn.weight",
+        "neck.feat_bn.bias",
+        "neck.feat_bn._mean",
+        "neck.feat_bn._variance",
+        "head.fc.weight",
+    ]
+    assert shapes["backbone.stem.0.conv.weight"] == [32, 3, 3, 3]
+    assert shapes["backbone.stages.2.0.dw_conv.weight"] == [256, 1, 5, 5]
+    assert shapes["backbone.stages.2.0.se.conv1.weight"] == [64, 256, 1, 1]
+    assert shapes["backbone.stages.3.0.dw_conv_list.2.conv.weight"] == [512, 1, 1, 1]
+    assert shapes["backbone.stages.3.1.pw_conv.conv.weight"] == [1024, 1024, 1, 1]
+    assert shapes["backbone.last_conv.weight"] == [512, 1024, 1, 1]
+    assert shapes["head.fc.weight"] == [512, 7]
+    assert sum(pdparams.is_fusion_target(k, out) for k in out) == 2 * 8  # 8 rep blocks
+
+
+def test_import_export_import_is_bitwise_identity(tmp_path, shitu_model_dir, capsys):
+    f = tmp_path / "back.pdparams"
+    rc = convert.main(["--to-pdparams", "--model", str(shitu_model_dir), "--out", str(f)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {f}: 143 tensors" in printed and "Global.pretrained_model=" in printed
+    # read back by the project's own restricted unpickler
+    back = read_pdparams(f)
+    assert list(back) == list(read_pdparams(SHITU))
+    # import -> export -> import: the same variables, bit for bit
+    _, v1, _ = convert_pdparams(SHITU, strict=True)
+    _, v2, report = convert_pdparams(f, strict=True)
+    assert report.ok and len(report.ignored_fusion_targets) == 8  # 4 rep blocks
+    _leaves_equal(v1, v2)
+    # export -> import -> export: the same file, byte for byte
+    again = tmp_path / "again"
+    assert convert.main(["--pdparams", str(f), "--out", str(again)]) == 0
+    g = tmp_path / "again.pdparams"
+    assert convert.main(["--to-pdparams", "--model", str(again), "--out", str(g)]) == 0
+    assert g.read_bytes() == f.read_bytes()
+    # --no-head
+    h = tmp_path / "nohead.pdparams"
+    assert convert.main(["--to-pdparams", "--model", str(again), "--out", str(h), "--no-head"]) == 0
+    assert "head.fc.weight" not in read_pdparams(h)
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ([], "exactly one of --model DIR or --workdir DIR"),
+        (["--model", "M", "--workdir", "W"], "exactly one of"),
+        (["--model", "M", "--step", "3"], "--step and --which"),
+        (["--model", "M", "--class-num", "3"], "--class-num: import options"),
+        (["--model", "M", "--pdparams", "x.pdparams"], "--pdparams: import options"),
+        (["--model", "M", "--out-is-dir"], "must end with .pdparams"),
+        (["--model", "NOPE"], "not a jaxrec model directory"),
+        (["--model", "DEPLOY"], "deploy"),
+        (["--model", "M", "--out-exists"], "exists (use --overwrite)"),
+    ],
+)
+def test_to_pdparams_errors(tmp_path, capsys, shitu_model_dir, extra, needle):
+    deploy = tmp_path / "deploy"
+    if "DEPLOY" in extra:
+        assert convert.main(["--pdparams", str(SHITU), "--out", str(deploy), "--deploy"]) == 0
+        capsys.readouterr()
+    out = tmp_path / "o.pdparams"
+    if "--out-exists" in extra:
+        out.write_bytes(b"keep")
+    if "--out-is-dir" in extra:
+        out = tmp_path / "o"
+    subs = {"M": str(shitu_model_dir), "NOPE": str(tmp_path / "nope"), "DEPLOY": str(deploy)}
+    args = [subs.get(a, a) for a in extra if not a.startswith("--out-")]
+    assert convert.main(["--to-pdparams", *args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not out.exists() or out.read_bytes() == b"keep"
+
+
+def test_import_refuses_export_options(tmp_path, capsys):
+    rc = convert.main(["--pdparams", str(SHITU), "--out", str(tmp_path / "m"), "--which", "best"])
+    assert rc == 1 and "--which need --to-pdparams" in capsys.readouterr().err
+
+
+def test_to_pdparams_from_workdir_error_is_one_line(tmp_path, capsys):
+    out = tmp_path / "x.pdparams"
+    rc = convert.main(["--to-pdparams", "--workdir", str(tmp_path / "nope"), "--out", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_write_pdparams_refuses_bad_input(tmp_path):
+    a = {"w": np.ones(2, np.float32)}
+    with pytest.raises(PdparamsError, match="end with .pdparams"):
+        pdparams.write_pdparams(tmp_path / "x.bin", a)
+    with pytest.raises(PdparamsError, match="float32"):
+        pdparams.write_pdparams(tmp_path / "x.pdparams", {"w": np.ones(2, np.float64)})
+    with pytest.raises(PdparamsError, match="name exactly"):
+        pdparams.encode_state_dict(a, {"v": "x"})
+    with pytest.raises(PdparamsError, match="empty"):
+        pdparams.encode_state_dict({})
+    assert not list(tmp_path.iterdir())
+    f = pdparams.write_pdparams(tmp_path / "x.pdparams", a)
+    with pytest.raises(PdparamsError, match="exists"):
+        pdparams.write_pdparams(f, a)
+    assert pdparams.load_pickle(f)[pdparams.NAME_TABLE] == {"w": "create_parameter_0.w_0"}
