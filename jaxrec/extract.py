@@ -1,147 +1,117 @@
-"""Image files -> L2-normalized feature vectors, the way PaddleClas's ``predict_rec`` computes them.
+"""Image files -> feature vectors, fed the way the model was trained and evaluated.
 
-Library: :func:`extract_features` (used by search and evaluation) and :func:`resolve_images`.
-CLI: ``python -m jaxrec.extract --model DIR --images PATH --out FILE.npy`` (see ``--help``).
+Library: :func:`load_model` (a model directory or a training workdir -> ``ModelDir``) and
+:func:`extract_features` (the one feature-extraction entry point of jaxrec; search and the CLI use
+it). CLI: ``python -m jaxrec.extract --model DIR --images PATH --out FILE.npy`` (see ``--help``).
 
-Per image: decode (OpenCV semantics, RGB) -> bilinear resize to 224x224 (cv2 bit-exact) ->
-``(x/255 - mean)/std`` -> model in eval mode -> ``features`` -> ``x / ||x||``. Decoding runs on a
-thread pool while the device computes the previous batch; every batch has the same shape (the
-last one is padded) so the forward pass compiles once.
+Per image: decode (OpenCV semantics, RGB) and ``ModelDir.preprocess.apply`` (resize, optional
+centre crop) on a host thread pool, while the device runs the previous batch: uint8 pixels ->
+``preprocess.normalize`` -> model in eval mode -> output ``features.output_key`` ->
+``jaxrec.ops.l2_normalize`` when ``features.normalize``, all inside one jitted function. Every
+batch has the same shape (the last one is padded), so that function compiles once.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxrec.data import image as image_lib
+from jaxrec.data.lists import resolve_images
+from jaxrec.errors import JaxrecError, ModelDirError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-IMAGE_EXTS += (".ppm", ".pgm", ".pbm", ".pnm")
-LIST_EXTS = (".txt", ".lst", ".list", ".csv", ".tsv")
+if TYPE_CHECKING:
+    from jaxrec.data.preprocess import Preprocess
+    from jaxrec.models import FeatureSpec, ModelDir
 
 PIXEL_SCALES = {"1/255": image_lib.SCALE_TRAIN, "deploy": image_lib.SCALE_DEPLOY}
 
 
-class ImageListError(ValueError):
-    """A problem with an image list file; the message names the file and line."""
+# ---- loading a model --------------------------------------------------------------------------
 
 
-def _is_image_name(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS
-
-
-def _looks_like_text(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if b"\x00" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def read_image_list(list_file: str | os.PathLike) -> list[tuple[str, str]]:
-    """(display name, resolved path) for each line of an image list file.
-
-    One image per line; blank lines and lines starting with ``#`` are skipped. Relative paths are
-    resolved against the list file's folder. PaddleClas label lists (``path label [id]``) work
-    too: when the whole line is not an existing file, its first whitespace-separated field is used.
-    """
-    list_file = Path(list_file)
-    base = list_file.parent
-    out = []
-    with open(list_file, encoding="utf-8") as f:
-        for raw in f:
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            rel = line
-            if not (base / rel).is_file() and len(line.split()) > 1:
-                rel = line.split()[0]
-            out.append((rel, str(base / rel)))
-    if not out:
-        raise ImageListError(f"image list {str(list_file)!r} has no image paths")
-    return out
-
-
-def resolve_images(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(name, path) pairs for PATH = an image file, a folder or a list file.
-
-    Folders are searched recursively for image extensions (``IMAGE_EXTS``) and sorted by their
-    relative path; names are paths relative to the folder. A list file gives the paths as written
-    in it. A single image is named by its file name.
-    """
+def is_training_workdir(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a training run directory: config.json plus checkpoints/ or best/
+    (a model directory has variables/ instead)."""
     p = Path(path)
-    if p.is_dir():
-        found = sorted(
-            str(q.relative_to(p)) for q in p.rglob("*") if q.is_file() and _is_image_name(q)
+    return (
+        (p / "config.json").is_file()
+        and not (p / "variables").exists()
+        and ((p / "checkpoints").is_dir() or (p / "best").is_dir())
+    )
+
+
+def load_model(path: str | os.PathLike) -> ModelDir:
+    """The model at `path`: a model directory, or a training workdir (its best checkpoint, fed
+    with the run's own preprocessing). Raises a `JaxrecError` naming what is wrong."""
+    if not Path(path).is_dir():
+        raise ModelDirError(
+            f"{path} is not a directory: give a jaxrec model directory (`python -m jaxrec.export` "
+            "or `python -m jaxrec.convert` output) or a training workdir"
         )
-        if not found:
-            raise FileNotFoundError(
-                f"no images found under folder {str(p)!r} (extensions: {', '.join(IMAGE_EXTS)})"
-            )
-        return [(name, str(p / name)) for name in found]
-    if not p.exists():
-        raise FileNotFoundError(f"--images {str(p)!r} does not exist")
-    if _is_image_name(p):
-        return [(p.name, str(p))]
-    if p.suffix.lower() in LIST_EXTS or _looks_like_text(p):
-        return read_image_list(p)
-    return [(p.name, str(p))]
+    if is_training_workdir(path):
+        try:
+            from jaxrec.checkpoint import restore_model  # noqa: PLC0415
+        except ImportError:
+            raise ModelDirError(
+                f"{path} is a training workdir, which this version cannot read directly; export "
+                f"it first: python -m jaxrec.export --workdir {path} --out MODEL_DIR"
+            ) from None
+        return restore_model(path, which="best")
+    from jaxrec.models import load_model_dir  # noqa: PLC0415
+
+    return load_model_dir(path)
 
 
-def _load(path: str, size: int) -> np.ndarray:
-    return image_lib.preprocess_for_rec(image_lib.decode_image(path), size)
+# ---- the forward function ---------------------------------------------------------------------
 
 
 @functools.cache
 def _jitted_forward():
-    import jax
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
 
-    def forward(model, output_key, pixel_scale, variables, x):
-        x = image_lib.normalize(x, scale=pixel_scale)
-        return model.apply(variables, x, train=False)[output_key]
+    from jaxrec.ops import l2_normalize  # noqa: PLC0415
 
-    # The model is a static argument: equal models (same Arch) share compiled executables.
-    return jax.jit(forward, static_argnums=(0, 1, 2))
+    def forward(model, preprocess, output_key, normalize, variables, x):
+        out = model.apply(variables, preprocess.normalize(x), train=False)[output_key]
+        out = out.astype(jnp.float32)
+        return l2_normalize(out) if normalize else out
+
+    # Model and specs are static: equal models (same Arch) and specs share compiled executables.
+    return jax.jit(forward, static_argnums=(0, 1, 2, 3))
 
 
 def make_forward(
-    model: Any, output_key: str = "features", pixel_scale: float = image_lib.SCALE_TRAIN
-) -> Callable[[Any, Any], Any]:
-    """Jitted ``(variables, uint8 NHWC) -> model(normalize(x), train=False)[output_key]``."""
-    fwd = _jitted_forward()
-    return functools.partial(fwd, model, output_key, float(pixel_scale))
+    model: Any, preprocess: Preprocess, features: FeatureSpec
+) -> Callable[[Mapping[str, Any], Any], Any]:
+    """Jitted ``(variables, uint8 NHWC) -> float32 features``: pixel normalization, the model in
+    eval mode, the output ``features.output_key``, L2 normalization if ``features.normalize``."""
+    return functools.partial(
+        _jitted_forward(), model, preprocess, features.output_key, bool(features.normalize)
+    )
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm, as predict_rec does; all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.sqrt(np.sum(np.square(x), axis=1, keepdims=True))
-    return x / np.maximum(norm, np.float32(1e-12))
+def _load(path: str, preprocess: Preprocess) -> np.ndarray:
+    return preprocess.apply(image_lib.decode_image(path))
 
 
 def extract_features(
-    model: Any,
-    variables: Mapping[str, Any],
+    model: ModelDir,
     paths: Sequence[str],
-    batch_size: int = 32,
-    normalize: bool = True,
     *,
-    image_size: int = 224,
-    output_key: str = "features",
-    pixel_scale: float = image_lib.SCALE_TRAIN,
+    batch_size: int = 32,
+    preprocess: Preprocess | None = None,
+    features: FeatureSpec | None = None,
     skip_bad: bool = False,
     errors: dict[str, str] | None = None,
     num_workers: int | None = None,
@@ -150,22 +120,26 @@ def extract_features(
 ) -> tuple[np.ndarray, list[str]]:
     """Features [N, D] float32 of the images at ``paths`` and the paths they belong to, in order.
 
-    An unreadable image raises (the message names it) unless ``skip_bad``; skipped paths are then
-    left out of the result and, if ``errors`` is a dict, recorded there as path -> message.
-    ``forward`` may be a prebuilt :func:`make_forward` (to share its compilation across calls).
+    Images are fed with ``model.preprocess`` and read out with ``model.features`` unless
+    ``preprocess`` / ``features`` override them. An unreadable image raises (the message names
+    it) unless ``skip_bad``; skipped paths are then left out of the result and, if ``errors`` is a
+    dict, recorded there as path -> message. ``forward`` may be a prebuilt :func:`make_forward`
+    for the same model and specs (to share its compilation across calls).
     """
-    import jax
+    import jax  # noqa: PLC0415
 
+    preprocess = model.preprocess if preprocess is None else preprocess
+    features = model.features if features is None else features
     paths = list(paths)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if forward is None:
-        forward = make_forward(model, output_key, pixel_scale)
+        forward = make_forward(model.model, preprocess, features)
     bs = max(1, min(batch_size, len(paths)))
     workers = num_workers or min(8, (os.cpu_count() or 2) + 2)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # noqa: PLC0415
 
         bar = tqdm(total=len(paths), unit="img", desc="extract", file=sys.stderr)
 
@@ -184,7 +158,7 @@ def extract_features(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((p, pool.submit(_load, p, image_size)))
+                pending.append((p, pool.submit(_load, p, preprocess)))
             if not pending:
                 break
             p, fut = pending.pop(0)
@@ -217,7 +191,7 @@ def extract_features(
                     batch = np.concatenate(
                         [batch, np.zeros((bs - n, *batch.shape[1:]), batch.dtype)]
                     )
-                out = forward(variables, jax.device_put(batch))  # dispatched asynchronously
+                out = forward(model.variables, jax.device_put(batch))  # dispatched asynchronously
                 if in_flight is not None:
                     feats.append(np.asarray(in_flight[0], dtype=np.float32)[: in_flight[1]])
                 in_flight = (out, n)
@@ -227,13 +201,59 @@ def extract_features(
         finally:
             if bar is not None:
                 bar.close()
-    if feats:
-        result = np.concatenate(feats, axis=0)
-    else:
-        result = np.zeros((0, 0), np.float32)
-    if normalize and len(result):
-        result = l2_normalize(result)
+    result = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
     return result, names
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def _geometry(p: Preprocess) -> str:
+    h, w = p.input_size
+    if p.resize is not None and p.crop is None:
+        return f"{h}x{w} input"
+    return f"{h}x{w} input ({p.describe().split(' (')[0]})"
+
+
+def feeding_from_flags(
+    model: ModelDir,
+    *,
+    image_size: int | None = None,
+    pixel_scale: float | None = None,
+    output_key: str | None = None,
+    normalize: bool | None = None,
+) -> tuple[Preprocess, FeatureSpec, list[str]]:
+    """The model's own preprocessing and feature spec with the given flags applied, and one note
+    per flag whose value differs from the model's own (for the CLI to print)."""
+    from jaxrec.models import FeatureSpec  # noqa: PLC0415
+
+    pre, feat, notes = model.preprocess, model.features, []
+    if image_size is not None:
+        new = dataclasses.replace(
+            pre, resize=(image_size, image_size), resize_short=None, crop=None
+        )
+        if new != pre:
+            notes.append(f"--image-size {image_size} overrides the model's {_geometry(pre)}")
+        pre = new
+    if pixel_scale is not None and float(pixel_scale) != float(pre.scale):
+        name = {v: k for k, v in PIXEL_SCALES.items()}
+        notes.append(
+            f"--pixel-scale {name.get(pixel_scale, pixel_scale)} ({pixel_scale:.8g}) overrides "
+            f"the model's pixel scale {pre.scale:.8g}"
+        )
+        pre = dataclasses.replace(pre, scale=float(pixel_scale))
+    if output_key is not None and output_key != feat.output_key:
+        notes.append(
+            f"--output-key {output_key} overrides the model's feature output {feat.output_key!r}"
+        )
+        feat = FeatureSpec(output_key, feat.normalize)
+    if normalize is not None and normalize != feat.normalize:
+        if not normalize:
+            notes.append(
+                "--no-normalize: writing raw outputs (the model's features are L2-normalized)"
+            )
+        feat = FeatureSpec(feat.output_key, normalize)
+    return pre, feat, notes
 
 
 def _out_paths(out: str) -> tuple[Path, Path, Path]:
@@ -248,18 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m jaxrec.extract",
         description=(
-            "Compute recognition features for images, as PaddleClas's predict_rec does: decode "
-            "(OpenCV semantics), resize to 224x224 (bilinear, aspect ratio not kept), normalize "
-            "with ImageNet mean/std, run the model in eval mode and L2-normalize each feature."
+            "Compute recognition features for images, as PaddleClas's predict_rec does, with the "
+            "model's own preprocessing: decode (OpenCV semantics), resize (and crop) to the size "
+            "the model was trained and evaluated at, normalize pixels with its scale/mean/std, "
+            "run the model in eval mode and L2-normalize each feature (as the model directory's "
+            "config.json records). The flags below override single values; each override that "
+            "differs from the model's own value is printed as a note."
         ),
         epilog=(
             "Outputs: FILE.npy (N x D float32, rows in input order), FILE.txt (one image name per "
             "line, same order: the path relative to the folder, as written in the list, or the "
             "file name for a single image) and, with --skip-bad, FILE.bad.txt (path<TAB>error of "
-            "each skipped image)."
+            "each skipped image). Model directories written before preprocessing was recorded "
+            "(format v1) are fed at 224x224, scale 1/255, ImageNet mean/std, as they were then."
         ),
     )
-    ap.add_argument("--model", required=True, help="jaxrec model directory (jaxrec.convert output)")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help="jaxrec model directory (jaxrec.export / jaxrec.convert output), or a training "
+        "workdir (its best checkpoint, with the run's preprocessing)",
+    )
     ap.add_argument(
         "--images",
         required=True,
@@ -285,16 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pixel-scale",
         choices=sorted(PIXEL_SCALES),
-        default="1/255",
-        help="NormalizeImage scale: 1/255 (training/eval configs, default) or deploy "
-        "(0.00392157, deploy/configs/inference_rec.yaml)",
+        default=None,
+        help="override the model's NormalizeImage scale: 1/255 (training/eval configs) or deploy "
+        "(0.00392157, PaddleClas deploy/configs/inference_rec.yaml)",
     )
-    ap.add_argument("--image-size", type=int, default=224, help="square input size (224)")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="override the model's input size with a plain square resize to N x N",
+    )
     ap.add_argument(
         "--output-key",
         default=None,
-        help="model output to save: features (BNNeck, default from the Arch's infer_output_key) "
-        "or backbone",
+        help="override the model output saved: features (BNNeck) or backbone",
     )
     ap.add_argument(
         "--fuse",
@@ -302,41 +335,74 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-parameterize rep blocks (deploy form) first: faster, equal to float32 rounding",
     )
     ap.add_argument("--workers", type=int, default=None, help="decoding threads")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or preprocessing line (notes about overrides are always printed)",
+    )
     return ap
+
+
+def _fused(md: ModelDir) -> ModelDir:
+    from jaxrec import models  # noqa: PLC0415
+
+    if md.arch.get("deploy", False):
+        return md
+    arch = {**md.arch, "deploy": True}
+    return dataclasses.replace(
+        md, model=models.build_model(arch), variables=models.reparameterize(md.variables), arch=arch
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxrec import models
 
     out_npy, out_txt, out_bad = _out_paths(args.out)
+    if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
+        print("error: --batch-size and --image-size must be positive", file=sys.stderr)
+        return 2
     try:
         entries = resolve_images(args.images)
-    except (FileNotFoundError, ImageListError, UnicodeDecodeError) as e:
+        md = load_model(args.model)
+    except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model, variables, arch = models.load_model_dir(args.model)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        pre, feat, notes = feeding_from_flags(
+            md,
+            image_size=args.image_size,
+            pixel_scale=None if args.pixel_scale is None else PIXEL_SCALES[args.pixel_scale],
+            output_key=args.output_key,
+            normalize=False if args.no_normalize else None,
+        )
+    except ValueError as e:  # a flag value the Preprocess/FeatureSpec rejects
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.fuse and not arch.get("deploy", False):
-        model = models.build_model({**arch, "deploy": True})
-        variables = models.reparameterize(variables)
-    output_key = args.output_key or arch.get("infer_output_key", "features")
+    if md.legacy:
+        notes.insert(
+            0,
+            f"{args.model} has no preprocessing record (model directory format v1); using the "
+            f"defaults jaxrec used for such models: {md.preprocess.describe()}",
+        )
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if not args.quiet:
+        print(
+            f"preprocessing: {pre.describe()}; features: {feat.output_key!r}"
+            f"{', L2-normalized' if feat.normalize else ', raw'}",
+            file=sys.stderr,
+        )
+    if args.fuse:
+        md = _fused(md)
     names_by_path = {p: n for n, p in entries}
     errors: dict[str, str] = {}
     try:
         feats, kept = extract_features(
-            model,
-            variables,
+            md,
             [p for _, p in entries],
             batch_size=args.batch_size,
-            normalize=not args.no_normalize,
-            image_size=args.image_size,
-            output_key=output_key,
-            pixel_scale=PIXEL_SCALES[args.pixel_scale],
+            preprocess=pre,
+            features=feat,
             skip_bad=args.skip_bad,
             errors=errors,
             num_workers=args.workers,

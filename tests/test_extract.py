@@ -1,5 +1,11 @@
-"""python -m jaxrec.extract end to end on a tiny-width model and real image files."""
+"""python -m jaxrec.extract end to end on a tiny-width model and real image files.
 
+The model directory records a 48 px input and non-ImageNet pixel normalization; extraction must
+use them with no flag, flags override them (with a note), and a v1 directory gets the old
+defaults (with a note).
+"""
+
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +17,9 @@ import pytest
 
 from jaxrec import extract, models
 from jaxrec.data import image
+from jaxrec.data.preprocess import Preprocess
+from jaxrec.errors import DatasetError
+from jaxrec.models import FeatureSpec
 
 FILES = os.path.join(os.path.dirname(__file__), "fixtures", "image_files")
 TINY_ARCH = {
@@ -25,21 +34,27 @@ TINY_ARCH = {
     "Neck": {"name": "BNNeck", "num_features": 16},
 }
 TINY_MODEL = models.build_model(TINY_ARCH)
+# What the tiny model "was trained with": 48 px, its own mean/std, the deploy pixel scale.
+OWN = Preprocess(resize=(48, 48), scale=image.SCALE_DEPLOY, mean=(0.5, 0.4, 0.3), std=(0.2,) * 3)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     model = TINY_MODEL
     variables = models.init_variables(model, seed=0)
-    # random BN statistics so that the eval-mode path is really exercised
+    # Random BN statistics so that the eval-mode path is really exercised (and no ReLU is dead:
+    # features must depend on the image, else every comparison below would hold trivially).
     rng = np.random.default_rng(0)
-    stats = jax.tree_util.tree_map(
-        lambda a: np.asarray(a) + rng.uniform(0.1, 0.5, np.shape(a)).astype(np.float32),
-        variables["batch_stats"],
-    )
+
+    def stat(kp, a):
+        if getattr(kp[-1], "key", "") == "var":
+            return rng.uniform(0.5, 1.5, np.shape(a)).astype(np.float32)
+        return rng.normal(0, 0.1, np.shape(a)).astype(np.float32)
+
+    stats = jax.tree_util.tree_map_with_path(stat, variables["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": stats}
     d = tmp_path_factory.mktemp("model") / "tiny"
-    models.save_model_dir(d, TINY_ARCH, variables)
+    models.save_model_dir(d, TINY_ARCH, variables, preprocess=OWN)
     return str(d), model, variables
 
 
@@ -65,46 +80,95 @@ def _apply_one(variables, x):
     return TINY_MODEL.apply(variables, x, train=False)["features"]
 
 
-def reference(model, variables, paths):
-    """Independent path: one image at a time, numpy normalization, plain model.apply."""
-    assert model == TINY_MODEL
+def reference(variables, paths, size=48, scale=OWN.scale, mean=OWN.mean, std=OWN.std, norm=True):
+    """Independent path: one image at a time, numpy resize and normalization, plain model.apply."""
     rows = []
     for p in paths:
-        x = image.normalize(image.preprocess_for_rec(image.decode_image(p)))[None]
+        img = image.resize_bilinear(image.decode_image(p), (size, size))
+        x = image.normalize(img, scale, mean, std)[None]
         rows.append(np.asarray(_apply_one(variables, x))[0])
     f = np.stack(rows)
-    return f / np.linalg.norm(f, axis=1, keepdims=True)
+    return f / np.linalg.norm(f, axis=1, keepdims=True) if norm else f
 
 
 def run_cli(*args):
     return extract.main([*args, "--quiet"])
 
 
-def test_folder_input_sorted_normalized_and_equal_to_reference(tiny_model, image_tree, tmp_path):
-    mdir, model, variables = tiny_model
+def test_folder_uses_the_models_own_preprocessing(tiny_model, image_tree, tmp_path, capsys):
+    mdir, _, variables = tiny_model
     out = tmp_path / "feats.npy"
-    assert run_cli("--model", mdir, "--images", str(image_tree), "--out", str(out),
-                   "--batch-size", "2") == 0  # fmt: skip
+    assert extract.main(["--model", mdir, "--images", str(image_tree), "--out", str(out),
+                         "--batch-size", "2"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "preprocessing: resize 48x48" in err and "note:" not in err
     names = (tmp_path / "feats.txt").read_text().splitlines()
     assert names == ["a/cat.jpg", "a/z_logo.png", "b/rocket.jpg", "c/d/cmyk.jpg", "gray.jpg"]
     feats = np.load(out)
     assert feats.shape == (5, 16) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
-    ref = reference(model, variables, [image_tree / n for n in names])
-    np.testing.assert_allclose(feats, ref, atol=2e-5)
+    paths = [image_tree / n for n in names]
+    np.testing.assert_allclose(feats, reference(variables, paths), atol=2e-5)
+    # 224 px with ImageNet normalization (the old fixed default) gives other features.
+    old = reference(
+        variables, paths, 224, image.SCALE_TRAIN, image.IMAGENET_MEAN, image.IMAGENET_STD
+    )
+    assert np.abs(feats - old).max() > 0.05
     assert not (tmp_path / "feats.bad.txt").exists()
 
     # unnormalized output (5 images in batches of 2: the last batch is padded)
     raw_out = tmp_path / "raw.npy"
     assert run_cli("--model", mdir, "--images", str(image_tree), "--out", str(raw_out),
                    "--batch-size", "2", "--no-normalize") == 0  # fmt: skip
+    assert "note: --no-normalize" in capsys.readouterr().err  # notes print even with --quiet
     raw = np.load(raw_out)
+    np.testing.assert_allclose(raw, reference(variables, paths, norm=False), rtol=1e-4, atol=1e-4)
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
-    np.testing.assert_allclose(extract.l2_normalize(raw), feats, atol=2e-5)
+
+
+def test_flags_override_with_a_note(tiny_model, image_tree, tmp_path, capsys):
+    mdir, _, variables = tiny_model
+    img = str(image_tree / "a" / "cat.jpg")
+    out = tmp_path / "o.npy"
+    assert run_cli("--model", mdir, "--images", img, "--out", str(out), "--image-size", "64",
+                   "--pixel-scale", "1/255") == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "note: --image-size 64 overrides the model's 48x48 input" in err
+    assert (
+        "note: --pixel-scale 1/255 (0.0039215686) overrides the model's pixel scale 0.00392157"
+        in err
+    )
+    want = reference(variables, [img], 64, image.SCALE_TRAIN)
+    np.testing.assert_allclose(np.load(out), want, atol=2e-5)
+    # A flag equal to the model's own value says nothing.
+    assert run_cli("--model", mdir, "--images", img, "--out", str(out), "--image-size", "48",
+                   "--pixel-scale", "deploy", "--output-key", "features") == 0  # fmt: skip
+    assert "note" not in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out), reference(variables, [img]), atol=2e-5)
+
+
+def test_v1_model_dir_gets_the_old_defaults_with_a_note(tiny_model, image_tree, tmp_path, capsys):
+    mdir, _, variables = tiny_model
+    v1 = tmp_path / "v1"
+    shutil.copytree(mdir, v1)
+    cfg = json.loads((v1 / "config.json").read_text())
+    (v1 / "config.json").write_text(
+        json.dumps({"format": cfg["format"], "version": 1, "Arch": cfg["Arch"]})
+    )
+    img = str(image_tree / "gray.jpg")
+    out = tmp_path / "v1.npy"
+    assert run_cli("--model", str(v1), "--images", img, "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert "has no preprocessing record (model directory format v1)" in err
+    assert "resize 224x224" in err
+    want = reference(
+        variables, [img], 224, image.SCALE_TRAIN, image.IMAGENET_MEAN, image.IMAGENET_STD
+    )
+    np.testing.assert_allclose(np.load(out), want, atol=2e-5)
 
 
 def test_list_and_single_image_inputs(tiny_model, image_tree, tmp_path):
-    mdir, model, variables = tiny_model
+    mdir, _, variables = tiny_model
     lst = image_tree / "a" / "list.txt"
     lst.write_text(
         "# query images\n"
@@ -119,13 +183,13 @@ def test_list_and_single_image_inputs(tiny_model, image_tree, tmp_path):
     names = (tmp_path / "list.txt").read_text().splitlines()
     assert names == ["../gray.jpg", "cat.jpg", str(image_tree / "b" / "rocket.jpg")]
     paths = [image_tree / "gray.jpg", image_tree / "a" / "cat.jpg", image_tree / "b/rocket.jpg"]
-    np.testing.assert_allclose(np.load(out), reference(model, variables, paths), atol=2e-5)
+    np.testing.assert_allclose(np.load(out), reference(variables, paths), atol=2e-5)
 
     one = tmp_path / "one.npy"
     assert run_cli("--model", mdir, "--images", str(image_tree / "a" / "cat.jpg"),
                    "--out", str(one)) == 0  # fmt: skip
     assert (tmp_path / "one.txt").read_text() == "cat.jpg\n"
-    np.testing.assert_allclose(np.load(one), reference(model, variables, paths[1:2]), atol=2e-5)
+    np.testing.assert_allclose(np.load(one), reference(variables, paths[1:2]), atol=2e-5)
 
 
 def test_bad_images_fail_with_name_or_are_skipped(tiny_model, image_tree, tmp_path, capsys):
@@ -158,44 +222,53 @@ def test_bad_images_fail_with_name_or_are_skipped(tiny_model, image_tree, tmp_pa
     assert "does not exist" in bad[1]
 
 
-def test_input_errors(tmp_path, capsys):
+def test_input_errors(tiny_model, tmp_path, capsys):
     empty = tmp_path / "empty_dir"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no images found"):
+    with pytest.raises(DatasetError, match="no images found"):
         extract.resolve_images(empty)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        extract.resolve_images(tmp_path / "nowhere")
-    blank = tmp_path / "blank.txt"
-    blank.write_text("# nothing\n\n")
-    with pytest.raises(extract.ImageListError, match="blank.txt"):
-        extract.resolve_images(blank)
-    assert run_cli("--model", "x", "--images", str(empty), "--out", str(tmp_path / "o.npy")) == 2
-    assert "no images found" in capsys.readouterr().err
+    out = str(tmp_path / "o.npy")
+    assert run_cli("--model", "x", "--images", str(empty), "--out", out) == 2
+    assert "error: no images found" in capsys.readouterr().err
     one = os.path.join(FILES, "rocket.bmp")
-    assert run_cli("--model", str(empty), "--images", one, "--out", str(tmp_path / "o.npy")) == 2
+    assert run_cli("--model", str(empty), "--images", one, "--out", out) == 2
     assert "not a jaxrec model directory" in capsys.readouterr().err
+    assert run_cli("--model", str(tmp_path / "nope"), "--images", one, "--out", out) == 2
+    assert "nope is not a directory" in capsys.readouterr().err
+    assert run_cli("--model", tiny_model[0], "--images", one, "--out", out, "--output-key",
+                   "bogus") == 2  # fmt: skip
+    assert "error: feature output_key 'bogus'" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
-def test_l2_normalize_keeps_zero_rows():
-    x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
-    y = extract.l2_normalize(x)
-    np.testing.assert_allclose(y, [[0.6, 0.8], [0.0, 0.0]])
-    assert np.isfinite(y).all()
-
-
-def test_extract_features_library_and_help(tiny_model, image_tree):
-    _, model, variables = tiny_model
-    paths = [str(image_tree / "gray.jpg"), str(image_tree / "b" / "rocket.jpg")]
+def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree):
+    mdir, _, variables = tiny_model
+    md = models.load_model_dir(mdir)
+    assert md.preprocess == OWN
+    paths = [str(image_tree / n) for n in ("gray.jpg", "b/rocket.jpg", "a/cat.jpg")]
     errors = {}
+    before = extract._jitted_forward()._cache_size()
     feats, kept = extract.extract_features(
-        model, variables, paths + [str(image_tree / "notes.md")], batch_size=2,
-        normalize=True, skip_bad=True, errors=errors,
-    )  # fmt: skip
-    assert kept == paths and list(errors) == [str(image_tree / "notes.md")]
-    np.testing.assert_allclose(feats, reference(model, variables, paths), atol=2e-5)
+        md, paths * 3 + [str(image_tree / "notes.md")], batch_size=7, skip_bad=True, errors=errors
+    )
+    assert kept == paths * 3 and list(errors) == [str(image_tree / "notes.md")]
+    np.testing.assert_allclose(feats, np.tile(reference(variables, paths), (3, 1)), atol=2e-5)
+    extract.extract_features(md, paths[:2] * 4, batch_size=7)
+    # 9 + 8 images in batches of 7 (the last of each call padded); no other test uses 7.
+    assert extract._jitted_forward()._cache_size() == before + 1
+    # Overrides through the library: another preprocessing and the raw backbone output.
+    pre = Preprocess(resize=(32, 40))
+    feats, _ = extract.extract_features(
+        md, paths[:1], preprocess=pre, features=FeatureSpec("backbone", normalize=False)
+    )
+    x = image.normalize(image.resize_bilinear(image.decode_image(paths[0]), (32, 40)))[None]
+    want = jax.jit(lambda v, x: TINY_MODEL.apply(v, x, train=False)["backbone"])(variables, x)
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
 
     r = subprocess.run(
         [sys.executable, "-m", "jaxrec.extract", "--help"], capture_output=True, text=True
     )
     assert r.returncode == 0
-    assert "relative paths in a list are resolved against" in " ".join(r.stdout.split())
+    text = " ".join(r.stdout.split())
+    assert "relative paths in a list are resolved against" in text
+    assert "with the model's own preprocessing" in text and "training workdir" in text
