@@ -196,11 +196,11 @@ def test_tfds_source(tmp_path):
 
 def test_tfds_source_through_threaded_loader(tmp_path):
     from jaxrec.data.loader import EvalLoader
-    from jaxrec.data.transforms import EvalTransform
+    from jaxrec.data.preprocess import Preprocess
 
     _build_tiny_tfds(tmp_path)
     src = load_tfds("jaxrec_tiny_images", "train", data_dir=tmp_path)
-    with EvalLoader(src, 4, EvalTransform(size=6), num_workers=4) as ev:
+    with EvalLoader(src, 4, Preprocess(resize=(6, 6)), num_workers=4) as ev:
         batches = list(ev)
     images = np.concatenate([b["image"] for b in batches])[:7]
     for i in range(7):

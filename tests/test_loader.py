@@ -17,8 +17,9 @@ from PIL import Image
 from jaxrec.data.datasets import load_list, load_query_gallery_list
 from jaxrec.data.image import ImageDecodeError, decode_image
 from jaxrec.data.loader import BadImageError, EvalLoader, TrainLoader
+from jaxrec.data.preprocess import Preprocess
 from jaxrec.data.sampler import PKSampler
-from jaxrec.data.transforms import EvalTransform, TrainTransform
+from jaxrec.data.transforms import TrainTransform
 
 SMALL = TrainTransform(size=32, pad=4)
 
@@ -114,6 +115,57 @@ def test_cache_gives_identical_batches(dataset):
     cached.close()
 
 
+def test_host_only_decodes_and_prepares_when_augmenting_on_device(dataset):
+    src = load_list(dataset / "train.txt")
+    sampler = PKSampler(src.labels, 4, 2, seed=3, num_shards=2)
+    with TrainLoader(src, sampler, SMALL, seed=5, augment_on_host=False) as loader:
+        batch = next(loader)
+    idx = sampler.global_batch(0, 0)
+    want = np.stack([SMALL.prepare(decode_image(src.read(int(i)))) for i in idx])
+    np.testing.assert_array_equal(batch["image"], want)
+    np.testing.assert_array_equal(batch["label"], src.labels[idx])
+
+
+def test_device_prefetch_keeps_batches_and_state(dataset):
+    """Transfers dispatched ahead change nothing: same batches, same resume point."""
+    src = load_list(dataset / "train.txt")
+    mesh = jax.make_mesh((8,), ("data",))
+    sampler = PKSampler(src.labels, 2, 2, seed=3, num_shards=8)
+    runs = {}
+    for depth in (0, 3):
+        with TrainLoader(src, sampler, SMALL, mesh=mesh, seed=1, device_prefetch=depth) as ld:
+            runs[depth] = [_np(next(ld)) for _ in range(4)]
+            state = ld.state()
+            assert len(ld._inflight.ready) <= depth
+        assert state["step"] == 4 % sampler.steps_per_epoch
+    for a, b in zip(runs[0], runs[3], strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_a_bad_image_fails_its_own_batch_not_an_earlier_one(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = []
+    for label in range(6):
+        for k in range(2):
+            Image.fromarray(_photo(rng, 16, 16)).save(tmp_path / f"{label}_{k}.png")
+            lines.append(f"{label}_{k}.png {label}")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    lines[7] = "bad.png 3"
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    src = load_list(tmp_path / "t.txt")
+    sampler = PKSampler(src.labels, 2, 2, seed=0)
+    order = [(e, s) for e in range(10) for s in range(sampler.steps_per_epoch)]
+    first_bad = next(n for n, (e, s) in enumerate(order) if 7 in sampler.batch(e, s))
+    assert first_bad >= 2
+    loader = TrainLoader(src, sampler, SMALL, prefetch=4, device_prefetch=3)
+    for _ in range(first_bad):
+        next(loader)  # later batches are decoded already; their failure must wait its turn
+    with pytest.raises(BadImageError, match=r"bad\.png"):
+        next(loader)
+    loader.close()
+
+
 def test_each_host_loads_only_its_slice(dataset):
     src = load_list(dataset / "train.txt")
     sampler = PKSampler(src.labels, 4, 2, seed=3, num_shards=4)
@@ -132,7 +184,7 @@ def test_each_host_loads_only_its_slice(dataset):
 def test_eval_loader_ordered_padded(dataset):
     src = load_query_gallery_list(dataset / "qg.txt")
     mesh = jax.make_mesh((8,), ("data",))
-    with EvalLoader(src, 16, EvalTransform(size=24), mesh=mesh) as ev:
+    with EvalLoader(src, 16, Preprocess(resize=(24, 24)), mesh=mesh) as ev:
         batches = [_np(b) for b in ev]
     assert len(batches) == 3  # 45 images / 16, last batch padded
     got = np.concatenate([b["index"][b["mask"]] for b in batches])
@@ -142,13 +194,20 @@ def test_eval_loader_ordered_padded(dataset):
     np.testing.assert_array_equal(uids[:45], src.uids)
     assert (uids[45:] == -1).all()
     one = decode_image(src.read(5))
-    np.testing.assert_array_equal(batches[0]["image"][5], EvalTransform(size=24).apply(one))
-    with EvalLoader(src, 40, EvalTransform(size=8)) as ev:
+    np.testing.assert_array_equal(batches[0]["image"][5], Preprocess(resize=(24, 24)).apply(one))
+    # A centre crop makes a non-square input.
+    with EvalLoader(src, 8, Preprocess(resize=None, resize_short=20, crop=(12, 16))) as ev:
+        first = next(iter(ev))
+    assert first["image"].shape == (8, 12, 16, 3)
+    np.testing.assert_array_equal(
+        first["image"][5], Preprocess(resize=None, resize_short=20, crop=(12, 16)).apply(one)
+    )
+    with EvalLoader(src, 40, Preprocess(resize=(8, 8))) as ev:
         last = list(ev)[-1]
     assert last["mask"].sum() == 5 and (last["label"][5:] == -1).all()
     assert (last["image"][5:] == 0).all()
     halves = [
-        list(EvalLoader(src, 40, EvalTransform(size=8), process_index=i, process_count=2))
+        list(EvalLoader(src, 40, Preprocess(resize=(8, 8)), process_index=i, process_count=2))
         for i in range(2)
     ]
     np.testing.assert_array_equal(
@@ -192,11 +251,11 @@ def test_broken_files_are_named(tmp_path):
     for name in corpus:
         (tmp_path / "l.txt").write_text(f"good0.png 0\ngood1.png 0\n{name} 0\n")
         src = load_list(tmp_path / "l.txt")
-        ev = EvalLoader(src, 3, EvalTransform(size=8))
+        ev = EvalLoader(src, 3, Preprocess(resize=(8, 8)))
         with pytest.raises(BadImageError, match=rf"{name} \(.*l\.txt line 3\).*skip_bad"):
             list(ev)
         ev.close()
-        ev = EvalLoader(src, 3, EvalTransform(size=8), skip_bad=True)
+        ev = EvalLoader(src, 3, Preprocess(resize=(8, 8)), skip_bad=True)
         (batch,) = list(ev)
         assert batch["mask"].tolist() == [True, True, False]
         assert len(ev.bad_images()) == 1 and name in ev.bad_images()[0]
@@ -262,7 +321,8 @@ jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 from jaxrec.data.datasets import load_list, load_query_gallery_list
 from jaxrec.data.loader import EvalLoader, TrainLoader
 from jaxrec.data.sampler import PKSampler
-from jaxrec.data.transforms import EvalTransform, TrainTransform
+from jaxrec.data.preprocess import Preprocess
+from jaxrec.data.transforms import TrainTransform
 mesh = jax.make_mesh((8,), ("data",))
 src = load_list(root + "/train.txt")
 sampler = PKSampler(src.labels, 4, 2, seed=9, num_shards=8)
@@ -270,7 +330,7 @@ loader = TrainLoader(src, sampler, TrainTransform(size=16, pad=2), mesh=mesh, se
 batch = next(loader)
 local = np.concatenate([np.asarray(s.data) for s in batch["label"].addressable_shards])
 total = int(jax.jit(lambda x: x.sum())(batch["label"]))
-ev = EvalLoader(load_query_gallery_list(root + "/qg.txt"), 16, EvalTransform(size=8), mesh=mesh)
+ev = EvalLoader(load_query_gallery_list(root + "/qg.txt"), 16, Preprocess(resize=(8, 8)), mesh=mesh)
 n_valid = sum(int(jax.jit(lambda m: m.sum())(b["mask"])) for b in ev)
 print(json.dumps({"local": local.tolist(), "total": total, "n_valid": n_valid,
                   "shards": loader.shards}))

@@ -4,12 +4,17 @@ Train batches come from :class:`~jaxrec.data.sampler.PKSampler`: the global batc
 group per device of the mesh (independent per device, as in PaddleClas); each process loads only
 the groups of its own devices and the batch is assembled with
 ``jax.make_array_from_process_local_data`` on ``NamedSharding(mesh, P("data"))``. Images stay
-uint8 ``[B, H, W, 3]``; normalization runs on device (``jaxrec.data.image.normalize``).
+uint8 ``[B, H, W, 3]`` on the wire; normalization (and, with ``augment_on_host=False``, the
+random augmentation: ``jaxrec.data.device_aug``) runs on device.
 
 Everything random is a function of (seed, epoch, step, position), so ``state()``/``restore()``
 (a small dict) resume exactly, independent of the worker count and of prefetching.
 
-Decoding runs in a thread pool: Pillow's decoder and the numpy kernels release the GIL.
+Overlap: a thread pool decodes ``prefetch`` batches ahead, each worker writing its image straight
+into the batch buffer (no stacking copy on the main thread); finished batches are handed to
+``jax.make_array_from_process_local_data`` early, so up to ``device_prefetch`` batches are already
+being copied to the devices (asynchronously) while the current step computes. OpenCV and Pillow
+release the GIL, and OpenCV's own threads are switched off so the pool does not oversubscribe.
 """
 
 from __future__ import annotations
@@ -19,22 +24,24 @@ import concurrent.futures as cf
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from jaxrec.data.datasets import Source
-from jaxrec.data.image import decode_image
+from jaxrec.data.image import decode_image, limit_opencv_threads
+from jaxrec.data.preprocess import Preprocess
 from jaxrec.data.sampler import PKSampler
-from jaxrec.data.transforms import EvalTransform, TrainTransform, rng_for
+from jaxrec.data.transforms import TrainTransform, rng_for
+from jaxrec.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 _INT32_MAX = 2**31 - 1
 
 
-class BadImageError(ValueError):
+class BadImageError(DatasetError):
     """An image of the dataset could not be read or decoded; names the file and list line."""
 
 
@@ -106,6 +113,51 @@ def _put(batch: dict[str, np.ndarray], mesh: Any, global_rows: int) -> dict[str,
     }
 
 
+def _thread_pool(num_workers: int | None, name: str) -> cf.ThreadPoolExecutor:
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    return cf.ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=limit_opencv_threads)
+
+
+class _InFlight:
+    """Batches in order: decode jobs on the pool, then device transfers dispatched ahead of use.
+
+    A job is ``(futures, finish)``; ``finish()`` waits for the futures and returns the host batch.
+    ``pop`` hands out the oldest batch and then starts the transfer of every following job whose
+    futures have all succeeded, up to ``depth`` device batches (it never blocks for them, and a
+    failed job raises only when its own turn comes).
+    """
+
+    def __init__(self, put: Callable[[dict], dict], depth: int) -> None:
+        self.put = put
+        self.depth = max(0, int(depth))
+        self.jobs: collections.deque = collections.deque()
+        self.ready: collections.deque = collections.deque()
+
+    def add(self, futures: list[cf.Future], finish: Callable[[], dict]) -> None:
+        self.jobs.append((futures, finish))
+
+    def _ok(self, futures: list[cf.Future]) -> bool:
+        return all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+
+    def pop(self) -> dict:
+        if not self.ready:
+            self.ready.append(self.put(self.jobs.popleft()[1]()))
+        out = self.ready.popleft()
+        while self.jobs and len(self.ready) < self.depth and self._ok(self.jobs[0][0]):
+            self.ready.append(self.put(self.jobs.popleft()[1]()))
+        return out
+
+    def clear(self) -> None:
+        for futures, _ in self.jobs:
+            for f in futures:
+                f.cancel()
+        self.jobs.clear()
+        self.ready.clear()
+
+    def __len__(self) -> int:
+        return len(self.jobs) + len(self.ready)
+
+
 class _Decoder:
     """Reads, decodes and prepares (first resize) records, optionally caching the result.
 
@@ -159,10 +211,14 @@ class TrainLoader:
     without it numpy arrays of this process's rows. ``sampler.num_shards`` must equal the number
     of devices in ``mesh``.
 
-    ``skip_bad`` replaces an unreadable image by another image of the same id (deterministically)
-    and logs it; ``bad_images()`` lists them. ``cache_bytes`` keeps up to that many bytes of
-    decoded, first-resized images in memory (size x size x 3 bytes each; 150 KB at 224), which
-    removes decoding and the first resize from later epochs of small datasets.
+    ``augment_on_host=False`` returns the images after decoding and the deterministic first
+    resize only (``transform.prepare``); the random part then runs in the jitted step
+    (``jaxrec.data.device_aug.DeviceAugment``). ``skip_bad`` replaces an unreadable image by
+    another image of the same id (deterministically) and logs it; ``bad_images()`` lists them.
+    ``cache_bytes`` keeps up to that many bytes of decoded, first-resized images in memory
+    (size x size x 3 bytes each; 150 KB at 224), which removes decoding and the first resize
+    from later epochs of small datasets. ``prefetch`` batches are decoded ahead and up to
+    ``device_prefetch`` of them are already on their way to the devices.
     """
 
     def __init__(
@@ -175,6 +231,8 @@ class TrainLoader:
         seed: int = 0,
         num_workers: int | None = None,
         prefetch: int = 2,
+        device_prefetch: int = 2,
+        augment_on_host: bool = True,
         skip_bad: bool = False,
         cache_bytes: int = 0,
         process_index: int | None = None,
@@ -191,15 +249,15 @@ class TrainLoader:
         self.mesh = mesh
         self.seed = int(seed)
         self.prefetch = max(1, int(prefetch))
+        self.augment_on_host = bool(augment_on_host)
         self.shards = _local_shards(mesh, sampler.num_shards, process_index, process_count)
         self.global_rows = sampler.num_shards * sampler.batch_size
         self._labels = _check_int32(source.labels, "labels", source)
         self._decoder = _Decoder(source, skip_bad, self.transform.prepare, cache_bytes)
-        workers = num_workers or min(8, os.cpu_count() or 1)
-        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrec-data")
+        self._pool = _thread_pool(num_workers, "jaxrec-data")
         self._epoch = 0  # next batch handed out
         self._step = 0
-        self._pending: collections.deque = collections.deque()
+        self._inflight = _InFlight(lambda b: _put(b, mesh, self.global_rows), device_prefetch)
         self._cursor = (0, 0)  # next batch to submit
 
     # -- state ----------------------------------------------------------------------------
@@ -227,18 +285,21 @@ class TrainLoader:
         ):
             if key in state and int(state[key]) != mine:
                 raise ValueError(f"loader state has {key}={state[key]} but this loader has {mine}")
-        self._drain()
+        self._inflight.clear()
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
         self._cursor = (self._epoch, self._step)
 
     # -- work -----------------------------------------------------------------------------
 
-    def _item(self, epoch: int, aug_index: int, idx: int) -> tuple[np.ndarray, int]:
+    def _item(self, out: np.ndarray, row: int, epoch: int, aug_index: int, idx: int) -> int:
         img = self._decoder.load(idx)
         if img is None:
             idx, img = self._substitute(idx)
-        params = self.transform.sample(rng_for(self.seed, epoch, aug_index))
-        return self.transform.apply_prepared(img, params), idx
+        if self.augment_on_host:
+            params = self.transform.sample(rng_for(self.seed, epoch, aug_index))
+            img = self.transform.apply_prepared(img, params)
+        out[row] = img
+        return idx
 
     def _substitute(self, idx: int) -> tuple[int, np.ndarray]:
         group = np.flatnonzero(self.source.labels == self.source.labels[idx])
@@ -252,46 +313,45 @@ class TrainLoader:
             f"{self.source.describe(idx)}; skip_bad cannot substitute it"
         )
 
-    def _submit(self, epoch: int, step: int) -> list[cf.Future]:
+    def _submit(self, epoch: int, step: int) -> None:
         bs = self.sampler.batch_size
+        s = self.transform.size
+        images = np.empty((bs * len(self.shards), s, s, 3), np.uint8)
         futures = []
-        for shard in self.shards:
+        for k, shard in enumerate(self.shards):
             idx = self.sampler.batch(epoch, step, shard)
             base = (step * self.sampler.num_shards + shard) * bs
             futures.extend(
-                self._pool.submit(self._item, epoch, base + j, int(i)) for j, i in enumerate(idx)
+                self._pool.submit(self._item, images, k * bs + j, epoch, base + j, int(i))
+                for j, i in enumerate(idx)
             )
-        return futures
+
+        def finish() -> dict[str, np.ndarray]:
+            rows = np.asarray([f.result() for f in futures], dtype=np.int64)
+            return {"image": images, "label": self._labels[rows]}
+
+        self._inflight.add(futures, finish)
 
     def _fill(self) -> None:
-        while len(self._pending) < self.prefetch:
+        while len(self._inflight.jobs) < self.prefetch:
             e, s = self._cursor
-            self._pending.append(self._submit(e, s))
+            self._submit(e, s)
             s += 1
             if s >= self.steps_per_epoch:
                 e, s = e + 1, 0
             self._cursor = (e, s)
-
-    def _drain(self) -> None:
-        for futures in self._pending:
-            for f in futures:
-                f.cancel()
-        self._pending.clear()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
         self._fill()
-        futures = self._pending.popleft()
+        batch = self._inflight.pop()
         self._fill()
-        results = [f.result() for f in futures]
-        images = np.stack([r[0] for r in results])
-        labels = self._labels[np.asarray([r[1] for r in results], dtype=np.int64)]
         self._step += 1
         if self._step >= self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
-        return _put({"image": images, "label": labels}, self.mesh, self.global_rows)
+        return batch
 
     def iter_epoch(self) -> Iterator[dict[str, Any]]:
         """The remaining batches of the current epoch."""
@@ -304,7 +364,7 @@ class TrainLoader:
         return self._decoder.report()
 
     def close(self) -> None:
-        self._drain()
+        self._inflight.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> TrainLoader:
@@ -317,8 +377,9 @@ class TrainLoader:
 class EvalLoader:
     """Ordered batches over a query/gallery source, last batch padded, with a validity mask.
 
-    Batches: ``{"image": uint8 [B, S, S, 3], "label": int32 [B], "index": int32 [B],
-    "mask": bool [B]}`` plus ``"uid": int32 [B]`` when the list has a third column. Rows past
+    Batches: ``{"image": uint8 [B, h, w, 3], "label": int32 [B], "index": int32 [B],
+    "mask": bool [B]}`` plus ``"uid": int32 [B]`` when the list has a third column; (h, w) is
+    ``preprocess.input_size`` and each image goes through ``preprocess.apply``. Rows past
     the end (padding) and, with ``skip_bad``, unreadable images have ``mask == False`` (their
     pixels are zero). ``batch_size`` is global and must divide evenly over the mesh's devices and
     the processes; each process loads only its contiguous slice of every batch.
@@ -328,11 +389,12 @@ class EvalLoader:
         self,
         source: Source,
         batch_size: int = 64,
-        transform: EvalTransform | None = None,
+        preprocess: Preprocess | None = None,
         *,
         mesh: Any = None,
         num_workers: int | None = None,
         prefetch: int = 2,
+        device_prefetch: int = 2,
         skip_bad: bool = False,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -340,10 +402,11 @@ class EvalLoader:
         import jax
 
         self.source = source
-        self.transform = transform or EvalTransform()
+        self.preprocess = preprocess or Preprocess()
         self.mesh = mesh
         self.batch_size = int(batch_size)
         self.prefetch = max(1, int(prefetch))
+        self.device_prefetch = device_prefetch
         pc = jax.process_count() if process_count is None else process_count
         pi = jax.process_index() if process_index is None else process_index
         if mesh is not None:
@@ -359,53 +422,55 @@ class EvalLoader:
         self._rows = (pi * rows, (pi + 1) * rows)
         self._labels = _check_int32(source.labels, "labels", source)
         self._uids = None if source.uids is None else _check_int32(source.uids, "uids", source)
-        self._decoder = _Decoder(source, skip_bad, self.transform.prepare)
-        workers = num_workers or min(8, os.cpu_count() or 1)
-        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxrec-eval")
+        self._decoder = _Decoder(source, skip_bad, self.preprocess.apply)
+        self._pool = _thread_pool(num_workers, "jaxrec-eval")
 
     def __len__(self) -> int:
         return -(-len(self.source) // self.batch_size)
 
-    def _item(self, i: int) -> np.ndarray | None:
-        return self._decoder.load(i)
+    def _item(self, out: np.ndarray, row: int, i: int) -> bool:
+        img = self._decoder.load(i)
+        if img is None:
+            return False
+        out[row] = img
+        return True
 
-    def _submit(self, b: int) -> tuple[np.ndarray, list[cf.Future | None]]:
+    def _submit(self, b: int, inflight: _InFlight) -> None:
         lo, hi = self._rows
         idx = np.arange(b * self.batch_size + lo, b * self.batch_size + hi)
+        n = len(self.source)
+        images = np.zeros((idx.size, *self.preprocess.input_size, 3), np.uint8)
         futs = [
-            self._pool.submit(self._item, int(i)) if i < len(self.source) else None for i in idx
+            self._pool.submit(self._item, images, r, int(i)) for r, i in enumerate(idx) if i < n
         ]
-        return idx, futs
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        pending: collections.deque = collections.deque()
-        nxt = 0
-        s = self.transform.size
-        for _ in range(len(self)):
-            while nxt < len(self) and len(pending) < self.prefetch:
-                pending.append(self._submit(nxt))
-                nxt += 1
-            idx, futs = pending.popleft()
-            n = idx.size
-            images = np.zeros((n, s, s, 3), np.uint8)
-            mask = np.zeros(n, bool)
-            for r, f in enumerate(futs):
-                img = None if f is None else f.result()
-                if img is not None:
-                    images[r] = img
-                    mask[r] = True
-            safe = np.minimum(idx, len(self.source) - 1)
+        def finish() -> dict[str, np.ndarray]:
+            mask = np.zeros(idx.size, bool)
+            mask[: len(futs)] = [f.result() for f in futs]
+            safe = np.minimum(idx, n - 1)
             batch = {
                 "image": images,
-                "label": np.where(idx < len(self.source), self._labels[safe], -1).astype(np.int32),
+                "label": np.where(idx < n, self._labels[safe], -1).astype(np.int32),
                 "index": idx.astype(np.int32),
                 "mask": mask,
             }
             if self._uids is not None:
-                batch["uid"] = np.where(idx < len(self.source), self._uids[safe], -1).astype(
-                    np.int32
-                )
-            yield _put(batch, self.mesh, self.batch_size)
+                batch["uid"] = np.where(idx < n, self._uids[safe], -1).astype(np.int32)
+            return batch
+
+        inflight.add(futs, finish)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        inflight = _InFlight(lambda b: _put(b, self.mesh, self.batch_size), self.device_prefetch)
+        nxt = 0
+        try:
+            for _ in range(len(self)):
+                while nxt < len(self) and len(inflight.jobs) < self.prefetch:
+                    self._submit(nxt, inflight)
+                    nxt += 1
+                yield inflight.pop()
+        finally:
+            inflight.clear()
 
     def bad_images(self) -> list[str]:
         """Images masked out because of ``skip_bad`` (file, list line and reason)."""

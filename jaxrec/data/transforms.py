@@ -236,7 +236,12 @@ class AugParams:
 
 @dataclasses.dataclass(frozen=True)
 class RandomErasingConfig:
-    """PaddleClas ``RandomErasing`` (mode ``const``) applied to the final uint8 image."""
+    """PaddleClas ``RandomErasing`` (mode ``const``) applied to the final uint8 image.
+
+    ``mean`` is the fill in normalized space (PaddleClas's value). ``fill`` is the uint8 RGB
+    colour actually written; when None it is derived from ``mean`` with ImageNet's normalization
+    (:func:`normalized_to_uint8`). The config resolver sets it from the run's own normalization.
+    """
 
     prob: float = 0.5
     sl: float = 0.02
@@ -245,6 +250,12 @@ class RandomErasingConfig:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     attempt: int = 100
     use_log_aspect: bool = False
+    fill: tuple[int, int, int] | None = None
+
+    @property
+    def fill_rgb(self) -> tuple[int, int, int]:
+        """The uint8 RGB colour of erased pixels."""
+        return normalized_to_uint8(self.mean) if self.fill is None else self.fill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,25 +337,8 @@ class TrainTransform:
             x = resize_bilinear(np.ascontiguousarray(x), (s, s))
         if p.erase_box is not None:
             assert self.erasing is not None
-            x = erase(x, p.erase_box, normalized_to_uint8(self.erasing.mean))
+            x = erase(x, p.erase_box, self.erasing.fill_rgb)
         return np.ascontiguousarray(x)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return self.apply(img, self.sample(rng))
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalTransform:
-    """Eval chain (spec 6.4): cv2-bilinear resize to ``size`` x ``size``, nothing random."""
-
-    size: int = 224
-
-    def prepare(self, img: np.ndarray) -> np.ndarray:
-        s = self.size
-        return img if img.shape[:2] == (s, s) else resize_bilinear(img, (s, s))
-
-    def apply(self, img: np.ndarray, p: AugParams | None = None) -> np.ndarray:
-        return self.prepare(img)
-
-    def __call__(self, img: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        return self.apply(img)
