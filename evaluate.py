@@ -6,6 +6,9 @@
 
 Prints Recall@k / mAP on the config's Eval query/gallery sets, writes
 WORKDIR/eval/eval_step{N}.json and a rank-list picture WORKDIR/eval/ranklist_step{N}.png.
+Read-only: nothing in the workdir is moved or deleted. If the best checkpoint is unreadable,
+the newest readable checkpoint is evaluated instead, with a warning naming it (an explicit
+--step must be readable).
 """
 
 from __future__ import annotations
@@ -32,20 +35,25 @@ def main(argv: list[str]) -> None:
 
     from absl import logging
 
-    from jaxrec import train_lib
+    from jaxrec.errors import JaxrecError
+    from jaxrec.evaluation import evaluate_workdir
 
     if not any(a.startswith(("-v", "--v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
 
     which = "latest" if _LATEST.value else "best"
-    res = train_lib.evaluate_workdir(
-        _WORKDIR.value,
-        which=which,
-        step=_STEP.value,
-        output=_OUTPUT.value,
-        num_visualize=_NUM_VIS.value,
-    )
-    print(f"checkpoint step {res['step']} of {_WORKDIR.value}")
+    try:
+        res = evaluate_workdir(
+            _WORKDIR.value,
+            which=which,
+            step=_STEP.value,
+            output=_OUTPUT.value,
+            num_visualize=_NUM_VIS.value,
+        )
+    except JaxrecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"evaluated {res['source']}")
     print(f"{'metric':<12}{'value':>10}")
     for k, v in res["metrics"].items():
         print(f"{k:<12}{v:>10.4f}")

@@ -5,9 +5,11 @@
 
 Re-running the same command resumes from the newest checkpoint in --workdir (model, optimizer,
 data position and RNG), so an interrupted run ends exactly where an uninterrupted one would.
+`--restore_step N` resumes from an earlier checkpoint instead (later ones are moved aside).
 Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
 (or let SLURM / Open MPI / JAX_COORDINATOR_ADDRESS be auto-detected).
 Outputs in --workdir: config.json, checkpoints/ (last K), best/ (best recall1), tensorboard/.
+Every config key is honoured or rejected by name; docs/CONFIG.md lists the few inert ones.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ _COORD = flags.DEFINE_string(
 )
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (0-based).")
+_RESTORE = flags.DEFINE_integer(
+    "restore_step",
+    None,
+    "Resume from this checkpoint step instead of the newest (e.g. after a divergence); the "
+    "later checkpoints are moved aside to STEP.discarded.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,26 +49,23 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from jaxrec import train_lib
+    from jaxrec import parallel, trainer
+    from jaxrec.errors import JaxrecError
 
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv
     ):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
-    train_lib.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     try:
-        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (
-        train_lib.ConfigMismatchError,
-        train_lib.CheckpointMismatchError,
-        train_lib.TrainingDivergedError,
-    ) as e:
+        parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+        trainer.train(_CONFIG.value, _WORKDIR.value, restore_step=_RESTORE.value)
+    except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    from jaxrec.config_lib import parse_flags_with_config_errors
+    from jaxrec.config.flags import parse_flags_with_config_errors
 
     app.run(main, flags_parser=parse_flags_with_config_errors)

@@ -84,7 +84,8 @@ class Checkpoints:
         from jaxrec.parallel import host_copy
 
         host = host_copy(state)
-        meta = dict(meta, signature=signature(host.params, host.batch_stats))
+        largest = max((float(np.max(np.abs(a))) for a in jax.tree.leaves(host.params)), default=0)
+        meta = dict(meta, signature=signature(host.params, host.batch_stats), param_max_abs=largest)
         mgr = self.best if best else self.latest
         if step in mgr.all_steps():
             return

@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrec.errors import JaxrecError
+
 AXIS = "data"
 
 
@@ -70,7 +72,7 @@ def maybe_initialize_distributed(
     """
     if coordinator_address or num_processes:
         if not (coordinator_address and num_processes is not None and process_id is not None):
-            raise ValueError(
+            raise JaxrecError(
                 "multi-process training needs all of --coordinator_address, --num_processes "
                 "and --process_id (or none of them to auto-detect a cluster)"
             )

@@ -124,8 +124,9 @@ def save_rank_list(
     """Draw ranked retrieval results and write them as a PNG.
 
     ``indices[q]`` / ``scores[q]`` are the ranked gallery indices and similarities of query q
-    (e.g. from :func:`jaxrec.eval_lib.topk_neighbors`); ``rows`` selects which queries to draw
-    (default: all). A result is correct when its gallery label equals the query label.
+    (e.g. from :func:`jaxrec.evaluation.retrieval.topk_neighbors`); ``rows`` selects which
+    queries to draw (default: all). A result is correct when its gallery label equals the
+    query label.
     """
     indices = np.asarray(indices)
     rows = list(range(indices.shape[0])) if rows is None else list(rows)

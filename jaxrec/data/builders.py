@@ -1,0 +1,105 @@
+"""Runtime data objects from the resolved run: sources, samplers, loaders, eval batches.
+
+The config resolver (`jaxrec.config`) has already read and checked every key; this module only
+opens the files the specs name and builds the pipeline objects, checking the labels against the
+classifier head on the way (a label outside the head is an error naming the list line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jaxrec.config.spec import DatasetSpec, EvalDataSpec, TrainDataSpec
+from jaxrec.data import datasets
+from jaxrec.data.preprocess import Preprocess
+from jaxrec.errors import LabelError
+
+
+def load_source(spec: DatasetSpec) -> datasets.Source:
+    """The dataset a spec names (list files are parsed and every image checked to exist)."""
+    if spec.kind == "PreparedDataset":
+        return datasets.load_prepared(spec.prepared_dir)
+    if spec.kind == "VeriWild":
+        return datasets.load_query_gallery_list(
+            spec.label_path, spec.image_root, relabel=spec.relabel
+        )
+    return datasets.load_list(
+        spec.label_path, spec.image_root, delimiter=spec.delimiter, relabel=spec.relabel
+    )
+
+
+def check_labels(source: datasets.Source, class_num: int, where: str) -> None:
+    """Every label must lie in [0, class_num): JAX gathers and one-hots do not raise on an
+    out-of-range index (a -1 silently becomes the last class), so this is checked on the host
+    before anything is compiled."""
+    labels = np.asarray(source.labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= class_num))
+    if bad.size == 0:
+        return
+    i = int(bad[0])
+    line = f" line {int(source.lines[i])}" if source.lines is not None else ""
+    raise LabelError(
+        f"{source.name}{line}: label {int(labels[i])} (image {source.paths[i]}) is outside the "
+        f"classifier's {class_num} classes [0, {class_num - 1}] set by {where}; "
+        f"{bad.size} label(s) of {labels.size} are out of range. Fix the list, raise "
+        f"{where}, or set relabel: True to map the labels to 0..K-1."
+    )
+
+
+def train_loader(spec: TrainDataSpec, mesh: Any, seed: int, class_num: int | None = None):
+    """The PK-sampled, augmented, device-sharded training loader (one PxK group per device)."""
+    from jaxrec.data.loader import TrainLoader
+    from jaxrec.data.sampler import PKSampler
+
+    source = load_source(spec.dataset)
+    if class_num is not None:
+        check_labels(source, class_num, "Arch.Head.class_num")
+    s = spec.sampler
+    sampler = PKSampler(
+        source.labels,
+        s.batch_size,
+        s.sample_per_id,
+        sample_method=s.sample_method,
+        id_list=list(s.id_list) or None,
+        ratio=list(s.ratio) or None,
+        seed=seed,
+        num_shards=mesh.devices.size,
+        shuffle=s.shuffle,
+    )
+    kwargs = {}
+    if spec.augment_on_device:
+        kwargs["augment_on_host"] = False
+    return TrainLoader(
+        source,
+        sampler,
+        spec.transform,
+        mesh=mesh,
+        seed=seed,
+        num_workers=spec.num_workers,
+        **kwargs,
+    )
+
+
+def eval_batches(
+    source: datasets.Source,
+    preprocess: Preprocess,
+    batch_size: int,
+    mesh: Any,
+    num_workers: int | None = None,
+) -> Iterator[Any]:
+    """Global uint8 image batches of a query/gallery source, in order, the last one padded."""
+    from jaxrec.data.loader import EvalLoader
+
+    with EvalLoader(source, batch_size, preprocess, mesh=mesh, num_workers=num_workers) as loader:
+        for batch in loader:
+            yield batch["image"]
+
+
+def eval_sources(spec: EvalDataSpec) -> tuple[datasets.Source, datasets.Source]:
+    """(query, gallery) sources; the same object when both sections name the same list."""
+    query = load_source(spec.query)
+    gallery = query if spec.same_lists else load_source(spec.gallery)
+    return query, gallery

@@ -1,0 +1,83 @@
+"""`python evaluate.py --workdir`: evaluate a training run's checkpoint with its own config.
+
+Needs no optimizer: the model variables are read from the checkpoint (read-only; an unreadable
+best checkpoint falls back to the newest readable one with a warning, and nothing in the
+workdir is moved). Writes the metrics as JSON and a rank-list picture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxrec.checkpoint import restore_variables
+from jaxrec.evaluation.evaluator import RetrievalEvaluator
+from jaxrec.evaluation.ranklist import save_rank_list
+from jaxrec.evaluation.retrieval import topk_neighbors
+from jaxrec.parallel import make_mesh
+
+
+def evaluate_workdir(
+    workdir: str,
+    which: str = "best",
+    step: int | None = None,
+    output: str | None = None,
+    num_visualize: int = 8,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint of a training run; returns {"step", "metrics", "json", "png",
+    "source"}. Writes `eval_step{N}.json` and (num_visualize > 0) `ranklist_step{N}.png` into
+    `output` (default WORKDIR/eval)."""
+    from jaxrec.models import build_model
+
+    workdir = os.path.abspath(workdir)
+    run, variables, n, desc = restore_variables(workdir, which, step)
+    mesh = make_mesh()
+    model = build_model(run.model_arch(training=False))
+    evaluator = RetrievalEvaluator(run.eval, model, mesh)
+    res = evaluator.evaluate(variables, return_features=True)
+    metrics = res["metrics"]
+    out_dir = output or os.path.join(workdir, "eval")
+    result = {"step": n, "metrics": metrics, "json": None, "png": None, "source": desc}
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        jpath = os.path.join(out_dir, f"eval_step{n}.json")
+        with open(jpath, "w") as f:
+            json.dump({"workdir": workdir, "step": n, "metrics": metrics}, f, indent=2)
+            f.write("\n")
+        result["json"] = jpath
+        if num_visualize > 0:
+            png = os.path.join(out_dir, f"ranklist_step{n}.png")
+            result["png"] = draw_ranklist(evaluator, res, png, num_visualize)
+    return result
+
+
+def draw_ranklist(evaluator: RetrievalEvaluator, res: dict, path: str, num: int, k: int = 5) -> str:
+    """Rank-list PNG of `num` evenly spaced queries and their top-k gallery items."""
+    from jaxrec.data.loader import to_rgb_array
+
+    q, g = evaluator.query, evaluator.gallery
+    rows = np.unique(np.linspace(0, len(q) - 1, num).round().astype(np.int64))
+    has_ids = q.uids is not None and g.uids is not None
+    scores, idx = topk_neighbors(
+        res["query_features"][rows],
+        res["gallery_features"],
+        min(k, len(g)),
+        query_labels=q.labels[rows],
+        gallery_labels=g.labels,
+        query_ids=q.uids[rows] if has_ids else None,
+        gallery_ids=g.uids if has_ids else None,
+        mesh=evaluator.mesh,
+    )
+
+    def load(src, i):
+        return to_rgb_array(src.read(int(i)), src.paths[int(i)])
+
+    gallery_images = {int(j): load(g, j) for j in np.unique(idx)}
+    save_rank_list(
+        path, [load(q, i) for i in rows], gallery_images, q.labels[rows], g.labels, idx, scores
+    )
+    return path

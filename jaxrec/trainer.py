@@ -1,0 +1,304 @@
+"""The training loop: `train(config, workdir)`.
+
+Data flow: config -> `config.resolve` -> Run -> (data.builders: loader) -> (step: jitted,
+donated train step) -> checkpoint (WORKDIR/checkpoints, best/) with evaluation
+(evaluation.RetrievalEvaluator, built once) at epoch ends.
+
+Per step the loop only dispatches work: metrics stay on device, summed by a small jitted
+accumulator that also records the first update with a non-finite value. They are fetched at
+log steps, and checked before every checkpoint and evaluation, so a checkpoint never holds a
+diverged state. Rerunning with the same workdir resumes from the newest readable checkpoint
+(model, optimizer, BN statistics, data position, RNG): a killed run ends bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec import logging_lib
+from jaxrec.checkpoint import Checkpoints
+from jaxrec.config import Run, check_resume_config, resolve, save_config
+from jaxrec.data import builders
+from jaxrec.errors import CheckpointMismatchError, TrainingDivergedError
+from jaxrec.losses import build_loss
+from jaxrec.models import build_model
+from jaxrec.optim import build_optimizer
+from jaxrec.parallel import AXIS, make_mesh
+from jaxrec.pretrained import apply_pretrained
+from jaxrec.step import create_state, init_params, make_train_step
+
+
+def _log0(msg: str) -> None:
+    if jax.process_index() == 0:
+        logging_lib.log(msg)
+
+
+@jax.jit
+def _accumulate(acc: dict, metrics: dict, update: jax.Array) -> dict:
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
+    first_bad = jnp.where((acc["first_bad"] < 0) & ~finite, update, acc["first_bad"])
+    total = {k: acc["sum"][k] + metrics[k] for k in metrics}
+    return {"sum": total, "n": acc["n"] + 1, "first_bad": first_bad, "last": metrics}
+
+
+def _fresh_acc(example: dict) -> dict:
+    zeros = {k: jnp.zeros((), jnp.float32) for k in example}
+    return {"sum": zeros, "n": jnp.zeros((), jnp.int32), "first_bad": jnp.int32(-1), "last": zeros}
+
+
+class _Divergence:
+    """Raises TrainingDivergedError with what the user can do about it."""
+
+    def __init__(self, ckpt: Checkpoints, workdir: str) -> None:
+        self.ckpt, self.workdir = ckpt, workdir
+
+    def check(self, acc_host: dict) -> None:
+        bad = int(acc_host["first_bad"])
+        if bad < 0:
+            return
+        steps = self.ckpt.steps("latest")
+        last = [s for s in steps if s < bad]
+        if last:
+            meta = self.ckpt.latest.restore(last[-1], args=_meta_args())["meta"]
+            size = meta.get("param_max_abs")
+            where = f"the last good checkpoint is step {last[-1]}"
+            if size is not None:
+                where += f" (largest |parameter| {size:.3g})"
+                if size > 1e4:
+                    where += (
+                        "; its parameters are already very large, so resuming from it will "
+                        "likely diverge again: resume from an earlier step with "
+                        f"`train.py ... --restore_step N` (kept: {steps})"
+                    )
+        else:
+            where = "no checkpoint was saved before it"
+        last_vals = {k: float(v) for k, v in acc_host["last"].items()}
+        raise TrainingDivergedError(
+            f"a loss term or the gradient norm became NaN/inf at step {bad} (last logged values "
+            f"{logging_lib.format_metrics(last_vals)}); stopped without saving: {where} in "
+            f"{self.workdir}/checkpoints. Lower Optimizer.lr.learning_rate, use a longer "
+            "Optimizer.lr.warmup_epoch, or check the training data."
+        )
+
+
+def _meta_args():
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(meta=ocp.args.JsonRestore())
+
+
+def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
+    """Train with the run's recipe, evaluating and checkpointing into `workdir`; returns the
+    last evaluation metrics (may be empty)."""
+    run: Run = resolve(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    check_resume_config(config, workdir, run.loop.allow_config_change)
+    if run.train is None:
+        raise CheckpointMismatchError("the config has no DataLoader.Train section to train on")
+    mesh = make_mesh()
+    model = build_model(run.model_arch(training=True, axis_name=AXIS))
+    loss = build_loss(list(run.loss))
+    class_num = (run.arch.get("Head") or {}).get("class_num")
+    loader = builders.train_loader(run.train, mesh, run.seed, class_num=class_num)
+    spe, epochs = loader.steps_per_epoch, run.loop.epochs
+    total_steps = spe * epochs
+
+    params, stats = init_params(model, loss, (run.image_size, run.image_size, 3), _key(run.seed))
+    if run.loop.pretrained_model:
+        params, stats = apply_pretrained(params, stats, run.loop.pretrained_model, log=_log0)
+    tx, schedule = build_optimizer(run.optim, spe, epochs, params, stats)
+    state = create_state(params, stats, tx, mesh)
+    augment = None
+    if run.train.augment_on_device:
+        from jaxrec.data.device_aug import DeviceAugment
+
+        augment = DeviceAugment.from_transform(run.train.transform)
+    train_step = make_train_step(
+        model,
+        loss,
+        tx,
+        mesh,
+        pixel=run.train.pixel,
+        schedule=schedule,
+        compute_dtype=jnp.dtype(run.compute_dtype),
+        augment=augment,
+    )
+
+    ckpt = Checkpoints(workdir, run.loop.keep_checkpoints)
+    if restore_step is not None:
+        _discard_after(ckpt, restore_step)
+    restored = ckpt.restore(state, step=restore_step)
+    best, last_metrics, loader_state = -math.inf, {}, None
+    start_epoch = start_it = 0
+    if restored is not None:
+        state, meta = restored
+        start_epoch, start_it = int(meta["epoch"]), int(meta["iteration"])
+        loader_state = meta.get("loader")
+        best = -math.inf if meta.get("best_metric") is None else float(meta["best_metric"])
+        last_metrics = dict(meta.get("eval_metrics", {}))
+        if int(meta.get("steps_per_epoch", spe)) != spe:
+            raise CheckpointMismatchError(
+                f"the checkpoint was written with {meta['steps_per_epoch']} steps per epoch, the "
+                f"data now gives {spe}: the training list changed"
+            )
+        _log0(
+            f"resumed from step {int(state.step)} (epoch {start_epoch + 1}, iteration {start_it})"
+        )
+    if jax.process_index() == 0:  # only once the checkpoint is known to fit the config
+        save_config(config, workdir)
+
+    ev = run.eval
+    evaluator = None
+    if ev.enabled or (ev.before_training and ev.data is not None):
+        from jaxrec.evaluation import RetrievalEvaluator
+
+        eval_model = build_model(run.model_arch(training=False))
+        evaluator = RetrievalEvaluator(ev, eval_model, mesh)
+    writer = logging_lib.EventWriter(os.path.join(workdir, "tensorboard")) if _is0() else None
+    gbs = loader.global_rows
+    _log0(
+        f"training on {mesh.devices.size} device(s) / {jax.process_count()} process(es): global "
+        f"batch {gbs} ({gbs // mesh.devices.size} per device), {spe} steps/epoch, {epochs} epochs,"
+        f" compute {run.compute_dtype}, workdir {workdir}"
+    )
+    if restored is None and evaluator is not None and ev.before_training:
+        m0 = evaluator.evaluate(state.model_variables)
+        _log0(f"eval before training: {logging_lib.format_metrics(m0)}")
+        _scalars(writer, 0, "eval", m0)
+
+    def meta_for(epoch: int, it: int) -> dict:
+        return {
+            "epoch": epoch,
+            "iteration": it,
+            "step": epoch * spe + it,
+            "steps_per_epoch": spe,
+            "best_metric": best if math.isfinite(best) else None,
+            "eval_metrics": last_metrics,
+            "seed": run.seed,
+            "loader": {**loader.state(), "epoch": epoch, "step": it},
+        }
+
+    diverged = _Divergence(ckpt, workdir)
+    bar = _progress(total_steps, int(state.step))
+    base_rng = _key(run.seed + 1)
+    acc = None
+    t_last, step0, t0 = time.perf_counter(), int(state.step), time.perf_counter()
+    try:
+        try:
+            loader.restore(loader_state or {"epoch": start_epoch, "step": start_it})
+        except ValueError as e:
+            raise CheckpointMismatchError(f"cannot resume the data pipeline: {e}") from e
+        for epoch in range(start_epoch, epochs):
+            it0 = start_it if epoch == start_epoch else 0
+            for it, batch in enumerate(loader.iter_epoch(), start=it0):
+                update = epoch * spe + it + 1  # 1-based number of this update, as logged
+                state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, update - 1))
+                acc = _accumulate(acc or _fresh_acc(metrics), metrics, jnp.int32(update))
+                if bar is not None:
+                    bar.update(1)
+                last_in_epoch = it + 1 == spe
+                if update % run.loop.print_every == 0 or last_in_epoch:
+                    host = jax.device_get(acc)
+                    diverged.check(host)
+                    now = time.perf_counter()
+                    ips = int(host["n"]) * gbs / max(now - t_last, 1e-9)
+                    eta = (now - t0) / max(update - step0, 1) * (total_steps - update)
+                    means = {k: float(v) / int(host["n"]) for k, v in host["sum"].items()}
+                    means["lr"] = float(host["last"].get("lr", float("nan")))
+                    line = (
+                        f"epoch {epoch + 1}/{epochs} iter {it + 1}/{spe} step {update}: "
+                        f"{logging_lib.format_metrics(means)}, {ips:.1f} img/s, "
+                        f"eta {logging_lib.format_duration(eta)}"
+                    )
+                    _write(bar, line, means)
+                    _scalars(writer, update, "train", {**means, "img_per_sec": ips})
+                    acc, t_last = None, now
+                every = run.loop.checkpoint_every_steps
+                if every and update % every == 0 and not last_in_epoch:
+                    if acc is not None:
+                        diverged.check(jax.device_get(acc))
+                    ckpt.save(update, state, meta_for(epoch, it + 1))
+            is_best = False
+            if evaluator is not None and ev.enabled and (epoch + 1) % ev.interval == 0:
+                if epoch + 1 >= ev.start_epoch:
+                    tev = time.perf_counter()
+                    last_metrics = evaluator.evaluate(state.model_variables)
+                    value = last_metrics[ev.best_metric]
+                    if value >= best or not math.isfinite(best):
+                        best, is_best = value, True
+                    _write(
+                        bar,
+                        f"eval epoch {epoch + 1}: {logging_lib.format_metrics(last_metrics)} "
+                        f"(best {ev.best_metric} {best:.5f}, {time.perf_counter() - tev:.1f}s)",
+                    )
+                    _scalars(writer, int(state.step), "eval", last_metrics)
+            # Checkpoint after the evaluation (with its metrics): a kill during evaluation
+            # re-runs it after resuming.
+            ckpt.save(int(state.step), state, meta_for(epoch + 1, 0))
+            if is_best:
+                ckpt.save(int(state.step), state, meta_for(epoch + 1, 0), best=True)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        ckpt.close()
+        loader.close()
+    return last_metrics
+
+
+def _key(seed: int) -> jax.Array:
+    return jax.random.PRNGKey(seed)
+
+
+def _is0() -> bool:
+    return jax.process_index() == 0
+
+
+def _progress(total: int, initial: int):
+    if not _is0():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, disable=None
+    )
+
+
+def _write(bar, line: str, postfix: dict | None = None) -> None:
+    if bar is None:
+        return
+    if postfix is not None:
+        bar.set_postfix(loss=f"{postfix.get('loss', float('nan')):.4f}", refresh=False)
+    bar.write(line, file=sys.stdout)
+
+
+def _scalars(writer, step: int, prefix: str, values: dict) -> None:
+    if writer is not None:
+        writer.scalars(step, {f"{prefix}/{k}": v for k, v in values.items()})
+        writer.flush()
+
+
+def _discard_after(ckpt: Checkpoints, step: int) -> None:
+    """`--restore_step N`: move the checkpoints after N aside so that N is the newest."""
+    available = sorted(set(ckpt.steps("latest")) | set(ckpt.steps("best")))
+    if step not in available:
+        raise CheckpointMismatchError(
+            f"--restore_step {step}: no such checkpoint in {ckpt.workdir}; available: {available}"
+        )
+    for mgr in (ckpt.latest, ckpt.best):
+        for s in [s for s in mgr.all_steps() if s > step]:
+            path = os.path.join(os.fspath(mgr.directory), str(s))
+            _log0(f"--restore_step {step}: moving the later checkpoint {path} to {path}.discarded")
+            if _is0():
+                os.replace(path, f"{path}.discarded")
+        mgr.reload()
