@@ -143,17 +143,22 @@ def test_device_prefetch_keeps_batches_and_state(dataset):
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_a_bad_image_fails_its_own_batch_not_an_earlier_one(tmp_path):
+def _list_with_a_bad_line(folder: Path, ids: int, per_id: int, bad_line: int, bad: str):
+    """``ids`` x ``per_id`` small PNGs in a list whose line ``bad_line`` (0-based) is ``bad``."""
     rng = np.random.default_rng(0)
     lines = []
-    for label in range(6):
-        for k in range(2):
-            Image.fromarray(_photo(rng, 16, 16)).save(tmp_path / f"{label}_{k}.png")
+    for label in range(ids):
+        for k in range(per_id):
+            Image.fromarray(_photo(rng, 16, 16)).save(folder / f"{label}_{k}.png")
             lines.append(f"{label}_{k}.png {label}")
+    lines[bad_line] = f"{bad} {bad_line // per_id}"
+    (folder / "t.txt").write_text("\n".join(lines) + "\n")
+    return load_list(folder / "t.txt")
+
+
+def test_a_bad_image_fails_its_own_batch_not_an_earlier_one(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    lines[7] = "bad.png 3"
-    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
-    src = load_list(tmp_path / "t.txt")
+    src = _list_with_a_bad_line(tmp_path, 6, 2, 7, "bad.png")
     sampler = PKSampler(src.labels, 2, 2, seed=0)
     order = [(e, s) for e in range(10) for s in range(sampler.steps_per_epoch)]
     first_bad = next(n for n, (e, s) in enumerate(order) if 7 in sampler.batch(e, s))
@@ -264,15 +269,7 @@ def test_broken_files_are_named(tmp_path):
 
 def test_skip_bad_substitutes_same_id_in_training(tmp_path):
     _broken_corpus(tmp_path)
-    rng = np.random.default_rng(0)
-    lines = []
-    for label in range(3):
-        for k in range(3):
-            Image.fromarray(_photo(rng, 16, 16)).save(tmp_path / f"{label}_{k}.png")
-            lines.append(f"{label}_{k}.png {label}")
-    lines[4] = "text.jpg 1"
-    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
-    src = load_list(tmp_path / "t.txt")
+    src = _list_with_a_bad_line(tmp_path, 3, 3, 4, "text.jpg")
     sampler = PKSampler(src.labels, 6, 3, seed=0)
     with pytest.raises(BadImageError, match=r"text\.jpg \(.*line 5\)"):
         strict = TrainLoader(src, sampler, SMALL)
