@@ -455,9 +455,10 @@ def test_bn_axis_name_synchronizes_batch_statistics():
 
 
 @pytest.mark.parametrize("k,stride,size", [(5, 1, 7), (3, 2, 8)])
-def test_depthwise_shift_lowering_equals_grouped_conv(monkeypatch, k, stride, size):
+def test_depthwise_shift_lowering_equals_grouped_conv(k, stride, size):
     """The CPU lowering (sum of shifted slices) equals lax's grouped conv, values and grads."""
     from jaxrec.models.layers import DepthwiseConv
+    from jaxrec.ops.depthwise import forced_lowering
 
     mod = DepthwiseConv(6, k, stride, use_bias=True)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
@@ -465,10 +466,10 @@ def test_depthwise_shift_lowering_equals_grouped_conv(monkeypatch, k, stride, si
     v = {"params": {"kernel": v["params"]["kernel"], "bias": jnp.arange(6.0)}}
 
     def run(impl):
-        monkeypatch.setenv("JAXREC_DW_IMPL", impl)  # read at trace time; fresh jit per impl
-        y = jax.jit(lambda v, x: mod.apply(v, x))(v, x)
-        loss = lambda v, x: jnp.sum(jnp.sin(mod.apply(v, x)))  # noqa: E731
-        g = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, x)
+        with forced_lowering(impl):  # acts at trace time: a fresh jit per lowering
+            y = jax.jit(lambda v, x: mod.apply(v, x))(v, x)
+            loss = lambda v, x: jnp.sum(jnp.sin(mod.apply(v, x)))  # noqa: E731
+            g = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, x)
         return y, g
 
     (y1, g1), (y2, g2) = run("shift"), run("conv")
@@ -476,3 +477,33 @@ def test_depthwise_shift_lowering_equals_grouped_conv(monkeypatch, k, stride, si
     np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="lowering"):
+        with forced_lowering("cudnn"):
+            pass
+
+
+def _grouped_convs(stablehlo: str) -> int:
+    return stablehlo.count("feature_group_count = 6")
+
+
+def test_depthwise_lowering_is_chosen_per_platform_at_lowering_time():
+    """One traced function: a CPU lowering keeps only the shifted slices (also in the gradient),
+    a jax.export for cpu and cuda carries both branches and picks the slices on CPU."""
+    from jaxrec.ops.depthwise import depthwise_conv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 6))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 6))
+    fwd = jax.jit(lambda x, w: depthwise_conv(x, w, 1, 1))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(depthwise_conv(x, w, 2, 1))), (0, 1)))
+    assert _grouped_convs(fwd.lower(x, w).as_text()) == 0
+    assert _grouped_convs(grad.lower(x, w).as_text()) == 0
+    exp = jax.export.export(fwd, platforms=("cpu", "cuda"))(x, w)
+    text = exp.mlir_module()
+    assert _grouped_convs(text) >= 1 and "stablehlo.case" in text  # the CUDA branch is there
+    # Called on CPU, the platform switch resolves before XLA compiles: no convolution is left.
+    compiled = jax.jit(exp.call).lower(x, w).compile().as_text()
+    assert "convolution" not in compiled and "conditional" not in compiled
+    want = np.asarray(fwd(x, w))
+    np.testing.assert_allclose(np.asarray(exp.call(x, w)), want, rtol=1e-6, atol=1e-6)
+    gx, gw = grad(x, w)  # gradients flow through the platform switch and the custom VJP
+    assert gx.shape == x.shape and gw.shape == w.shape and np.isfinite(np.asarray(gw)).all()

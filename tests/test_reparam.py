@@ -1,4 +1,5 @@
-"""reparameterize(): training-form -> deploy-form variables, exact in eval (spec 2.6)."""
+"""BN folding (jaxrec.models.fold): reparameterize() gives the deploy form (spec 2.6) and
+fold_variables() the BN-folded form; both are exact in eval."""
 
 import copy
 
@@ -7,9 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.models import abstract_variables, build_model, init_variables, reparameterize
+from jaxrec.models import (
+    ArchError,
+    abstract_variables,
+    build_model,
+    count_params,
+    fold_variables,
+    folded_arch,
+    init_variables,
+    reparameterize,
+)
+from jaxrec.models.fold import fuse_branches
 from jaxrec.models.layers import RepDepthwiseSeparable
-from jaxrec.models.reparam import fuse_branches
 
 
 def randomize(variables, seed):
@@ -120,3 +130,50 @@ def test_reparameterize_without_rep_blocks_is_identity():
     }
     out = reparameterize(v)
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(v)
+
+
+@pytest.mark.parametrize("which", sorted(ARCHS))
+def test_folded_model_matches_training_form(which):
+    """fold_variables: no BatchNorm left, every output key equal in eval, deploy form in too."""
+    arch = ARCHS[which]
+    model, fmodel = build_model(arch), build_model(folded_arch(arch))
+    v = randomize(init_variables(model), seed=5)
+    fv = fold_variables(v)
+    want = abstract_variables(fmodel)
+    assert "batch_stats" not in fv and "batch_stats" not in want
+    assert jax.tree_util.tree_structure(fv) == jax.tree_util.tree_structure(want)
+    assert set(fv["params"]["neck"]["feat_bn"]) == {"scale", "bias"}
+    assert set(fv["params"]["backbone"]["stem_0"]) == {"conv"}
+    assert set(fv["params"]["backbone"]["stem_0"]["conv"]) == {"kernel", "bias"}
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 40, 40, 3))
+    out = jax.jit(lambda v, x: model.apply(v, x))(v, x)
+    fout = jax.jit(lambda v, x: fmodel.apply(v, x))(fv, x)
+    for key in out:
+        assert rel_err(fout[key], out[key]) < 1e-5, key
+    # from the deploy form, and idempotent
+    again = fold_variables(fold_variables(reparameterize(v)))
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(fv), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="cannot train"):
+        fmodel.apply(fv, x, train=True)
+    with pytest.raises(ArchError, match="fold_bn"):
+        build_model({**arch, "fold_bn": True})
+
+
+def test_full_size_folded_count():
+    """Spec 2.7's fully conv+BN-folded count, 4,549,184, has the BNNeck folded into last_conv;
+    the folded Flax model keeps the BNNeck as its own affine map (512 scales + 512 biases) so
+    that every output key stays right. The ONNX export merges it (test_export)."""
+    arch = {
+        "name": "RecModel",
+        "Backbone": {"name": "PPLCNetV2_base_ShiTu", "class_expand": 512},
+        "BackboneStopLayer": {"name": "flatten"},
+        "Neck": {"name": "BNNeck", "num_features": 512},
+    }
+    folded = abstract_variables(build_model(folded_arch(arch)))
+    assert count_params(folded) == 4_549_184 + 2 * 512
+    ones = jax.tree_util.tree_map(
+        lambda s: np.ones(s.shape, s.dtype), abstract_variables(build_model(arch))
+    )
+    fv = fold_variables(ones)
+    assert jax.tree_util.tree_structure(fv) == jax.tree_util.tree_structure(folded)

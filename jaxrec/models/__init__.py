@@ -1,7 +1,8 @@
-"""PP-ShiTuV2 recognition model in Flax: backbone, neck, heads, RecModel, reparameterization,
-model directories. See docs/ARCHITECTURE.md for the interfaces."""
+"""PP-ShiTuV2 recognition model in Flax: backbone, neck, heads, RecModel, reparameterization and
+BN folding (`fold`), model directories. See docs/ARCHITECTURE.md for the interfaces."""
 
-from jaxrec.models.heads import ArcMargin, BNNeck, CircleMargin, CosMargin, FCHead
+from jaxrec.models.fold import fold_variables, folded_arch, reparameterize
+from jaxrec.models.heads import ArcMargin, BNNeck, CircleMargin, CosMargin, FCHead, FoldedBN
 from jaxrec.models.layers import (
     SE,
     ConvBN,
@@ -26,7 +27,6 @@ from jaxrec.models.recmodel import (
     count_params,
     init_variables,
 )
-from jaxrec.models.reparam import reparameterize
 
 __all__ = [
     "ArcMargin",
@@ -39,6 +39,7 @@ __all__ = [
     "DownscaleInInferDropout",
     "FeatureSpec",
     "FCHead",
+    "FoldedBN",
     "ModelDir",
     "PPLCNetV2",
     "RecModel",
@@ -48,6 +49,8 @@ __all__ = [
     "build_model",
     "count_params",
     "fingerprint",
+    "fold_variables",
+    "folded_arch",
     "init_variables",
     "load_model_dir",
     "make_divisible",

@@ -21,13 +21,31 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+class FoldedBN(nn.Module):
+    """An eval-mode BatchNorm folded into one per-feature affine map `x * scale + bias`
+    (params `scale`, `bias`; no statistics). See `jaxrec.models.fold`."""
+
+    num_features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (self.num_features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_features,), self.param_dtype)
+        x = x.astype(self.dtype)
+        return x * scale.astype(self.dtype) + bias.astype(self.dtype)
+
+
 class BNNeck(nn.Module):
     """Flatten then BatchNorm1D (momentum 0.9, eps 1e-5). Key `feat_bn`.
 
-    The bias is a normal parameter here; the optimizer freezes it (spec 7.3).
+    The bias is a normal parameter here; the optimizer freezes it (spec 7.3). `fold_bn=True` is
+    the BN-folded inference form: `feat_bn` is a `FoldedBN`.
     """
 
     num_features: int
+    fold_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
@@ -40,6 +58,8 @@ class BNNeck(nn.Module):
                 f"BNNeck: num_features={self.num_features} but its input has {x.shape[-1]} "
                 "features; set Neck.num_features to the backbone's class_expand"
             )
+        if self.fold_bn:
+            return FoldedBN(self.num_features, self.dtype, self.param_dtype, name="feat_bn")(x)
         return batch_norm(train, self.dtype, self.param_dtype, "feat_bn", self.bn_axis_name)(x)
 
 

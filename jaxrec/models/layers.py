@@ -8,8 +8,6 @@ Parameter and module names mirror the Paddle state-dict keys so that conversion 
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -17,8 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.models.initializers import kaiming_normal, paddle_default_conv_init
+from jaxrec.ops.depthwise import depthwise_conv
 
 Dtype = Any
+
+#: BatchNorm epsilon of every BN in the model (Paddle's default); folding uses the same value.
+BN_EPS = 1e-5
 
 
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -38,7 +40,7 @@ def batch_norm(
         use_running_average=not train,
         axis_name=axis_name if train else None,
         momentum=0.9,
-        epsilon=1e-5,
+        epsilon=BN_EPS,
         use_fast_variance=False,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -73,96 +75,12 @@ def conv2d(
     )
 
 
-def _depthwise_impl() -> str:
-    """ "shift" (sum of k*k shifted slices) on CPU, where XLA's grouped conv is 10-70x slower;
-    "conv" (lax grouped conv, cuDNN on GPU) elsewhere. JAXREC_DW_IMPL=shift|conv overrides."""
-    impl = os.environ.get("JAXREC_DW_IMPL", "auto")
-    if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
-    if impl not in ("shift", "conv"):
-        raise ValueError(f"JAXREC_DW_IMPL={impl!r}: use auto, shift or conv")
-    return impl
-
-
-def _taps(xp: jax.Array, k: int, s: int, out_hw: tuple[int, int], offset: int = 0):
-    """The k*k strided windows of `xp` (tap (i, j) starts at offset+i, offset+j)."""
-    n, _, _, c = xp.shape
-    ho, wo = out_hw
-    for i in range(k):
-        for j in range(k):
-            a, b = offset + i, offset + j
-            yield (
-                i,
-                j,
-                jax.lax.slice(
-                    xp,
-                    (0, a, b, 0),
-                    (n, a + s * (ho - 1) + 1, b + s * (wo - 1) + 1, c),
-                    (1, s, s, 1),
-                ),
-            )
-
-
-def _acc_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _dw_forward(x: jax.Array, kernel: jax.Array, s: int, p: int) -> jax.Array:
-    n, h, w, c = x.shape
-    k = kernel.shape[0]
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    acc = _acc_dtype(x.dtype)
-    y = jnp.zeros((n, ho, wo, c), acc)
-    for i, j, win in _taps(xp, k, s, (ho, wo)):
-        y = y + (win * kernel[i, j, 0]).astype(acc)
-    return y.astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_shift(x: jax.Array, kernel: jax.Array, s: int, p: int) -> jax.Array:
-    """Depthwise conv (NHWC, kernel [k,k,1,C], stride s, symmetric padding p) as a sum of k*k
-    shifted strided slices. Its gradient is written the same way (one pad of the dilated
-    output gradient, then k*k slices), which XLA compiles far faster than the autodiff form."""
-    return _dw_forward(x, kernel, s, p)
-
-
-def _dw_fwd(x, kernel, s, p):
-    return _dw_forward(x, kernel, s, p), (x, kernel)
-
-
-def _dw_bwd(s, p, res, dy):
-    x, kernel = res
-    n, h, w, c = x.shape
-    k = kernel.shape[0]
-    ho, wo = dy.shape[1], dy.shape[2]
-    acc = _acc_dtype(x.dtype)
-    # d kernel[i, j] = sum over n, a, b of xp[n, i + s*a, j + s*b] * dy[n, a, b]
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    dk = jnp.stack(
-        [jnp.sum((win * dy).astype(acc), axis=(0, 1, 2)) for _, _, win in _taps(xp, k, s, (ho, wo))]
-    ).reshape(k, k, 1, c)
-    # dx[q] = sum_r dyd[q + p + r - (k-1)] * kernel[k-1-r], dyd = dy dilated by s (zeros between)
-    lh, lw = s * (ho - 1) + 1, s * (wo - 1) + 1
-    dyp = jax.lax.pad(
-        dy,
-        jnp.zeros((), dy.dtype),
-        ((0, 0, 0), (k - 1, h + p - lh, s - 1), (k - 1, w + p - lw, s - 1), (0, 0, 0)),
-    )
-    dx = jnp.zeros((n, h, w, c), acc)
-    for r1, r2, win in _taps(dyp, k, 1, (h, w), offset=p):
-        dx = dx + (win * kernel[k - 1 - r1, k - 1 - r2, 0]).astype(acc)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-depthwise_shift.defvjp(_dw_fwd, _dw_bwd)
-
-
 class DepthwiseConv(nn.Module):
     """Depthwise k x k conv (groups = channels) with symmetric padding (k-1)//2.
 
     Same parameters as `nn.Conv(feature_group_count=C)`: `kernel` [k, k, 1, C] (+ `bias`), so
-    the two are interchangeable; only the lowering differs (see `_depthwise_impl`).
+    the two are interchangeable; only the lowering differs (`jaxrec.ops.depthwise`: shifted
+    slices on CPU, the grouped conv elsewhere).
     """
 
     features: int
@@ -186,31 +104,25 @@ class DepthwiseConv(nn.Module):
         )
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        p = (k - 1) // 2
-        if _depthwise_impl() == "conv":
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                (s, s),
-                ((p, p), (p, p)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=c,
-            )
-        else:
-            y = depthwise_shift(x, kernel, s, p)
+        y = depthwise_conv(x, kernel, s, (k - 1) // 2)
         if bias is not None:
             y = y + bias.astype(self.dtype)
         return y
 
 
 class ConvBN(nn.Module):
-    """Conv (no bias, KaimingNormal) -> BatchNorm -> optional ReLU. Keys `conv`, `bn`."""
+    """Conv (no bias, KaimingNormal) -> BatchNorm -> optional ReLU. Keys `conv`, `bn`.
+
+    `fold_bn=True` is the BN-folded inference form (`jaxrec.models.fold`): the conv carries a
+    bias and there is no `bn`.
+    """
 
     features: int
     kernel_size: int
     stride: int = 1
     groups: int = 1
     act: bool = True
+    fold_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
@@ -222,6 +134,7 @@ class ConvBN(nn.Module):
                 self.features,
                 self.kernel_size,
                 self.stride,
+                use_bias=self.fold_bn,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="conv",
@@ -232,11 +145,13 @@ class ConvBN(nn.Module):
                 self.kernel_size,
                 self.stride,
                 self.groups,
+                use_bias=self.fold_bn,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="conv",
             )(x)
-        x = batch_norm(train, self.dtype, self.param_dtype, "bn", self.bn_axis_name)(x)
+        if not self.fold_bn:
+            x = batch_norm(train, self.dtype, self.param_dtype, "bn", self.bn_axis_name)(x)
         if self.act:
             x = nn.relu(x)
         return x
@@ -288,7 +203,7 @@ class RepDepthwiseSeparable(nn.Module):
     `dw_conv_list_{i}`, then ReLU. Deploy form (`deploy=True`, `use_rep`): ReLU(DWConv(x) + b)
     with one fused `dw_conv` (kernel dw_size, with bias). The training form deliberately does not
     create Paddle's unused `dw_conv` fusion-target tensors: they never get a gradient, and
-    `reparameterize` recomputes them exactly.
+    `reparameterize` recomputes them exactly. `fold_bn` (with `deploy`) folds every other BN.
     """
 
     in_channels: int
@@ -300,6 +215,7 @@ class RepDepthwiseSeparable(nn.Module):
     use_se: bool = False
     use_shortcut: bool = False
     deploy: bool = False
+    fold_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
@@ -311,7 +227,7 @@ class RepDepthwiseSeparable(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bkw = dict(kw, bn_axis_name=self.bn_axis_name)
+        bkw = dict(kw, bn_axis_name=self.bn_axis_name, fold_bn=self.fold_bn)
         c = self.in_channels
         inp = x
         if self.use_rep and self.deploy:

@@ -73,6 +73,7 @@ class PPLCNetV2(nn.Module):
     ShiTu: last stage at stride 1 (so `stages_3_0` gains the 1x1 rep branch), `last_conv` with
     bias and no ReLU after it. `stop_after` (a name in LAYER_ORDER) turns every later layer into
     identity, like Paddle's `stop_after`; "flatten" removes `fc`. The output is [N, C].
+    `deploy` fuses the rep blocks; `fold_bn` (with `deploy`) also folds every BN into its conv.
     """
 
     scale: float = 1.0
@@ -84,6 +85,7 @@ class PPLCNetV2(nn.Module):
     shitu: bool = False
     stop_after: str | None = None
     deploy: bool = False
+    fold_bn: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
@@ -96,7 +98,7 @@ class PPLCNetV2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bkw = dict(kw, bn_axis_name=self.bn_axis_name)
+        bkw = dict(kw, bn_axis_name=self.bn_axis_name, fold_bn=self.fold_bn)
         s = self.scale
         x = x.astype(self.dtype)
         x = ConvBN(make_divisible(32 * s), 3, 2, name="stem_0", **bkw)(x, train)

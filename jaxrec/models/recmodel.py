@@ -42,6 +42,8 @@ class RecModel(nn.Module):
     def __call__(
         self, x: jax.Array, labels: jax.Array | None = None, train: bool = False
     ) -> dict[str, jax.Array]:
+        if train and self.backbone.fold_bn:
+            raise ValueError("a BN-folded model (Arch fold_bn) has no BatchNorm and cannot train")
         out: dict[str, jax.Array] = {}
         b = self.backbone(x, train)
         out["backbone"] = b
@@ -90,8 +92,11 @@ _TOP_KEYS = {
     "head_feature_from",
     "dtype",
     "deploy",
+    "fold_bn",
     "bn_axis_name",
 }
+# jaxrec-only top-level keys, also accepted beside a bare backbone's keys.
+_MODEL_KEYS = ("dtype", "deploy", "fold_bn", "bn_axis_name")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -147,6 +152,7 @@ def _build_backbone(
     dtype: Any,
     section: str,
     bn_axis_name: str | None = None,
+    fold_bn: bool = False,
 ) -> PPLCNetV2:
     _check_keys(section, cfg, _BACKBONE_KEYS)
     name = cfg.get("name")
@@ -172,20 +178,29 @@ def _build_backbone(
         shitu=shitu,
         stop_after=stop_after,
         deploy=deploy,
+        fold_bn=fold_bn,
         dtype=dtype,
         bn_axis_name=bn_axis_name,
         name="backbone",
     )
 
 
-def _build_neck(cfg: Mapping[str, Any], dtype: Any, bn_axis_name: str | None = None) -> BNNeck:
+def _build_neck(
+    cfg: Mapping[str, Any], dtype: Any, bn_axis_name: str | None = None, fold_bn: bool = False
+) -> BNNeck:
     name = cfg.get("name")
     if name != "BNNeck":
         raise ArchError(f"Arch.Neck.name: {name!r} is not supported (only 'BNNeck')")
     _check_keys("Neck", cfg, {"name", "num_features", "weight_attr", "bias_attr"})
     if "num_features" not in cfg:
         raise ArchError("Arch.Neck: BNNeck needs `num_features`")
-    return BNNeck(int(cfg["num_features"]), dtype=dtype, bn_axis_name=bn_axis_name, name="neck")
+    return BNNeck(
+        int(cfg["num_features"]),
+        fold_bn=fold_bn,
+        dtype=dtype,
+        bn_axis_name=bn_axis_name,
+        name="neck",
+    )
 
 
 def _build_head(cfg: Mapping[str, Any], dtype: Any) -> nn.Module:
@@ -250,9 +265,11 @@ def build_model(arch: Mapping[str, Any]) -> RecModel:
     `name` is "RecModel" (with Backbone / BackboneStopLayer / Neck / Head sections), or a
     backbone name such as "PPLCNetV2_base" for a bare ImageNet classifier (backbone keys then sit
     at the top level, as in PaddleClas). jaxrec-only keys: `dtype` ("float32" | "bfloat16" |
-    "float16", the compute dtype; params stay float32), `deploy` (fused rep blocks) and
-    `bn_axis_name` (mesh axis for synchronized BN batch statistics in training; default None =
-    per-device statistics, as the reference).
+    "float16", the compute dtype; params stay float32), `deploy` (fused rep blocks), `fold_bn`
+    (with `deploy`: every BatchNorm folded into its conv, BNNeck into a per-feature affine map;
+    an inference-only form, see `jaxrec.models.fold`) and `bn_axis_name` (mesh axis for
+    synchronized BN batch statistics in training; default None = per-device statistics, as the
+    reference).
     Backbone sections also accept `scale` / `depths` / `dropout_prob` for reduced-size variants.
     Unknown keys raise `ArchError` naming the key.
     """
@@ -260,12 +277,17 @@ def build_model(arch: Mapping[str, Any]) -> RecModel:
     name = arch.get("name")
     dtype = _dtype(arch)
     deploy = bool(arch.get("deploy", False))
+    fold_bn = bool(arch.get("fold_bn", False))
+    if fold_bn and not deploy:
+        raise ArchError("Arch.fold_bn: the BN-folded form needs `deploy: True` as well")
     axis = arch.get("bn_axis_name")
     if axis is not None and not isinstance(axis, str):
         raise ArchError(f"Arch.bn_axis_name: must be a mesh axis name (str), got {axis!r}")
     if name in BACKBONES:
-        bb_cfg = {k: v for k, v in arch.items() if k not in ("dtype", "deploy", "bn_axis_name")}
-        return RecModel(backbone=_build_backbone(bb_cfg, None, deploy, dtype, "(backbone)", axis))
+        bb_cfg = {k: v for k, v in arch.items() if k not in _MODEL_KEYS}
+        return RecModel(
+            backbone=_build_backbone(bb_cfg, None, deploy, dtype, "(backbone)", axis, fold_bn)
+        )
     if name != "RecModel":
         raise ArchError(
             f"Arch.name: {name!r} is not supported; use 'RecModel' or one of {sorted(BACKBONES)}"
@@ -284,8 +306,10 @@ def build_model(arch: Mapping[str, Any]) -> RecModel:
                 f"Arch.BackboneStopLayer.name: {stop_after!r} is not supported; use one of "
                 f"{list(allowed)}"
             )
-    backbone = _build_backbone(arch["Backbone"], stop_after, deploy, dtype, "Backbone", axis)
-    neck = _build_neck(arch["Neck"], dtype, axis) if arch.get("Neck") else None
+    backbone = _build_backbone(
+        arch["Backbone"], stop_after, deploy, dtype, "Backbone", axis, fold_bn
+    )
+    neck = _build_neck(arch["Neck"], dtype, axis, fold_bn) if arch.get("Neck") else None
     head = _build_head(arch["Head"], dtype) if arch.get("Head") else None
     hff = arch.get("head_feature_from", "neck")
     if hff not in ("neck", "backbone"):
