@@ -5,6 +5,10 @@ Every loader returns a :class:`Source`: image names, int64 labels, optional int6
 list line each record came from, and ``read(i)`` giving the encoded image bytes (or, for sources
 that only hold pixels, a uint8 array). Decoding and augmentation live elsewhere.
 
+:func:`load_prepared` opens a prepared dataset written by ``python -m jaxrec.prepare`` (images
+decoded once and stored at the training size; see ``jaxrec/prepare.py``); the layout constants
+below are shared with that writer.
+
 List semantics follow PaddleClas (spec section 6.1/6.2/12.2):
 
 * training lists (``ImageNetDataset``): ``path<delim>label`` with a single-space delimiter by
@@ -242,6 +246,109 @@ def load_image_folder(
         labels=np.asarray(labels, dtype=np.int64),
         reader=_file_reader(paths),
         class_names=tuple(classes),
+    )
+
+
+# ---- prepared datasets (written by jaxrec.prepare) ---------------------------------------------
+
+PREPARED_MANIFEST = "prepared.json"  # written last: its presence marks a finished preparation
+PREPARED_KIND = "jaxrec-prepared"
+PREPARED_VERSION = 1
+PREPARED_RECORDS = "records.npy"  # one row per kept image, in list order
+PREPARED_PATHS = "paths.txt"  # the original image path per record, one a line
+PREPARED_SHARDS = "shards"  # shards/NNNNN.bin: the encoded images, back to back
+#: Row of records.npy. ``line`` is the list line (0 when unknown), ``uid`` the third column
+#: (only meaningful when the manifest says ``has_uids``).
+PREPARED_RECORD_DTYPE = np.dtype(
+    [
+        ("label", "<i8"),
+        ("uid", "<i8"),
+        ("line", "<i8"),
+        ("shard", "<i4"),
+        ("length", "<i4"),
+        ("offset", "<i8"),
+    ]
+)
+
+
+def prepared_shard_path(root: str | os.PathLike, shard: int) -> str:
+    return os.path.join(os.fspath(root), PREPARED_SHARDS, f"{shard:05d}.bin")
+
+
+def read_prepared_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of a finished prepared dataset, or a DatasetError saying what is wrong."""
+    import json
+
+    path = os.path.join(os.fspath(root), PREPARED_MANIFEST)
+    if not os.path.isfile(path):
+        hint = (
+            "the preparation has not finished: run the same python -m jaxrec.prepare command "
+            "again to complete it"
+            if os.path.isdir(os.path.join(os.fspath(root), PREPARED_SHARDS))
+            else "create it with python -m jaxrec.prepare"
+        )
+        raise DatasetError(f"{root} is not a prepared dataset (no {PREPARED_MANIFEST}): {hint}")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("kind") != PREPARED_KIND or manifest.get("version") != PREPARED_VERSION:
+        raise DatasetError(
+            f"{path}: not a version-{PREPARED_VERSION} jaxrec prepared dataset (kind "
+            f"{manifest.get('kind')!r}, version {manifest.get('version')!r}); prepare it again"
+        )
+    return manifest
+
+
+def load_prepared(
+    root: str | os.PathLike, *, size: int | None = None, relabel: bool = False
+) -> Source:
+    """A dataset prepared by ``python -m jaxrec.prepare``: small images, read from shards.
+
+    Records are the original list's images in list order (minus those skipped as unreadable),
+    with their labels, list lines and third-column ids; ``read(i)`` returns the stored JPEG bytes
+    (decoded like any file) or, for the ``raw`` codec, the uint8 ``[size, size, 3]`` pixels.
+    ``size``, when given, must equal the size the set was prepared at (the training size).
+    ``relabel`` maps labels to 0..K-1 as :func:`load_list` does.
+    """
+    root = os.fspath(root)
+    manifest = read_prepared_manifest(root)
+    stored = int(manifest["size"])
+    if size is not None and int(size) != stored:
+        raise DatasetError(
+            f"{root} holds images prepared at {stored}x{stored} px but training uses {size}x{size}:"
+            f" run python -m jaxrec.prepare again with --size {size} (into another folder)"
+        )
+    rec = np.load(os.path.join(root, PREPARED_RECORDS))
+    with open(os.path.join(root, PREPARED_PATHS), encoding="utf-8") as f:
+        paths = f.read().split("\n")[: rec.size]
+    if rec.dtype != PREPARED_RECORD_DTYPE or len(paths) != rec.size:
+        raise DatasetError(f"{root}: {PREPARED_RECORDS} or {PREPARED_PATHS} is damaged")
+    labels = rec["label"].copy()
+    if relabel:
+        mapping = relabel_map(labels)
+        labels = np.asarray([mapping[int(v)] for v in labels], dtype=np.int64)
+    shards, offsets, lengths = rec["shard"], rec["offset"], rec["length"]
+    raw_shape = (stored, stored, 3) if manifest["codec"] == "raw" else None
+
+    def read(i: int) -> bytes | np.ndarray:
+        path = prepared_shard_path(root, int(shards[i]))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, int(lengths[i]), int(offsets[i]))
+        finally:
+            os.close(fd)
+        if len(data) != int(lengths[i]):
+            raise DatasetError(f"{path} is shorter than its index says (damaged or truncated)")
+        return data if raw_shape is None else np.frombuffer(data, np.uint8).reshape(raw_shape)
+
+    lines = rec["line"].copy()
+    return Source(
+        name=str(manifest.get("source") or root),
+        paths=paths,
+        labels=labels,
+        reader=read,
+        uids=rec["uid"].copy() if manifest.get("has_uids") else None,
+        lines=lines if (lines > 0).all() else None,
+        class_names=tuple(manifest["class_names"]) if manifest.get("class_names") else None,
     )
 
 

@@ -158,7 +158,7 @@ class _InFlight:
         return len(self.jobs) + len(self.ready)
 
 
-class _Decoder:
+class Decoder:
     """Reads, decodes and prepares (first resize) records, optionally caching the result.
 
     With ``skip_bad`` failures are remembered and ``None`` returned instead of raising.
@@ -253,7 +253,7 @@ class TrainLoader:
         self.shards = _local_shards(mesh, sampler.num_shards, process_index, process_count)
         self.global_rows = sampler.num_shards * sampler.batch_size
         self._labels = _check_int32(source.labels, "labels", source)
-        self._decoder = _Decoder(source, skip_bad, self.transform.prepare, cache_bytes)
+        self._decoder = Decoder(source, skip_bad, self.transform.prepare, cache_bytes)
         self._pool = _thread_pool(num_workers, "jaxrec-data")
         self._epoch = 0  # next batch handed out
         self._step = 0
@@ -422,7 +422,7 @@ class EvalLoader:
         self._rows = (pi * rows, (pi + 1) * rows)
         self._labels = _check_int32(source.labels, "labels", source)
         self._uids = None if source.uids is None else _check_int32(source.uids, "uids", source)
-        self._decoder = _Decoder(source, skip_bad, self.preprocess.apply)
+        self._decoder = Decoder(source, skip_bad, self.preprocess.apply)
         self._pool = _thread_pool(num_workers, "jaxrec-eval")
 
     def __len__(self) -> int:
