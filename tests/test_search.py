@@ -7,11 +7,16 @@ import numpy as np
 import pytest
 
 from jaxrec import search
-from jaxrec.search import GalleryError, GalleryIndex
+from jaxrec.errors import DatasetError
+from jaxrec.search import GalleryError, GalleryIndex, backends, store
 
 faiss = pytest.importorskip("faiss")
 
 DIM = 32
+
+
+def _meta(index_dir):
+    return json.loads((index_dir / search.INDEX_FILE).read_text())
 
 
 def clustered(n_classes=6, per_class=10, seed=0, spread=0.15):
@@ -183,14 +188,14 @@ def test_stale_faiss_file_is_rebuilt(tmp_path):
     idx.save(str(tmp_path))
     small = GalleryIndex(DIM, "IP", "Flat", backend="faiss")
     small.add(np.eye(DIM, dtype=np.float32)[:2], ["a", "b"])
-    small.backend.save(str(tmp_path / search.FAISS_FILE))
+    small.backend.write(str(tmp_path / _meta(tmp_path)["files"]["faiss"]))
     with pytest.warns(UserWarning, match="stale"):
         again = GalleryIndex.load(str(tmp_path))
     assert again.backend.ntotal == len(again) == 60
 
 
 def test_exact_fallback_message(monkeypatch):
-    monkeypatch.setattr(search, "_import_faiss", lambda: None)
+    monkeypatch.setattr(backends, "_import_faiss", lambda: None)
     with pytest.warns(UserWarning, match=r"pip install jaxrec\[faiss\]"):
         idx = GalleryIndex(DIM, backend="auto")
     assert idx.backend.name == "exact"
@@ -209,12 +214,12 @@ def test_bad_inputs(tmp_path):
     lst = tmp_path / "list.txt"
     (tmp_path / "a.jpg").write_bytes(b"x")
     lst.write_text("a.jpg\tcat\n\nb.jpg cat\n")
-    with pytest.raises(GalleryError, match=r"list.txt:3: expected"):
-        search.read_list(str(lst))
+    with pytest.raises(DatasetError, match=r"list.txt:3: expected"):
+        search.read_gallery_list(str(lst))
     lst.write_text("a.jpg\tcat\nmissing.jpg\tdog\n")
-    with pytest.raises(GalleryError, match=r"list.txt:2: image .*missing.jpg not found"):
-        search.read_list(str(lst))
-    items = search.read_list(str(lst), check_exists=False)
+    with pytest.raises(DatasetError, match=r"list.txt:2: image .*missing.jpg not found"):
+        search.read_gallery_list(str(lst))
+    items = search.read_gallery_list(str(lst), check_exists=False)
     assert [(i.rel_path, i.label, i.lineno) for i in items] == [
         ("a.jpg", "cat", 1),
         ("missing.jpg", "dog", 2),
@@ -229,24 +234,28 @@ def test_bad_inputs(tmp_path):
 # End to end through the CLI, on real image files and a (tiny, random) jaxrec model
 
 
-def _tiny_model_dir(path):
+ARCH = {
+    "name": "RecModel",
+    "Backbone": {
+        "name": "PPLCNetV2_base_ShiTu",
+        "class_expand": 32,
+        "scale": 0.25,
+        "depths": [1, 1, 2, 2],
+    },
+    "BackboneStopLayer": {"name": "flatten"},
+    "Neck": {"name": "BNNeck", "num_features": 32},
+    "deploy": True,
+}
+
+
+def _tiny_model_dir(path, seed=0, overwrite=False):
+    """A random tiny model fed at 48 px (its own preprocessing, not the old 224 default)."""
     import jax
 
+    from jaxrec.data.preprocess import Preprocess
     from jaxrec.models import abstract_variables, build_model, save_model_dir
 
-    arch = {
-        "name": "RecModel",
-        "Backbone": {
-            "name": "PPLCNetV2_base_ShiTu",
-            "class_expand": 32,
-            "scale": 0.25,
-            "depths": [1, 1, 2, 2],
-        },
-        "BackboneStopLayer": {"name": "flatten"},
-        "Neck": {"name": "BNNeck", "num_features": 32},
-        "deploy": True,
-    }
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def f(kp, s):
         last = getattr(kp[-1], "key", "")
@@ -256,8 +265,9 @@ def _tiny_model_dir(path):
             return rng.uniform(0.5, 1.5, s.shape).astype("f")
         return rng.normal(0, 0.1, s.shape).astype("f")
 
-    model = build_model(arch)
-    save_model_dir(path, arch, jax.tree_util.tree_map_with_path(f, abstract_variables(model)))
+    variables = jax.tree_util.tree_map_with_path(f, abstract_variables(build_model(ARCH)))
+    pre = Preprocess(resize=(48, 48))
+    save_model_dir(path, ARCH, variables, preprocess=pre, overwrite=overwrite)
     return str(path)
 
 
@@ -276,59 +286,67 @@ def _write_images(root, names_colors, seed):
     return lines
 
 
-def test_cli_build_append_remove_query_on_images(tmp_path, capsys):
-    model = _tiny_model_dir(tmp_path / "model")
-    g = tmp_path / "gallery"
+COLORS = {"red can": (200, 30, 30), "green bottle": (30, 180, 40), "blue box": (20, 40, 210)}
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """Two tiny models (seeds 0 and 1), 9 gallery images in lists, 3 query images."""
+    root = tmp_path_factory.mktemp("gallery")
+    models = [_tiny_model_dir(root / "model", 0), _tiny_model_dir(root / "other_model", 1)]
+    g = root / "gallery"
     g.mkdir()
-    colors = {"red can": (200, 30, 30), "green bottle": (30, 180, 40), "blue box": (20, 40, 210)}
-    spec = [(f"{lab.split()[0]}_{i}.jpg", lab, c) for lab, c in colors.items() for i in range(3)]
+    spec = [(f"{lab.split()[0]}_{i}.jpg", lab, c) for lab, c in COLORS.items() for i in range(3)]
     lines = _write_images(g, spec, seed=0)
     (g / "first.txt").write_text("\n".join(lines[:6]) + "\n")  # red and green only
     (g / "all.txt").write_text("\n".join(lines) + "\n")
-    q = tmp_path / "q"
+    (g / "blue.txt").write_text("\n".join(lines[6:]) + "\n")
+    q = root / "q"
     q.mkdir()
-    _write_images(q, [(f"{lab.split()[0]}.jpg", lab, c) for lab, c in colors.items()], seed=5)
-    index = str(tmp_path / "index")
+    _write_images(q, [(f"{lab.split()[0]}.jpg", lab, c) for lab, c in COLORS.items()], seed=5)
+    return {"models": models, "g": g, "q": q, "lines": lines}
 
+
+@pytest.fixture
+def run(capsys):
     def run(*argv):
+        store._warned.clear()  # each CLI run is a fresh process in real use
         capsys.readouterr()
-        rc = search.main(list(argv))
-        return rc, capsys.readouterr()
+        rc = search.main([str(a) for a in argv])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err
+        return rc, out
 
-    rc, _ = run(
-        "build",
-        "--model",
-        model,
-        "--images",
-        str(g / "first.txt"),
-        "--index",
-        index,
-        "--method",
-        "Flat",
-    )
+    return run
+
+
+def _snapshot(d):
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d))}
+
+
+def test_cli_build_append_remove_query_on_images(tmp_path, gallery, run):
+    from jaxrec.extract import extract_features
+    from jaxrec.models import load_model_dir
+
+    model, g, q, lines = gallery["models"][0], gallery["g"], gallery["q"], gallery["lines"]
+    index = tmp_path / "index"
+    rc, _ = run("build", "--model", model, "--images", g / "first.txt", "--index", index,
+                "--method", "Flat")  # fmt: skip
     assert rc == 0
-    assert (
-        run("build", "--model", model, "--images", str(g / "first.txt"), "--index", index)[0] == 2
-    )  # refuses to clobber without --overwrite
-    rc, out = run("append", "--index", index, "--images", str(g / "all.txt"))
+    # The gallery holds the model's own features: 48 px preprocessing, normalized.
+    md = load_model_dir(model)
+    want, _ = extract_features(md, [str(g / n.split("\t")[0]) for n in lines[:6]])
+    np.testing.assert_allclose(GalleryIndex.load(str(index)).features, want, atol=1e-6)
+    assert _meta(index)["model_fingerprint"] == md.fingerprint()
+    rc, out = run("build", "--model", model, "--images", g / "first.txt", "--index", index)
+    assert rc == 2 and "already holds an index" in out.err  # refuses to clobber
+    rc, out = run("append", "--index", index, "--images", g / "all.txt")
     assert rc == 0 and "appended 3 images (6 already present" in out.out
 
     def query(*extra):
-        rc, out = run(
-            "query",
-            "--index",
-            index,
-            "--image",
-            str(q / "red.jpg"),
-            "--image",
-            str(q / "blue.jpg"),
-            "--image",
-            str(g / "green_1.jpg"),
-            "--topk",
-            "3",
-            "--json",
-            *extra,
-        )
+        rc, out = run("query", "--index", index, "--image", q / "red.jpg", "--image",
+                      q / "blue.jpg", "--image", g / "green_1.jpg", "--topk", "3", "--json",
+                      *extra)  # fmt: skip
         assert rc == 0
         return json.loads(out.out)
 
@@ -342,13 +360,12 @@ def test_cli_build_append_remove_query_on_images(tmp_path, capsys):
     assert [[h["id"] for h in r["hits"]] for r in res_exact] == [
         [h["id"] for h in r["hits"]] for r in res
     ]
-    # A threshold above every score makes everything unknown but keeps the hits.
-    res = query("--threshold", "1.01")
-    assert [r["prediction"] for r in res] == ["unknown"] * 3
-    assert all(h["label"] == "unknown" for r in res for h in r["hits"])
+    # The highest threshold IP allows makes the other images unknown but keeps the hits.
+    res = query("--threshold", "1")
+    assert [r["prediction"] for r in res[:2]] == ["unknown"] * 2
+    assert all(h["label"] == "unknown" for r in res[:2] for h in r["hits"])
     # Remove the blue images: blue queries can no longer return them.
-    (g / "blue.txt").write_text("\n".join(lines[6:]) + "\n")
-    rc, out = run("remove", "--index", index, "--images", str(g / "blue.txt"))
+    rc, out = run("remove", "--index", index, "--images", g / "blue.txt")
     assert rc == 0 and "removed 3 images; index now holds 6" in out.out
     res = query()
     assert res[1]["prediction"] != "blue box"
@@ -356,10 +373,108 @@ def test_cli_build_append_remove_query_on_images(tmp_path, capsys):
     rc, out = run("info", "--index", index)
     info = json.loads(out.out)
     assert info["size"] == 6 and info["labels"] == 2 and info["method"] == "Flat"
+    assert info["model_fingerprint"] == md.fingerprint()
     # Text output names the prediction and the threshold rule.
-    rc, out = run("query", "--index", index, "--image", str(q / "red.jpg"))
+    rc, out = run("query", "--index", index, "--image", q / "red.jpg")
     assert rc == 0 and "red.jpg: red can" in out.out and "similarity >= 0.5" in out.out
-    # A missing image in a list is reported with file and line.
-    (g / "bad.txt").write_text("red_0.jpg\tred can\nnope.jpg\tred can\n")
-    rc, out = run("append", "--index", index, "--images", str(g / "bad.txt"))
+    # A missing image in a list is reported with file and line; nothing is written.
+    (tmp_path / "bad.txt").write_text(f"{g}/red_0.jpg\tred can\nnope.jpg\tred can\n")
+    before = _snapshot(index)
+    rc, out = run("append", "--index", index, "--images", tmp_path / "bad.txt")
     assert rc == 2 and "bad.txt:2" in out.err and "nope.jpg not found" in out.err
+    assert _snapshot(index) == before
+
+
+def test_an_index_never_mixes_two_models(tmp_path, gallery, run):
+    import shutil
+
+    model, other = gallery["models"]
+    g, q = gallery["g"], gallery["q"]
+    mine = tmp_path / "model"
+    shutil.copytree(model, mine)
+    index = tmp_path / "index"
+    assert run("build", "--model", mine, "--images", g / "first.txt", "--index", index)[0] == 0
+    fp = _meta(index)["model_fingerprint"]
+    before = _snapshot(index)
+    # Another model directory: refused, naming both models.
+    rc, out = run("append", "--index", index, "--images", g / "all.txt", "--model", other)
+    assert rc == 2 and f"{other} is not the model the index was built with ({mine})" in out.err
+    assert fp[:12] in out.err and "never mixes two models" in out.err and "--overwrite" in out.err
+    rc, out = run("query", "--index", index, "--image", q / "red.jpg", "--model", other)
+    assert rc == 2 and "--allow-model-change" in out.err
+    # The index's own model directory replaced in place: refused too.
+    _tiny_model_dir(mine, seed=1, overwrite=True)
+    rc, out = run("append", "--index", index, "--images", g / "all.txt")
+    assert rc == 2 and f"the model in {mine} has changed since the index was built" in out.err
+    assert _snapshot(index) == before
+    rc, out = run("query", "--index", index, "--image", q / "red.jpg")
+    assert rc == 2 and "has changed" in out.err
+    rc, out = run("query", "--index", index, "--image", q / "red.jpg", "--allow-model-change")
+    assert rc == 0 and "warning: --allow-model-change: the model in" in out.err
+    assert "red.jpg:" in out.out and _snapshot(index) == before
+    # Rebuilding with the new model is the way to switch.
+    rc, _ = run("build", "--model", mine, "--images", g / "all.txt", "--index", index,
+                "--overwrite")  # fmt: skip
+    assert rc == 0 and _meta(index)["model_fingerprint"] != fp
+    assert run("append", "--index", index, "--images", g / "all.txt")[0] == 0
+
+
+def test_index_without_fingerprint_records_it_at_the_next_append(tmp_path, gallery, run):
+    model, g = gallery["models"][0], gallery["g"]
+    index = tmp_path / "index"
+    assert run("build", "--model", model, "--images", g / "first.txt", "--index", index)[0] == 0
+    m = _meta(index)
+    fp = m.pop("model_fingerprint")
+    os.rename(index / m.pop("files")["features"], index / "features.npy")
+    for name in os.listdir(index):
+        if name.startswith("vector-"):
+            os.rename(index / name, index / "vector.index")
+    (index / search.INDEX_FILE).write_text(json.dumps({**m, "version": 1}))
+    rc, out = run("info", "--index", index)
+    assert rc == 0 and "older jaxrec and records no model fingerprint" in out.err
+    rc, out = run("append", "--index", index, "--images", g / "all.txt")
+    assert rc == 0 and "appended 3 images" in out.out
+    assert out.err.count("records no model fingerprint") == 1  # warned once per command
+    m = _meta(index)
+    assert m["version"] == 2 and m["model_fingerprint"] == fp
+    assert not (index / "features.npy").exists() and len(GalleryIndex.load(str(index))) == 9
+
+
+@pytest.mark.slow
+def test_concurrent_cli_appends_keep_every_image(tmp_path, gallery, run):
+    """Three `python -m jaxrec.search append` processes at once on one index."""
+    import subprocess
+    import sys
+
+    model, g, lines = gallery["models"][0], gallery["g"], gallery["lines"]
+    index = tmp_path / "index"
+    (tmp_path / "seed.txt").write_text(f"{g}/{lines[0]}\n")
+    assert run("build", "--model", model, "--images", tmp_path / "seed.txt", "--index", index,
+               "--method", "HNSW32")[0] == 0  # fmt: skip
+    lists = []
+    for w, chunk in enumerate((lines[1:4], lines[4:7], lines[7:])):
+        lists.append(tmp_path / f"w{w}.txt")
+        lists[-1].write_text("".join(f"{g}/{li}\n" for li in chunk))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxrec.search",
+                "append",
+                "--index",
+                str(index),
+                "--images",
+                str(lst),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for lst in lists
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
+    idx = GalleryIndex.load(str(index))
+    assert len(idx) == 9 and idx.backend.ntotal == 9
+    assert sorted(e.path for e in idx.entries) == sorted(f"{g}/{li.split()[0]}" for li in lines)
