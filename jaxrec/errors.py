@@ -47,3 +47,7 @@ class DatasetError(JaxrecError):
 
 class GalleryError(JaxrecError):
     """A gallery index, its arguments or the model used with it is wrong (`jaxrec.search`)."""
+
+
+class ExportError(JaxrecError):
+    """A model cannot be exported as asked (`jaxrec.export`): bad source, output or options."""
