@@ -34,7 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxrec.data.transforms import RandomErasingConfig, TrainTransform
+from jaxrec.data.transforms import TrainTransform
 
 
 @jax.tree_util.register_dataclass
@@ -62,48 +62,39 @@ class DeviceAugParams:
 class DeviceAugment:
     """The random part of a :class:`TrainTransform`, as a jittable function of (images, rng)."""
 
-    size: int = 224
-    flip: bool = True
-    pad: int = 10
-    crop: bool = True
-    rotate_prob: float = 0.5
-    degrees: float = 90.0
-    erasing: RandomErasingConfig | None = None
+    transform: TrainTransform = TrainTransform()
 
     @classmethod
     def from_transform(cls, t: TrainTransform) -> DeviceAugment:
-        return cls(
-            size=t.size,
-            flip=t.flip,
-            pad=t.pad,
-            crop=t.crop,
-            rotate_prob=t.rotate_prob,
-            degrees=t.degrees,
-            erasing=t.erasing,
-        )
+        return cls(t)
+
+    @property
+    def size(self) -> int:
+        return self.transform.size
 
     # -- parameters ---------------------------------------------------------------------------
 
     def sample(self, rng: jax.Array, n: int) -> DeviceAugParams:
         """Draw the parameters of ``n`` images with the host chain's distributions."""
+        t = self.transform
         k_flip, k_top, k_left, k_rot, k_angle, k_erase = jax.random.split(rng, 6)
-        span = self.size + 2 * self.pad
+        span = t.size + 2 * t.pad
         zeros = jnp.zeros((n,), jnp.int32)
-        flip = jax.random.bernoulli(k_flip, 0.5, (n,)) if self.flip else zeros.astype(bool)
-        if self.crop and span != self.size:
-            hi = span - self.size + 2  # randint(0, span - size + 1), both ends inclusive
+        flip = jax.random.bernoulli(k_flip, 0.5, (n,)) if t.flip else zeros.astype(bool)
+        if t.crop and span != t.size:
+            hi = span - t.size + 2  # randint(0, span - size + 1), both ends inclusive
             top = jax.random.randint(k_top, (n,), 0, hi)
             left = jax.random.randint(k_left, (n,), 0, hi)
         else:
             top = left = zeros
-        rotate = jax.random.uniform(k_rot, (n,)) < self.rotate_prob
-        angle = jax.random.uniform(k_angle, (n,), minval=-self.degrees, maxval=self.degrees)
+        rotate = jax.random.uniform(k_rot, (n,)) < t.rotate_prob
+        angle = jax.random.uniform(k_angle, (n,), minval=-t.degrees, maxval=t.degrees)
         angle = jnp.where(rotate, angle, 0.0)
         erase = self._sample_erase(k_erase, n)
         return DeviceAugParams(flip, top, left, rotate, angle, *erase)
 
     def _sample_erase(self, rng: jax.Array, n: int) -> tuple[jax.Array, ...]:
-        cfg, s = self.erasing, self.size
+        cfg, s = self.transform.erasing, self.size
         if cfg is None:
             z = jnp.zeros((n,), jnp.int32)
             return z.astype(bool), z, z, z, z
@@ -131,16 +122,17 @@ class DeviceAugment:
 
     def apply(self, images: jax.Array, p: DeviceAugParams) -> jax.Array:
         """Augment uint8 ``[B, size, size, C]`` with given parameters; returns the same shape."""
-        b, s = images.shape[0], self.size
+        t = self.transform
+        b, s = images.shape[0], t.size
         if images.shape[1:3] != (s, s):
             raise ValueError(
                 f"DeviceAugment({s}) needs [B, {s}, {s}, C] images, got {images.shape}"
             )
-        span = s + 2 * self.pad
+        span = s + 2 * t.pad
         f32 = jnp.float32
         # Crop window in the padded image (RandCropImageV2 slicing may cut it one pixel short).
-        ch = jnp.minimum(s, span - p.top).astype(f32) if self.crop else jnp.full((b,), span, f32)
-        cw = jnp.minimum(s, span - p.left).astype(f32) if self.crop else jnp.full((b,), span, f32)
+        ch = jnp.minimum(s, span - p.top).astype(f32) if t.crop else jnp.full((b,), span, f32)
+        cw = jnp.minimum(s, span - p.left).astype(f32) if t.crop else jnp.full((b,), span, f32)
         top, left = p.top.astype(f32), p.left.astype(f32)
         o = jnp.arange(s, dtype=f32)
         yo, xo = o[None, :, None], o[None, None, :]
@@ -161,8 +153,8 @@ class DeviceAugment:
 
         def tap(yi: jax.Array, xi: jax.Array) -> jax.Array:
             # Inside the rotated crop and inside the image (not the black padding), else black.
-            iy = yi + top[:, None, None] - self.pad
-            ix = xi + left[:, None, None] - self.pad
+            iy = yi + top[:, None, None] - t.pad
+            ix = xi + left[:, None, None] - t.pad
             ok = (yi >= 0) & (yi < ch_) & (xi >= 0) & (xi < cw_)
             ok &= (iy >= 0) & (iy < s) & (ix >= 0) & (ix < s)
             ix = jnp.where(flip, s - 1 - ix, ix)
@@ -174,13 +166,13 @@ class DeviceAugment:
             (1 - fx) * tap(y0 + 1, x0) + fx * tap(y0 + 1, x0 + 1)
         )
         out = jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
-        if self.erasing is not None:
+        if t.erasing is not None:
             yy, xx = jnp.arange(s)[None, :, None], jnp.arange(s)[None, None, :]
             et, el = p.erase_top[:, None, None], p.erase_left[:, None, None]
             box = (yy >= et) & (yy < et + p.erase_h[:, None, None])
             box &= (xx >= el) & (xx < el + p.erase_w[:, None, None])
             box &= p.erase[:, None, None]
-            fill = jnp.asarray(self.erasing.fill_rgb, jnp.uint8)
+            fill = jnp.asarray(t.erasing.fill_rgb, jnp.uint8)
             out = jnp.where(box[..., None], fill, out)
         return out
 
