@@ -51,3 +51,23 @@ class GalleryError(JaxrecError):
 
 class ExportError(JaxrecError):
     """A model cannot be exported as asked (`jaxrec.export`): bad source, output or options."""
+
+
+def warnings_as_lines():  # returns a context manager
+    """Context manager for command-line entry points: Python warnings inside it print as one
+    `warning: ...` line on stderr (no file/line/source echo), every time they are issued."""
+    import contextlib  # noqa: PLC0415 - keeps this module import-free for the error classes
+    import sys  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def scope():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            yield
+
+    return scope()

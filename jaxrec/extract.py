@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxrec.data import image as image_lib
 from jaxrec.data.lists import resolve_images
-from jaxrec.errors import JaxrecError, ModelDirError
+from jaxrec.errors import JaxrecError, ModelDirError, warnings_as_lines
 
 if TYPE_CHECKING:
     from jaxrec.data.preprocess import Preprocess
@@ -39,17 +39,6 @@ PIXEL_SCALES = {"1/255": image_lib.SCALE_TRAIN, "deploy": image_lib.SCALE_DEPLOY
 # ---- loading a model --------------------------------------------------------------------------
 
 
-def is_training_workdir(path: str | os.PathLike) -> bool:
-    """Whether `path` looks like a training run directory: config.json plus checkpoints/ or best/
-    (a model directory has variables/ instead)."""
-    p = Path(path)
-    return (
-        (p / "config.json").is_file()
-        and not (p / "variables").exists()
-        and ((p / "checkpoints").is_dir() or (p / "best").is_dir())
-    )
-
-
 def load_model(path: str | os.PathLike) -> ModelDir:
     """The model at `path`: a model directory, or a training workdir (its best checkpoint, fed
     with the run's own preprocessing). Raises a `JaxrecError` naming what is wrong."""
@@ -58,17 +47,11 @@ def load_model(path: str | os.PathLike) -> ModelDir:
             f"{path} is not a directory: give a jaxrec model directory (`python -m jaxrec.export` "
             "or `python -m jaxrec.convert` output) or a training workdir"
         )
-    if is_training_workdir(path):
-        try:
-            from jaxrec.checkpoint import restore_model  # noqa: PLC0415
-        except ImportError:
-            raise ModelDirError(
-                f"{path} is a training workdir, which this version cannot read directly; export "
-                f"it first: python -m jaxrec.export --workdir {path} --out MODEL_DIR"
-            ) from None
-        return restore_model(path, which="best")
+    from jaxrec.checkpoint import is_workdir, restore_model  # noqa: PLC0415
     from jaxrec.models import load_model_dir  # noqa: PLC0415
 
+    if is_workdir(path):
+        return restore_model(path, which="best")
     return load_model_dir(path)
 
 
@@ -355,7 +338,11 @@ def _fused(md: ModelDir) -> ModelDir:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with warnings_as_lines():
+        return _main(build_parser().parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
 
     out_npy, out_txt, out_bad = _out_paths(args.out)
     if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):

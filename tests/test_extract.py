@@ -272,3 +272,29 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     text = " ".join(r.stdout.split())
     assert "relative paths in a list are resolved against" in text
     assert "with the model's own preprocessing" in text and "training workdir" in text
+
+
+@pytest.mark.slow
+def test_training_workdir_as_model(tmp_path, capsys):
+    """--model WORKDIR: the run's best (else latest) checkpoint, fed with the run's own eval
+    preprocessing (24 px here), equal to the library path through checkpoint.restore_model."""
+    from train_data_util import make_tiny_dataset, tiny_config
+
+    from jaxrec import trainer
+    from jaxrec.checkpoint import restore_model
+
+    data = make_tiny_dataset(str(tmp_path / "data"), train_classes=2, per_class=4)
+    cfg = tiny_config(data, epochs=1, size=24)
+    cfg.Optimizer.lr.warmup_epoch = 0
+    workdir = str(tmp_path / "run")
+    trainer.train(cfg, workdir)
+    out = tmp_path / "w.npy"
+    images = str(tmp_path / "data" / "images")
+    capsys.readouterr()
+    assert extract.main(["--model", workdir, "--images", images, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "preprocessing: resize 24x24" in err, err
+    md = restore_model(workdir, which="best")
+    names = (tmp_path / "w.txt").read_text().splitlines()
+    want, _ = extract.extract_features(md, [os.path.join(images, n) for n in names])
+    np.testing.assert_array_equal(np.load(out), want)

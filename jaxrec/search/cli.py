@@ -7,14 +7,13 @@ import codecs
 import json
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxrec.data.lists import GalleryItem, read_gallery_list
-from jaxrec.errors import GalleryError, JaxrecError
+from jaxrec.errors import GalleryError, JaxrecError, warnings_as_lines
 from jaxrec.search import store
 from jaxrec.search.backends import BACKENDS, METHODS, METRICS
 from jaxrec.search.index import GalleryIndex, check_threshold
@@ -423,15 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _show_warning
+    with warnings_as_lines():
         try:
             return args.func(args)
         except JaxrecError as err:
