@@ -57,7 +57,6 @@ def get_config():
     g.image_shape = (3, SIZE, SIZE)
     g.checkpoint_every_steps = 200
     g.keep_checkpoints = 2
-    g.device = "cpu"
     g.eval_before_training = True
 
     c.Arch.Backbone.pretrained = False

@@ -180,6 +180,22 @@ def _read(ckpt: Path) -> tuple[dict, dict]:
     return state, meta
 
 
+def read_checkpoint(
+    workdir: str | os.PathLike, which: str = "latest", step: int | None = None
+) -> tuple[int, dict, dict]:
+    """(step, state tree as numpy, meta) of the newest checkpoint in `which` (or of `step`),
+    read-only and without any check: for tools and tests that inspect a run."""
+    wd = Path(workdir)
+    if step is None:
+        steps = steps_in(wd, which)
+        if not steps:
+            raise CheckpointMismatchError(f"no checkpoint in {wd / WHICH[which]}")
+        step = steps[-1]
+    kind = which if step in steps_in(wd, which) else ("best" if which == "latest" else "latest")
+    state, meta = _read(wd / WHICH[kind] / str(step))
+    return step, jax.tree.map(np.asarray, state), meta
+
+
 def restore_variables(
     workdir: str | os.PathLike, which: str = "best", step: int | None = None
 ) -> tuple[Any, dict[str, Any], int, str]:

@@ -65,27 +65,35 @@ class _Divergence:
         if bad < 0:
             return
         steps = self.ckpt.steps("latest")
-        last = [s for s in steps if s < bad]
-        if last:
-            meta = self.ckpt.latest.restore(last[-1], args=_meta_args())["meta"]
+        good = [s for s in steps if s < bad]
+        where = f"{self.workdir}/checkpoints"
+        if good:
+            meta = self.ckpt.latest.restore(good[-1], args=_meta_args())["meta"]
             size = meta.get("param_max_abs")
-            where = f"the last good checkpoint is step {last[-1]}"
+            where = f"the last good checkpoint is step {good[-1]} in {where}"
             if size is not None:
                 where += f" (largest |parameter| {size:.3g})"
                 if size > 1e4:
+                    earlier = good[:-1]
                     where += (
                         "; its parameters are already very large, so resuming from it will "
-                        "likely diverge again: resume from an earlier step with "
-                        f"`train.py ... --restore_step N` (kept: {steps})"
+                        "likely diverge again: "
+                        + (
+                            f"resume from an earlier step with `train.py ... --restore_step N` "
+                            f"(kept: {earlier}) and a lower learning rate"
+                            if earlier
+                            else "no earlier checkpoint is kept, so start a fresh --workdir "
+                            "with a lower learning rate"
+                        )
                     )
         else:
-            where = "no checkpoint was saved before it"
+            where = f"no checkpoint was saved before it in {where}"
         last_vals = {k: float(v) for k, v in acc_host["last"].items()}
         raise TrainingDivergedError(
-            f"a loss term or the gradient norm became NaN/inf at step {bad} (last logged values "
-            f"{logging_lib.format_metrics(last_vals)}); stopped without saving: {where} in "
-            f"{self.workdir}/checkpoints. Lower Optimizer.lr.learning_rate, use a longer "
-            "Optimizer.lr.warmup_epoch, or check the training data."
+            f"a loss term or the gradient norm became NaN/inf at step {bad} (values at the last "
+            f"step: {logging_lib.format_metrics(last_vals)}); stopped without saving. {where[0].upper()}{where[1:]}. "
+            "Lower Optimizer.lr.learning_rate, use a longer Optimizer.lr.warmup_epoch, or check "
+            "the training data."
         )
 
 

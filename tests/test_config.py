@@ -1,4 +1,5 @@
-"""Configs: general_v2 mirrors the PaddleClas YAML; overrides via config_flags; unknown keys."""
+"""Configs: general_v2 mirrors the PaddleClas YAML; overrides via config_flags; the resolver
+honours every key or rejects it by name; the inert table is quoted in docs/CONFIG.md."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
-from jaxrec import config_lib
+from jaxrec import config as config_lib
+from jaxrec.config import defaults, keys, resolve
+from jaxrec.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -83,7 +87,7 @@ PRINT = """
 import sys
 from absl import app
 from ml_collections import config_flags
-from jaxrec.config_lib import parse_flags_with_config_errors
+from jaxrec.config.flags import parse_flags_with_config_errors
 _C = config_flags.DEFINE_config_file("config", None, "cfg", lock_config=True)
 def main(_):
     c = _C.value
@@ -124,10 +128,154 @@ def test_unknown_key_is_a_clear_error():
     assert "unknown config key" in p.stderr and "Global.epoch" in p.stderr
 
 
-def test_demo_config_builds():
+def test_demo_config_builds_and_resolves():
     import demo
 
     c = demo.get_config()
     assert c.Arch.Head.class_num == 6
     assert os.path.exists(c.DataLoader.Train.dataset.cls_label_path)
     assert c.DataLoader.Train.sampler.batch_size // c.DataLoader.Train.sampler.sample_per_id <= 6
+    run = resolve(c)
+    assert run.image_size == 48 and run.preprocess.input_size == (48, 48)
+    assert run.train.transform.size == 48 and run.train.transform.pad == 3
+
+
+def _recipe():
+    c = general_v2.get_config()
+    c.Arch.Backbone.pretrained = False
+    return c
+
+
+def test_recipe_resolves_to_the_reference_run():
+    run = resolve(_recipe())
+    assert run.optim.lr.learning_rate == 0.06 and run.optim.lr.warmup_epoch == 5
+    assert run.optim.weight_decay == 1e-5 and run.optim.freeze_neck_bias
+    t = run.train.transform
+    assert (t.size, t.flip, t.pad, t.crop, t.rotate_prob, t.degrees) == (
+        224,
+        True,
+        10,
+        True,
+        0.5,
+        90,
+    )
+    assert run.train.sampler.sample_method == "id_avg_prob"
+    assert run.train.sampler.id_list == (50030, 80700, 92019, 96015)
+    assert run.eval.keys == ("recall1", "recall5", "mAP") and run.eval.best_metric == "recall1"
+    assert run.eval.data.same_lists and run.eval.block_size == 64
+    assert run.preprocess.input_size == (224, 224) and run.preprocess.scale == 1 / 255
+    assert run.loop.checkpoint_every_steps == 1000 and run.compute_dtype == "float32"
+
+
+def test_size_argument_changes_every_resize_together():
+    c = general_v2.get_config("112")
+    c.Arch.Backbone.pretrained = False
+    run = resolve(c)
+    assert run.image_size == 112 and run.train.transform.size == 112
+    assert run.preprocess.input_size == (112, 112)
+
+
+def test_normalize_image_is_honoured_in_train_and_eval():
+    c = _recipe()
+    for op in c.DataLoader.Train.dataset.transform_ops:
+        if "NormalizeImage" in op:
+            op.NormalizeImage.mean = (0.5, 0.5, 0.5)
+            op.NormalizeImage.std = (0.25, 0.25, 0.25)
+            op.NormalizeImage.scale = "1/127.5"
+    for part in ("Query", "Gallery"):
+        for op in c.DataLoader.Eval[part].dataset.transform_ops:
+            if "NormalizeImage" in op:
+                op.NormalizeImage.mean = (0.1, 0.2, 0.3)
+    run = resolve(c)
+    assert run.train.pixel.mean == (0.5, 0.5, 0.5) and run.train.pixel.std == (0.25,) * 3
+    assert run.train.pixel.scale == pytest.approx(1 / 127.5)
+    assert run.preprocess.mean == (0.1, 0.2, 0.3)
+
+
+def _error(mutate) -> ConfigError:
+    c = _recipe()
+    mutate(c)
+    with pytest.raises(ConfigError) as err:
+        resolve(c)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: setattr(c.AMP, "level", "O2"), "AMP.level"),
+        (lambda c: setattr(c.AMP, "dtype", "float16"), "AMP.dtype"),
+        (lambda c: setattr(c.Global, "eval_mode", "classification"), "Global.eval_mode"),
+        (lambda c: setattr(c.Global, "use_dali", True), "Global.use_dali"),
+        (lambda c: setattr(c.Optimizer, "name", "AdamW"), "Optimizer.name"),
+        (
+            lambda c: setattr(c.Arch.Neck.bias_attr, "learning_rate", 0.1),
+            "Arch.Neck.bias_attr.learning_rate",
+        ),
+        (
+            lambda c: c.DataLoader.Train.dataset.transform_ops[2].RandFlipImage.update(
+                {"flip_code": 0}
+            ),
+            "DataLoader.Train.dataset.transform_ops[2].RandFlipImage.flip_code",
+        ),
+        (
+            lambda c: c.DataLoader.Train.dataset.transform_ops[1].ResizeImage.update(
+                {"interpolation": "bicubic"}
+            ),
+            "DataLoader.Train.dataset.transform_ops[1].ResizeImage.interpolation",
+        ),
+        (
+            lambda c: c.DataLoader.Eval.Query.dataset.transform_ops[1].ResizeImage.update(
+                {"backend": "pil"}
+            ),
+            "DataLoader.Eval.Query.dataset.transform_ops[1].ResizeImage.backend",
+        ),
+        (
+            lambda c: c.DataLoader.Eval.Query.sampler.update({"drop_last": True}),
+            "DataLoader.Eval.Query.sampler.drop_last",
+        ),
+        (lambda c: setattr(c.Global, "image_shape", (3, 64, 64)), "Global.image_shape"),
+        (lambda c: setattr(c.Arch.Backbone, "pretrained", True), "Arch.Backbone.pretrained"),
+        (lambda c: c.Global.update({"sim_block_sizee": 3}), "Global.sim_block_sizee"),
+        (
+            lambda c: c.DataLoader.Train.dataset.transform_ops[1].ResizeImage.update({"foo": 1}),
+            "DataLoader.Train.dataset.transform_ops[1].ResizeImage.foo",
+        ),
+        (
+            lambda c: c.DataLoader.Train.dataset.transform_ops.insert(
+                1, ml_collections.ConfigDict({"AutoAugment": {}})
+            ),
+            "DataLoader.Train.dataset.transform_ops[1].AutoAugment",
+        ),
+    ],
+)
+def test_unsupported_mirrored_keys_are_errors_naming_the_key(mutate, key):
+    err = _error(mutate)
+    assert err.key == key, str(err)
+    assert str(err).startswith(key)
+
+
+def test_inert_keys_are_accepted_and_change_nothing():
+    base = resolve(_recipe())
+    c = _recipe()
+    c.Global.output_dir = "/elsewhere"
+    c.Global.device = "cpu"
+    c.Global.use_visualdl = True
+    c.AMP.scale_loss = 1024.0
+    c.DataLoader.Eval.Query.sampler.shuffle = True
+    run = resolve(c)
+    assert (run.train, run.eval, run.optim, run.loop) == (
+        base.train,
+        base.eval,
+        base.optim,
+        base.loop,
+    )
+
+
+def test_every_inert_key_is_documented():
+    doc = open(os.path.join(REPO, "docs", "CONFIG.md")).read()
+    for key in keys.INERT:
+        assert f"`{key}`" in doc, key
+    for section, table in defaults.JAXREC_KEYS.items():
+        for k in table:
+            assert f"`{section}.{k}`" in doc, k

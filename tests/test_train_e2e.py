@@ -1,5 +1,6 @@
 """End-to-end training on a tiny real-image dataset: loss goes down, eval, checkpoints, logs,
-resume-config checks, evaluate_workdir, NaN stop."""
+resume-config checks, evaluate_workdir (read-only, also with a damaged best checkpoint), NaN
+stop with the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec import config_lib, logging_lib, train_lib
+from jaxrec import logging_lib, trainer
+from jaxrec.checkpoint import Checkpoints, read_checkpoint
+from jaxrec.config import config_diff, from_plain, to_plain
+from jaxrec.errors import CheckpointMismatchError, ConfigChangedError, TrainingDivergedError
+from jaxrec.evaluation import evaluate_workdir
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,7 @@ def trained():
     cfg.Global.eval_during_train = True
     cfg.Global.eval_interval = 2
     workdir = os.path.join(tmp.name, "run")
-    metrics = train_lib.train_and_evaluate(cfg, workdir)
+    metrics = trainer.train(cfg, workdir)
     yield data, cfg, workdir, metrics
     tmp.cleanup()
 
@@ -58,11 +65,8 @@ def test_training_reduces_loss_and_logs(trained):
 def test_checkpoints_config_and_best(trained):
     _, cfg, workdir, _ = trained
     saved = json.load(open(os.path.join(workdir, "config.json")))
-    assert (
-        saved == config_lib.to_plain(cfg)
-        or config_lib.config_diff(saved, config_lib.to_plain(cfg)) == []
-    )
-    ck = train_lib.Checkpoints(workdir)
+    assert saved == to_plain(cfg) or config_diff(saved, to_plain(cfg)) == []
+    ck = Checkpoints(workdir)
     try:
         assert ck.steps("latest")[-1] == 8
         assert len(ck.steps("best")) == 1 and ck.steps("best")[0] in (4, 8)
@@ -72,41 +76,77 @@ def test_checkpoints_config_and_best(trained):
 
 def test_rerun_finished_run_is_a_noop_and_config_change_is_an_error(trained):
     _, cfg, workdir, metrics = trained
-    again = train_lib.train_and_evaluate(cfg, workdir)  # resumes at the end: nothing to do
+    again = trainer.train(cfg, workdir)  # resumes at the end: nothing to do
     assert again == metrics
-    other = config_lib.from_plain(config_lib.to_plain(cfg))
+    other = from_plain(to_plain(cfg))
     other.Optimizer.lr.learning_rate = 0.5
-    with pytest.raises(train_lib.ConfigMismatchError, match="Optimizer.lr.learning_rate"):
-        train_lib.train_and_evaluate(other, workdir)
+    with pytest.raises(ConfigChangedError, match="Optimizer.lr.learning_rate"):
+        trainer.train(other, workdir)
 
 
 def test_mismatched_checkpoint_is_a_clear_error(trained):
     _, cfg, workdir, _ = trained
-    other = config_lib.from_plain(config_lib.to_plain(cfg))
+    other = from_plain(to_plain(cfg))
     other.Arch.Backbone.class_expand = 8
     other.Arch.Neck.num_features = 8
     other.Arch.Head.embedding_size = 8
     other.Global.allow_config_change = True
     with pytest.warns(UserWarning, match="changed config"):
-        with pytest.raises(train_lib.CheckpointMismatchError, match="does not match the model"):
-            train_lib.train_and_evaluate(other, workdir)
+        with pytest.raises(CheckpointMismatchError, match="does not match the model"):
+            trainer.train(other, workdir)
 
 
 def test_evaluate_workdir(trained, tmp_path):
     _, _, workdir, metrics = trained
-    res = train_lib.evaluate_workdir(workdir, which="latest", output=str(tmp_path), num_visualize=2)
+    res = evaluate_workdir(workdir, which="latest", output=str(tmp_path), num_visualize=2)
     assert res["step"] == 8
     assert res["metrics"] == pytest.approx(metrics, abs=1e-6)
     assert json.load(open(res["json"]))["metrics"] == pytest.approx(metrics, abs=1e-6)
-    if res["png"] is not None:
-        assert os.path.getsize(res["png"]) > 0
+    assert res["png"] is not None and os.path.getsize(res["png"]) > 0
+
+
+def _listing(root: str) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
+
+
+def test_evaluate_with_unreadable_best_falls_back_and_moves_nothing(trained, tmp_path):
+    import shutil
+
+    _, _, workdir, _ = trained
+    wd = str(tmp_path / "run")
+    shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("eval"))
+    (best,) = [d for d in os.listdir(os.path.join(wd, "best")) if d.isdigit()]
+    for d, _, files in os.walk(os.path.join(wd, "best", best, "state")):
+        for f in files:
+            with open(os.path.join(d, f), "wb") as fh:
+                fh.write(b"\x00truncated")
+    before = _listing(wd)
+    with pytest.warns(UserWarning, match=f"best/{best}.* is unreadable.*using .*checkpoints/8"):
+        res = evaluate_workdir(wd, output=str(tmp_path / "out"), num_visualize=0)
+    assert res["step"] == 8 and "checkpoints step 8" in res["source"]
+    assert _listing(wd) == before  # nothing moved, renamed or deleted
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
-    cfg = tiny_config(data, epochs=2)
+    cfg = tiny_config(data, epochs=5)
     cfg.Optimizer.lr.warmup_epoch = 0
-    cfg.Optimizer.lr.learning_rate = 1e30
-    with pytest.raises(train_lib.TrainingDivergedError, match="non-finite") as err:
-        train_lib.train_and_evaluate(cfg, str(tmp_path / "w"))
-    assert "last good checkpoint" in str(err.value) or "no checkpoint yet" in str(err.value)
+    cfg.Optimizer.lr.learning_rate = 1e6
+    wd = str(tmp_path / "w")
+    with pytest.raises(TrainingDivergedError, match=r"NaN/inf at step (\d+)") as err:
+        trainer.train(cfg, wd)
+    msg = str(err.value)
+    bad = int(msg.split("NaN/inf at step ")[1].split()[0])
+    steps = Checkpoints(wd).steps("latest")
+    assert all(s < bad for s in steps)  # nothing diverged was saved
+    if steps:
+        assert f"the last good checkpoint is step {steps[-1]}" in msg
+        _, state, meta = read_checkpoint(wd)
+        big = meta["param_max_abs"]
+        assert np.isfinite(big) and f"largest |parameter| {big:.3g}" in msg
+        if big > 1e4:
+            assert "likely diverge again" in msg
+    else:
+        assert "no checkpoint was saved before it" in msg

@@ -1,4 +1,4 @@
-"""Cheap checks of train_lib helpers: pretrained merging, config glue, distributed flags."""
+"""Pretrained merging, sync BN, distributed flags."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import optax
 import pytest
 from train_data_util import tiny_config
 
-from jaxrec import train_lib
+from jaxrec import optim, parallel, pretrained
+from jaxrec import step as step_lib
+from jaxrec.config import resolve
+from jaxrec.data.preprocess import PixelNorm
+from jaxrec.errors import JaxrecError
+from jaxrec.losses import build_loss
+from jaxrec.models import build_model
 
 
 def test_merge_pretrained_is_non_strict_and_reports():
@@ -28,7 +34,7 @@ def test_merge_pretrained_is_non_strict_and_reports():
         },
         "batch_stats": {},
     }
-    out, notes = train_lib.merge_pretrained(variables, loaded, "x.pdparams")
+    out, notes = pretrained.merge_pretrained(variables, loaded, "x.pdparams")
     np.testing.assert_array_equal(out["params"]["backbone"]["conv"]["kernel"], 1.0)
     np.testing.assert_array_equal(out["params"]["head"]["fc"]["kernel"], 0.0)
     text = "\n".join(notes)
@@ -38,8 +44,8 @@ def test_merge_pretrained_is_non_strict_and_reports():
 
 
 def test_missing_pretrained_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a jaxrec model directory"):
-        train_lib.load_pretrained_variables(str(tmp_path / "nope"))
+    with pytest.raises(JaxrecError, match="neither a jaxrec model directory"):
+        pretrained.load_pretrained_variables(str(tmp_path / "nope"))
 
 
 def _bn_stats_after_one_step(sync_bn: bool):
@@ -47,17 +53,14 @@ def _bn_stats_after_one_step(sync_bn: bool):
     cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4}, size=16)
     cfg.Arch.Backbone.dropout_prob = 0.0  # per-device dropout masks cannot be reproduced
     cfg.Global.sync_bn = sync_bn
-    mesh = train_lib.make_mesh(jax.devices()[:8])
-    model = train_lib.build_model_from_config(cfg)
-    loss = train_lib.build_loss_from_config(cfg)
-
-    def builder(params, stats):
-        labels = train_lib.param_labels(params, stats)
-        return train_lib.make_optimizer(optax.constant_schedule(0.1), labels, momentum=0.9)
-
-    state, tx = train_lib.init_train_state(
-        model, loss, builder, (16, 16, 3), jax.random.PRNGKey(0), mesh
-    )
+    run = resolve(cfg)
+    mesh = parallel.make_mesh(jax.devices()[:8])
+    model = build_model(run.model_arch(training=True, axis_name=parallel.AXIS))
+    loss = build_loss(list(run.loss))
+    params, stats = step_lib.init_params(model, loss, (16, 16, 3), jax.random.PRNGKey(0))
+    labels = optim.param_labels(params, stats)
+    tx = optim.make_optimizer(optax.constant_schedule(0.1), labels, momentum=0.9)
+    state = step_lib.create_state(params, stats, tx, mesh)
     rs = np.random.RandomState(0)
     batch = {  # 8 devices x (2 ids x 2 images)
         "image": rs.randint(0, 256, (32, 16, 16, 3)).astype(np.uint8),
@@ -65,15 +68,15 @@ def _bn_stats_after_one_step(sync_bn: bool):
     }
     stats0 = jax.device_get(state.batch_stats)
     params0 = jax.device_get(state.params["model"])
-    step = train_lib.make_train_step(model, loss, tx, mesh)
-    new_state, _ = step(state, train_lib.global_batch(mesh, batch), jax.random.PRNGKey(1))
+    step = step_lib.make_train_step(model, loss, tx, mesh)
+    new_state, _ = step(state, parallel.global_batch(mesh, batch), jax.random.PRNGKey(1))
 
     plain_cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4}, size=16)
     plain_cfg.Arch.Backbone.dropout_prob = 0.0
-    plain = train_lib.build_model_from_config(plain_cfg)
+    plain = build_model(resolve(plain_cfg).model_arch(training=True))
     _, mut = plain.apply(
         {"params": params0, "batch_stats": stats0},
-        train_lib.to_float_image(jnp.asarray(batch["image"])),
+        step_lib.to_model_input(jnp.asarray(batch["image"]), PixelNorm(), jnp.float32),
         labels=jnp.asarray(batch["label"]),
         train=True,
         mutable=["batch_stats"],
@@ -87,12 +90,13 @@ def _max_abs_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
+@pytest.mark.slow
 def test_sync_bn_step_matches_global_batch_statistics():
     cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
-    assert "bn_axis_name" not in train_lib.arch_dict(cfg)
+    assert "bn_axis_name" not in resolve(cfg).model_arch(training=True, axis_name="data")
     cfg.Global.sync_bn = True
-    assert train_lib.arch_dict(cfg)["bn_axis_name"] == "data"
-    assert "bn_axis_name" not in train_lib.arch_dict(cfg, for_training=False)  # eval model
+    assert resolve(cfg).model_arch(training=True, axis_name="data")["bn_axis_name"] == "data"
+    assert "bn_axis_name" not in resolve(cfg).model_arch(training=False)  # eval model
 
     synced, full = _bn_stats_after_one_step(sync_bn=True)
     assert _max_abs_diff(synced, full) < 1e-4
@@ -102,21 +106,7 @@ def test_sync_bn_step_matches_global_batch_statistics():
     assert _max_abs_diff(per_device, full) > 1e-3
 
 
-def test_config_glue():
-    cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
-    assert train_lib.image_size(cfg) == 32
-    assert train_lib.topk_from_config(cfg) == (1, 5)
-    assert train_lib.freeze_neck_bias(cfg)
-    cfg.AMP.use_amp = True
-    assert train_lib.arch_dict(cfg)["dtype"] == "bfloat16"
-    ops = train_lib.config_lib.to_plain(cfg.DataLoader.Train.dataset.transform_ops)
-    t = train_lib.train_transform_from_ops(ops, 32, "x")
-    assert (t.size, t.flip, t.pad, t.crop, t.rotate_prob, t.degrees) == (32, True, 2, True, 0.5, 90)
-    with pytest.raises(ValueError, match="differs from Global.image_shape"):
-        train_lib.train_transform_from_ops(ops, 64, "x")
-
-
 def test_distributed_flags_must_come_together():
-    with pytest.raises(ValueError, match="--process_id"):
-        train_lib.maybe_initialize_distributed("127.0.0.1:1234", 2, None)
-    assert train_lib.maybe_initialize_distributed() is False  # plain single-machine run
+    with pytest.raises(JaxrecError, match="--process_id"):
+        parallel.maybe_initialize_distributed("127.0.0.1:1234", 2, None)
+    assert parallel.maybe_initialize_distributed() is False  # plain single-machine run

@@ -18,6 +18,10 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset
 
+from jaxrec.checkpoint import read_checkpoint
+
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
@@ -83,18 +87,7 @@ def _run(setup, workdir, devices=8, timeout=600):
 
 
 def _final_state(workdir):
-    import orbax.checkpoint as ocp
-
-    mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
-    try:
-        step = mgr.latest_step()
-        out = mgr.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
-    finally:
-        mgr.close()
-    return step, jax.tree.map(np.asarray, out["state"]), out["meta"]
+    return read_checkpoint(workdir)
 
 
 @pytest.fixture(scope="module")

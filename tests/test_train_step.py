@@ -9,21 +9,23 @@ import optax
 import pytest
 from train_testutil import TinyLoss, TinyRec
 
-from jaxrec import train_lib
+from jaxrec import optim
+from jaxrec import step as step_lib
+from jaxrec.config import resolve
+from jaxrec.data.preprocess import PixelNorm
+from jaxrec.losses import build_loss
+from jaxrec.models import build_model
+from jaxrec.parallel import AXIS, global_batch, make_mesh
 
 
 def _setup(n_dev=8, per_dev=4, size=16, wd=1e-3, lr=0.1):
-    mesh = train_lib.make_mesh(jax.devices()[:n_dev])
+    mesh = make_mesh(jax.devices()[:n_dev])
     model, loss = TinyRec(), TinyLoss()
     sched = optax.constant_schedule(lr)
-
-    def builder(params, stats):
-        labels = train_lib.param_labels(params, stats)
-        return train_lib.make_optimizer(sched, labels, momentum=0.9, weight_decay=wd)
-
-    state, tx = train_lib.init_train_state(
-        model, loss, builder, (size, size, 3), jax.random.PRNGKey(0), mesh
-    )
+    params, stats = step_lib.init_params(model, loss, (size, size, 3), jax.random.PRNGKey(0))
+    labels = optim.param_labels(params, stats)
+    tx = optim.make_optimizer(sched, labels, momentum=0.9, weight_decay=wd)
+    state = step_lib.create_state(params, stats, tx, mesh)
     rs = np.random.RandomState(0)
     b = n_dev * per_dev
     batch = {
@@ -41,7 +43,7 @@ def _reference_step(model, loss, tx, state, batch, rng, n_dev):
     images = np.split(batch["image"], n_dev)
     labels = np.split(batch["label"], n_dev)
     for i in range(n_dev):
-        x = train_lib.to_float_image(jnp.asarray(images[i]))
+        x = step_lib.to_model_input(jnp.asarray(images[i]), PixelNorm(), jnp.float32)
         key = jax.random.fold_in(rng, i)
 
         def f(p, x=x, y=labels[i], key=key):
@@ -68,10 +70,10 @@ def _reference_step(model, loss, tx, state, batch, rng, n_dev):
 
 def test_data_parallel_step_matches_per_shard_reference():
     mesh, model, loss, tx, sched, state, batch = _setup()
-    step = train_lib.make_train_step(model, loss, tx, mesh, schedule=sched)
+    step = step_lib.make_train_step(model, loss, tx, mesh, schedule=sched)
     rng = jax.random.PRNGKey(3)
     ref_params, ref_stats, ref_loss = _reference_step(model, loss, tx, state, batch, rng, 8)
-    new_state, metrics = step(state, train_lib.global_batch(mesh, batch), rng)
+    new_state, metrics = step(state, global_batch(mesh, batch), rng)
     assert int(new_state.step) == 1
     np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=1e-5)
     jax.tree.map(
@@ -88,7 +90,7 @@ def test_data_parallel_step_matches_per_shard_reference():
 
 
 def test_schedule_check_values():
-    s = train_lib.cosine_warmup_schedule(0.06, steps_per_epoch=10, epochs=10, warmup_epoch=2)
+    s = optim.cosine_warmup_schedule(0.06, steps_per_epoch=10, epochs=10, warmup_epoch=2)
     got = [float(s(t)) for t in (0, 1, 2, 20, 21)]
     np.testing.assert_allclose(got, [0.0, 0.003, 0.006, 0.06, 0.059977], atol=5e-7)
     assert float(s(100)) == pytest.approx(0.0, abs=1e-9)
@@ -96,10 +98,10 @@ def test_schedule_check_values():
 
 
 def test_first_update_uses_lr_zero_and_momentum_semantics():
-    sched = train_lib.cosine_warmup_schedule(0.06, 10, 10, 2)
+    sched = optim.cosine_warmup_schedule(0.06, 10, 10, 2)
     params = {"model": {"head": {"kernel": jnp.ones((2,))}}, "loss": {}}
-    labels = train_lib.param_labels(params, {})
-    tx = train_lib.make_optimizer(sched, labels, momentum=0.9, weight_decay=0.1)
+    labels = optim.param_labels(params, {})
+    tx = optim.make_optimizer(sched, labels, momentum=0.9, weight_decay=0.1)
     st = tx.init(params)
     g = {"model": {"head": {"kernel": jnp.full((2,), 0.5)}}, "loss": {}}
     u, st = tx.update(g, st, params)
@@ -111,7 +113,7 @@ def test_first_update_uses_lr_zero_and_momentum_semantics():
 
 def test_weight_decay_labels():
     mesh, model, loss, tx, sched, state, batch = _setup(n_dev=1)
-    labels = train_lib.param_labels(state.params, state.batch_stats)
+    labels = optim.param_labels(state.params, state.batch_stats)
     m = labels["model"]
     assert m["backbone"]["bn"]["scale"] == "no_decay" and m["backbone"]["bn"]["bias"] == "no_decay"
     assert m["backbone"]["conv"]["kernel"] == "decay"
@@ -129,15 +131,15 @@ def test_weight_decay_labels():
             }
         }
     }
-    lab = train_lib.param_labels(rep, {})
+    lab = optim.param_labels(rep, {})
     assert lab["model"]["backbone"]["blk"]["dw_conv"]["kernel"] == "no_decay"
     assert lab["model"]["backbone"]["blk"]["dw_conv_list_0"]["conv"]["kernel"] == "decay"
 
 
 def test_frozen_neck_bias_never_moves_and_bn_scale_not_decayed():
     mesh, model, loss, tx, sched, state, batch = _setup(n_dev=2, wd=0.5)
-    step = train_lib.make_train_step(model, loss, tx, mesh)
-    gb = train_lib.global_batch(mesh, {k: v[:8] for k, v in batch.items()})
+    step = step_lib.make_train_step(model, loss, tx, mesh)
+    gb = global_batch(mesh, {k: v[:8] for k, v in batch.items()})
     s = state
     for i in range(3):
         s, _ = step(s, gb, jax.random.PRNGKey(i))
@@ -145,38 +147,41 @@ def test_frozen_neck_bias_never_moves_and_bn_scale_not_decayed():
     assert not np.allclose(s.params["model"]["neck"]["feat_bn"]["scale"], 1.0)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_step_keeps_float32_params():
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_data_util import tiny_config
 
     cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
     cfg.AMP.use_amp = True
-    mesh = train_lib.make_mesh(jax.devices()[:2])
-    model = train_lib.build_model_from_config(cfg)
-    loss = train_lib.build_loss_from_config(cfg)
-    hold = {}
-
-    def builder(params, stats):
-        tx, hold["s"] = train_lib.optimizer_from_config(
-            cfg, 10, train_lib.param_labels(params, stats)
-        )
-        return tx
-
-    state, tx = train_lib.init_train_state(
-        model, loss, builder, (32, 32, 3), jax.random.PRNGKey(0), mesh
-    )
-    step = train_lib.make_train_step(
-        model, loss, tx, mesh, hold["s"], compute_dtype=train_lib.compute_dtype(cfg)
+    run = resolve(cfg)
+    assert run.compute_dtype == "bfloat16" and run.eval.compute_dtype == "float32"
+    mesh = make_mesh(jax.devices()[:2])
+    model = build_model(run.model_arch(training=True, axis_name=AXIS))
+    loss = build_loss(list(run.loss))
+    params, stats = step_lib.init_params(model, loss, (32, 32, 3), jax.random.PRNGKey(0))
+    tx, sched = optim.build_optimizer(run.optim, 10, run.loop.epochs, params, stats)
+    state = step_lib.create_state(params, stats, tx, mesh)
+    step = step_lib.make_train_step(
+        model, loss, tx, mesh, schedule=sched, compute_dtype=jnp.dtype(run.compute_dtype)
     )
     rs = np.random.RandomState(0)
     batch = {
         "image": rs.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
         "label": np.repeat(np.arange(4), 2).astype(np.int32),
     }
-    new, m = step(state, train_lib.global_batch(mesh, batch), jax.random.PRNGKey(0))
+    new, m = step(state, global_batch(mesh, batch), jax.random.PRNGKey(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.batch_stats))
     assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
+
+
+def test_state_is_donated():
+    """The step reuses the state's buffers: the passed-in state is consumed (no second copy of
+    parameters and optimizer state on the device)."""
+    mesh, model, loss, tx, sched, state, batch = _setup(n_dev=2)
+    step = step_lib.make_train_step(model, loss, tx, mesh)
+    gb = global_batch(mesh, {k: v[:8] for k, v in batch.items()})
+    leaf = jax.tree.leaves(state.params)[0]
+    new, _ = step(state, gb, jax.random.PRNGKey(0))
+    assert leaf.is_deleted()
+    assert not jax.tree.leaves(new.params)[0].is_deleted()

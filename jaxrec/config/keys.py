@@ -96,6 +96,12 @@ class Reader:
     def has(self, key: str) -> bool:
         return self._lookup(key) is not _MISSING
 
+    def peek(self, key: str, default: Any = None) -> Any:
+        """The value at `key` without recording it as read (for sections whose keys are then
+        read one by one)."""
+        value = self._lookup(key)
+        return default if value is _MISSING or value is None else value
+
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The value at `key` (None counts as absent when a default is given)."""
         value = self._lookup(key)

@@ -206,7 +206,7 @@ def _optimizer(r: Reader) -> OptimSpec:
             f"{lr.warmup_epoch} must be smaller than Global.epochs ({epochs:g})",
         )
     wd = 0.0
-    if r.get("Optimizer.regularizer", None) is not None:
+    if r.peek("Optimizer.regularizer") is not None:
         reg = r.get("Optimizer.regularizer.name")
         if reg != "L2":
             raise ConfigError("Optimizer.regularizer.name", f"{reg!r}: only L2 is implemented")
@@ -281,7 +281,7 @@ def _train_data(r: Reader) -> TrainDataSpec:
 
 def _eval_data(r: Reader) -> EvalDataSpec:
     base = "DataLoader.Eval"
-    parts = list(r.get(base))
+    parts = list(r.peek(base, {}))
     if "Query" in parts and "Gallery" in parts and len(parts) == 2:
         names = {"query": f"{base}.Query", "gallery": f"{base}.Gallery"}
     elif len(parts) == 1:
@@ -302,7 +302,12 @@ def _eval_data(r: Reader) -> EvalDataSpec:
             f"{names['gallery']}.dataset.transform_ops",
             "must preprocess like the Query set (one model input for both)",
         )
-    q = names["query"]
+    q, g = names["query"], names["gallery"]
+    for sub in ("sampler.batch_size", "loader.num_workers"):
+        if r.get(f"{g}.{sub}", None) != r.get(f"{q}.{sub}", None):
+            raise ConfigError(
+                f"{g}.{sub}", f"must equal {q}.{sub} (jaxrec feeds both sets the same way)"
+            )
     same = dataclasses.replace(specs["query"], key="") == dataclasses.replace(
         specs["gallery"], key=""
     )
@@ -318,7 +323,7 @@ def _eval_data(r: Reader) -> EvalDataSpec:
 
 
 def _metrics(r: Reader) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
-    entries = r.get("Metric.Eval", None) or [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}]
+    entries = r.peek("Metric.Eval") or [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}]
     names, topk, keys = [], [], []
     for i, entry in enumerate(entries):
         key = f"Metric.Eval[{i}]"
@@ -327,7 +332,8 @@ def _metrics(r: Reader) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ..
         (name,) = entry
         if name not in _METRICS:
             raise ConfigError(f"{key}.{name}", f"is not a retrieval metric; use {sorted(_METRICS)}")
-        r.mark(f"{key}.{name}")
+        if not entry[name]:
+            r.mark(f"{key}.{name}")
         names.append(_METRICS[name])
         if name in ("Recallk", "Precisionk"):
             ks = r.get(f"{key}.{name}.topk", (1, 5))
@@ -336,7 +342,6 @@ def _metrics(r: Reader) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ..
             keys += [f"recall{k}" if name == "Recallk" else f"precision@{k}" for k in ks]
         else:
             keys.append(name)
-    r.mark("Metric.Eval")
     if r.has("Metric.Train"):
         raise ConfigError("Metric.Train", "training metrics are not computed by jaxrec; remove it")
     return tuple(names), tuple(topk), tuple(keys)

@@ -43,7 +43,7 @@ class Op:
 
 
 def read_ops(r: Reader, key: str) -> list[Op]:
-    entries = r.get(key, None)
+    entries = r.peek(key)
     if entries is None:
         raise ConfigError(key, "is required (the list of image transforms)")
     if not isinstance(entries, list):

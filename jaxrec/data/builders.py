@@ -31,7 +31,7 @@ def load_source(spec: DatasetSpec) -> datasets.Source:
     )
 
 
-def check_labels(source: datasets.Source, class_num: int, where: str) -> None:
+def check_labels(source: datasets.Source, class_num: int, where: str, relabel: bool) -> None:
     """Every label must lie in [0, class_num): JAX gathers and one-hots do not raise on an
     out-of-range index (a -1 silently becomes the last class), so this is checked on the host
     before anything is compiled."""
@@ -41,11 +41,16 @@ def check_labels(source: datasets.Source, class_num: int, where: str) -> None:
         return
     i = int(bad[0])
     line = f" line {int(source.lines[i])}" if source.lines is not None else ""
+    fix = (
+        f"the list has {np.unique(labels).size} distinct labels (relabelled to 0..K-1): raise "
+        f"{where} to at least that"
+        if relabel
+        else f"fix the list, raise {where}, or set relabel: True to map the labels to 0..K-1"
+    )
     raise LabelError(
         f"{source.name}{line}: label {int(labels[i])} (image {source.paths[i]}) is outside the "
         f"classifier's {class_num} classes [0, {class_num - 1}] set by {where}; "
-        f"{bad.size} label(s) of {labels.size} are out of range. Fix the list, raise "
-        f"{where}, or set relabel: True to map the labels to 0..K-1."
+        f"{bad.size} label(s) of {labels.size} are out of range: {fix}."
     )
 
 
@@ -56,7 +61,7 @@ def train_loader(spec: TrainDataSpec, mesh: Any, seed: int, class_num: int | Non
 
     source = load_source(spec.dataset)
     if class_num is not None:
-        check_labels(source, class_num, "Arch.Head.class_num")
+        check_labels(source, class_num, "Arch.Head.class_num", spec.dataset.relabel)
     s = spec.sampler
     sampler = PKSampler(
         source.labels,
