@@ -89,9 +89,10 @@ class _Divergence:
         else:
             where = f"no checkpoint was saved before it in {where}"
         last_vals = {k: float(v) for k, v in acc_host["last"].items()}
+        where = where[0].upper() + where[1:]
         raise TrainingDivergedError(
             f"a loss term or the gradient norm became NaN/inf at step {bad} (values at the last "
-            f"step: {logging_lib.format_metrics(last_vals)}); stopped without saving. {where[0].upper()}{where[1:]}. "
+            f"step: {logging_lib.format_metrics(last_vals)}); stopped without saving. {where}. "
             "Lower Optimizer.lr.learning_rate, use a longer Optimizer.lr.warmup_epoch, or check "
             "the training data."
         )
