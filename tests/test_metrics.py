@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxrec import metrics
+from jaxrec.evaluation import metrics
 
 GOLDEN = np.load(Path(__file__).parent / "fixtures" / "metric_golden.npz")
 META = json.loads(str(GOLDEN["meta_json"]))

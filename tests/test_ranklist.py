@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxrec import visualize
+from jaxrec.evaluation import ranklist as visualize
 
 
 def _write_images(tmp_path, n, prefix):

@@ -1,4 +1,5 @@
-"""Blockwise on-device retrieval evaluator vs brute force (jaxrec.metrics) and PaddleClas."""
+"""Blockwise on-device retrieval kernels vs brute force (jaxrec.evaluation.metrics) and
+PaddleClas; the per-run evaluator compiles its functions once."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrec import eval_lib, metrics
+from jaxrec.evaluation import metrics
+from jaxrec.evaluation import rerank as rerank_lib
+from jaxrec.evaluation import retrieval as eval_lib
+from jaxrec.ops import l2_normalize
+from jaxrec.parallel import make_mesh
 
 ALL = ("recall", "mAP", "mINP", "precision")
 RERANK = np.load(Path(__file__).parent / "fixtures" / "metric_rerank.npz")
@@ -20,7 +25,7 @@ def _features(rng, labels, d=16):
 
 
 def _mesh(n):
-    return eval_lib.data_mesh(jax.devices()[:n])
+    return make_mesh(jax.devices()[:n])
 
 
 def _assert_same(got, want):
@@ -140,7 +145,7 @@ def test_re_ranking_matches_paddleclas(name):
     def get(key):
         return RERANK[f"{name}/{key}"] if f"{name}/{key}" in RERANK else None
 
-    dist = eval_lib.re_ranking_distance(get("qf"), get("gf"), k1=20, k2=6, lambda_value=0.3)
+    dist = rerank_lib.re_ranking_distance(get("qf"), get("gf"), k1=20, k2=6, lambda_value=0.3)
     ref = get("dist")
     if get("qid") is not None:  # the reference fixture has excluded pairs set to max + 1
         keep = (get("ql")[:, None] != get("gl")[None]) | (get("qid")[:, None] != get("gid")[None])
@@ -191,7 +196,7 @@ def test_normalize_option():
     labels = rng.integers(0, 5, 40)
     raw = _features(rng, labels) * rng.uniform(0.1, 10, (40, 1)).astype(np.float32)
     raw[0] = 0.0  # a zero feature stays zero (eps 1e-12), as in PaddleClas
-    unit = eval_lib.l2_normalize(raw)
+    unit = l2_normalize(raw)
     assert np.all(unit[0] == 0)
     np.testing.assert_allclose(np.linalg.norm(unit[1:], axis=1), 1.0, rtol=1e-6)
     got = eval_lib.retrieval_metrics(
@@ -202,25 +207,33 @@ def test_normalize_option():
 
 
 def test_metric_config_keys_in_paddleclas_order():
+    """Metric.Eval resolves to metrics/top-k/keys whose values equal brute force."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import general_v2
+
+    from jaxrec.config import resolve
+    from jaxrec.errors import ConfigError
+
+    c = general_v2.get_config()
+    c.Arch.Backbone.pretrained = False
+    c.Metric.Eval = [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}, {"Precisionk": {"topk": [2]}}]
+    ev = resolve(c).eval
+    assert ev.keys == ("recall1", "recall5", "mAP", "precision@2")
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 5, 30)
     f = _features(rng, labels)
-    cfg = [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}, {"Precisionk": {"topk": [2]}}]
-    out = eval_lib.retrieval_metrics_from_config(
-        cfg, f, labels, f, labels, np.arange(30), np.arange(30), mesh=_mesh(1)
+    ids = np.arange(30)
+    out = eval_lib.retrieval_metrics(
+        f, labels, f, labels, ids, ids, topk=ev.topk, metrics=ev.metrics, mesh=_mesh(1)
     )
-    assert list(out) == ["recall1", "recall5", "mAP", "precision@2"]
     full = _brute(
-        f,
-        labels,
-        f,
-        labels,
-        np.arange(30),
-        np.arange(30),
-        topk=(1, 5, 2),
-        metrics=("recall", "mAP", "precision"),
+        f, labels, f, labels, ids, ids, topk=(1, 5, 2), metrics=("recall", "mAP", "precision")
     )
-    for key, value in out.items():
-        np.testing.assert_allclose(value, full[key], rtol=1e-12)
-    with pytest.raises(ValueError, match="not a retrieval metric"):
-        eval_lib.parse_metric_config([{"TopkAcc": {}}])
+    for key in ev.keys:
+        np.testing.assert_allclose(out[key], full[key], rtol=1e-12)
+    c.Metric.Eval = [{"TopkAcc": {}}]
+    with pytest.raises(ConfigError, match="Metric.Eval.0..TopkAcc: is not a retrieval metric"):
+        resolve(c)

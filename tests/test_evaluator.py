@@ -1,0 +1,62 @@
+"""RetrievalEvaluator: built once per run, its second evaluation compiles nothing."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax import monitoring
+from train_data_util import make_tiny_dataset, tiny_config
+
+from jaxrec.config import resolve
+from jaxrec.evaluation import RetrievalEvaluator, retrieval_metrics
+from jaxrec.models import build_model, init_variables
+from jaxrec.parallel import make_mesh
+
+_COMPILES: list[str] = []
+
+
+def _listener(name: str, _duration: float, **_kw) -> None:
+    if name == "/jax/core/compile/backend_compile_duration":
+        _COMPILES.append(name)
+
+
+monitoring.register_event_duration_secs_listener(_listener)
+
+
+def test_two_evaluations_compile_once_and_match_the_kernel(tmp_path):
+    data = make_tiny_dataset(str(tmp_path), train_classes=2, eval_classes=3, per_class=6)
+    cfg = tiny_config(data)
+    cfg.DataLoader.Eval.Query.sampler.batch_size = 8
+    run = resolve(cfg)
+    mesh = make_mesh(jax.devices()[:2])
+    model = build_model(run.model_arch(training=False))
+    v1 = init_variables(model, seed=0, image_size=32)
+    v2 = init_variables(model, seed=1, image_size=32)
+    evaluator = RetrievalEvaluator(run.eval, model, mesh)
+
+    before = len(_COMPILES)
+    r1 = evaluator.evaluate(v1, return_features=True)
+    first = len(_COMPILES) - before
+    before = len(_COMPILES)
+    r2 = evaluator.evaluate(v2, return_features=True)
+    second = len(_COMPILES) - before
+    assert first > 0 and second == 0, (first, second)
+    assert evaluator.feature_fn._cache_size() == 1
+    assert list(r1["metrics"]) == ["recall1", "recall5", "mAP"]
+    assert r1["metrics"] != r2["metrics"] or not np.allclose(
+        r1["query_features"], r2["query_features"]
+    )
+    # The features are L2-normalized and the metrics are the kernel's on them.
+    np.testing.assert_allclose(np.linalg.norm(r1["query_features"], axis=1), 1.0, rtol=1e-5)
+    q = evaluator.query
+    want = retrieval_metrics(
+        r1["query_features"],
+        q.labels,
+        r1["gallery_features"],
+        q.labels,
+        q.uids,
+        q.uids,
+        mesh=mesh,
+    )
+    for k, v in r1["metrics"].items():
+        assert v == want[k]
