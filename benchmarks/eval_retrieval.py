@@ -8,7 +8,7 @@ runs in its own child process, which reports the evaluation time and its own pea
 (``ru_maxrss``, whole process: Python, libraries, data; the features alone are
 num x 512 x 4 bytes).
 
-- ``jaxrec``: ``jaxrec.eval_lib.retrieval_metrics`` on the full set.
+- ``jaxrec``: ``jaxrec.evaluation.retrieval_metrics`` on the full set.
 - ``paddle``: the loop of ``ppcls/engine/evaluation/retrieval.py`` (query blocks of 64,
   similarity matmul, keep mask, ``Recallk`` and ``mAP`` from ``ppcls.metric``) in the PaddleClas
   venv, on the first ``--paddle-queries`` queries against the full gallery; its time is also
@@ -46,7 +46,7 @@ def make_data(out_dir: str, num: int, classes: int, dim: int, seed: int) -> None
 
 
 def worker_jaxrec(data_dir: str, num_queries: int) -> dict:
-    from jaxrec import eval_lib
+    from jaxrec.evaluation import retrieval as eval_lib
 
     feats = np.load(os.path.join(data_dir, "feats.npy"))
     labels = np.load(os.path.join(data_dir, "labels.npy"))

@@ -2,7 +2,7 @@
 
 Full-size PPLCNetV2_base_ShiTu + BNNeck + FC head with 1,000 classes, 224x224 inputs, batch 32
 (8 ids x 4 images), CE(eps 0.1) + TripletAngularMarginLoss, Momentum 0.9 with L2 1e-5. The jaxrec
-step is the jitted `train_lib.make_train_step` (uint8 input normalized on device, one device);
+step is the jitted `jaxrec.step.make_train_step` (uint8 input normalized on device, one device);
 the reference step is PaddleClas dygraph forward + backward + Momentum step, run in the paddle
 venv as a subprocess with the same thread count.
 
@@ -67,29 +67,28 @@ def jaxrec_step(steps: int, bs: int, classes: int) -> dict:
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import general_v2
 
-    from jaxrec import train_lib
+    from jaxrec import optim
+    from jaxrec import step as step_lib
+    from jaxrec.config import resolve
+    from jaxrec.losses import build_loss
+    from jaxrec.models import build_model
+    from jaxrec.parallel import global_batch, make_mesh
 
     cfg = general_v2.get_config()
     cfg.Arch.Backbone.pretrained = False
     cfg.Arch.Head.class_num = classes
-    mesh = train_lib.make_mesh(jax.devices()[:1])
-    model = train_lib.build_model_from_config(cfg)
-    loss = train_lib.build_loss_from_config(cfg)
-    hold = {}
-
-    def builder(params, stats):
-        labels = train_lib.param_labels(params, stats)
-        tx, hold["s"] = train_lib.optimizer_from_config(cfg, 1000, labels)
-        return tx
-
+    run = resolve(cfg)
+    mesh = make_mesh(jax.devices()[:1])
+    model = build_model(run.model_arch(training=True))
+    loss = build_loss(list(run.loss))
     t0 = time.perf_counter()
-    state, tx = train_lib.init_train_state(
-        model, loss, builder, (224, 224, 3), jax.random.PRNGKey(0), mesh
-    )
+    params, stats = step_lib.init_params(model, loss, (224, 224, 3), jax.random.PRNGKey(0))
+    tx, schedule = optim.build_optimizer(run.optim, 1000, run.loop.epochs, params, stats)
+    state = step_lib.create_state(params, stats, tx, mesh)
     init_s = time.perf_counter() - t0
-    step = train_lib.make_train_step(model, loss, tx, mesh, schedule=hold["s"])
+    step = step_lib.make_train_step(model, loss, tx, mesh, pixel=run.train.pixel, schedule=schedule)
     rs = np.random.RandomState(0)
-    batch = train_lib.global_batch(
+    batch = global_batch(
         mesh,
         {
             "image": rs.randint(0, 256, (bs, 224, 224, 3)).astype(np.uint8),
