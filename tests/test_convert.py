@@ -532,3 +532,31 @@ def test_write_pdparams_refuses_bad_input(tmp_path):
     with pytest.raises(PdparamsError, match="exists"):
         pdparams.write_pdparams(f, a)
     assert pdparams.load_pickle(f)[pdparams.NAME_TABLE] == {"w": "create_parameter_0.w_0"}
+
+
+@pytest.mark.slow
+def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
+    """--workdir: the run's best checkpoint as PaddleClas's state dict; importing it back gives
+    the run's variables bit for bit; the run's Arch is printed for PaddleClas."""
+    from train_data_util import make_tiny_dataset, tiny_config
+
+    from jaxrec import trainer
+    from jaxrec.checkpoint import restore_model
+
+    data = make_tiny_dataset(str(tmp_path / "data"), train_classes=2, per_class=4)
+    cfg = tiny_config(data, epochs=1, size=24)
+    cfg.Optimizer.lr.warmup_epoch = 0
+    workdir = str(tmp_path / "run")
+    trainer.train(cfg, workdir)
+    capsys.readouterr()
+    f = tmp_path / "run.pdparams"
+    assert convert.main(["--to-pdparams", "--workdir", workdir, "--out", str(f)]) == 0
+    printed = capsys.readouterr().out
+    assert "from workdir" in printed and "scale 0.25" in printed  # note: not the stock YAML
+    md = restore_model(workdir, which="best")
+    _, back, report = convert_pdparams(f, arch=md.arch, strict=True)
+    assert report.ok
+    _leaves_equal(
+        {"params": md.variables["params"], "batch_stats": md.variables["batch_stats"]}, back
+    )
+    assert list(read_pdparams(f)) == list(pdparams.paddle_state_dict(md.variables))
