@@ -70,8 +70,8 @@ import numpy as np
 
 from jaxrec.data import datasets
 from jaxrec.data.datasets import Source
-from jaxrec.data.image import cv2, limit_opencv_threads
-from jaxrec.data.loader import BadImageError, Decoder
+from jaxrec.data.image import cv2
+from jaxrec.data.loader import BadImageError, Decoder, decode_pool
 from jaxrec.data.transforms import TrainTransform
 from jaxrec.errors import DatasetError, JaxrecError
 
@@ -327,8 +327,7 @@ def prepare(
 
             done = len(source) - sum(hi - lo for lo, hi in spans.values())
             bar = tqdm(total=len(source), initial=done, unit="img", file=sys.stderr)
-        n_workers = workers or os.cpu_count() or 1
-        with cf.ThreadPoolExecutor(n_workers, initializer=limit_opencv_threads) as pool:
+        with decode_pool(workers or os.cpu_count(), "jaxrec-prepare") as pool:
             futures = {
                 pool.submit(_prepare_shard, decoder, settings, out, k, lo, hi): hi - lo
                 for k, (lo, hi) in spans.items()

@@ -19,6 +19,7 @@ from jaxrec.data.transforms import (
     hflip,
     normalized_to_uint8,
     pad_constant,
+    pad_crop,
     rng_for,
     rotate,
     rotation_matrix,
@@ -170,3 +171,18 @@ def test_steps_can_be_switched_off():
     p = plain.sample(rng_for(0, 0, 0))
     assert not p.flip and not p.rotate and (p.top, p.left) == (0, 0)
     np.testing.assert_array_equal(plain.apply(img, p), resize_bilinear(img, (224, 224)))
+
+
+def test_pad_crop_equals_pad_then_crop():
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 20, 2))
+        pad = int(rng.integers(0, 5))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        size = tuple(int(v) for v in rng.integers(1, 25, 2))
+        top, left = (int(v) for v in rng.integers(0, 30, 2))
+        want = crop_v2(pad_constant(img, pad), top, left, size)
+        got = pad_crop(img, pad, top, left, size)
+        assert got.shape == want.shape and np.array_equal(got, want), (h, w, pad, size, top, left)
+    flipped = hflip(img)
+    assert flipped.flags.c_contiguous and np.array_equal(flipped, img[:, ::-1])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxrec.data.datasets import Source
-from jaxrec.data.image import decode_image, limit_opencv_threads
+from jaxrec.data.image import configure_decoding, decode_image
 from jaxrec.data.preprocess import Preprocess
 from jaxrec.data.sampler import PKSampler
 from jaxrec.data.transforms import TrainTransform, rng_for
@@ -113,9 +113,10 @@ def _put(batch: dict[str, np.ndarray], mesh: Any, global_rows: int) -> dict[str,
     }
 
 
-def _thread_pool(num_workers: int | None, name: str) -> cf.ThreadPoolExecutor:
+def decode_pool(num_workers: int | None, name: str) -> cf.ThreadPoolExecutor:
+    """Threads for decoding (default: one per core, at most 8), set up by ``configure_decoding``."""
     workers = num_workers or min(8, os.cpu_count() or 1)
-    return cf.ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=limit_opencv_threads)
+    return cf.ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=configure_decoding)
 
 
 class _InFlight:
@@ -254,7 +255,7 @@ class TrainLoader:
         self.global_rows = sampler.num_shards * sampler.batch_size
         self._labels = _check_int32(source.labels, "labels", source)
         self._decoder = Decoder(source, skip_bad, self.transform.prepare, cache_bytes)
-        self._pool = _thread_pool(num_workers, "jaxrec-data")
+        self._pool = decode_pool(num_workers, "jaxrec-data")
         self._epoch = 0  # next batch handed out
         self._step = 0
         self._inflight = _InFlight(lambda b: _put(b, mesh, self.global_rows), device_prefetch)
@@ -423,7 +424,7 @@ class EvalLoader:
         self._labels = _check_int32(source.labels, "labels", source)
         self._uids = None if source.uids is None else _check_int32(source.uids, "uids", source)
         self._decoder = Decoder(source, skip_bad, self.preprocess.apply)
-        self._pool = _thread_pool(num_workers, "jaxrec-eval")
+        self._pool = decode_pool(num_workers, "jaxrec-eval")
 
     def __len__(self) -> int:
         return -(-len(self.source) // self.batch_size)

@@ -49,8 +49,10 @@ def rng_for(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def hflip(img: np.ndarray) -> np.ndarray:
-    """``cv2.flip(img, 1)``."""
-    return img[:, ::-1]
+    """``cv2.flip(img, 1)``: a new contiguous array (numpy's reversed-stride copy is slower)."""
+    if cv2 is None:
+        return np.ascontiguousarray(img[:, ::-1])
+    return cv2.flip(np.ascontiguousarray(img), 1).reshape(img.shape)
 
 
 def pad_constant(img: np.ndarray, padding: int, fill: int = 0) -> np.ndarray:
@@ -68,6 +70,29 @@ def crop_v2(img: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.n
     if h == th and w == tw:
         return img
     return img[top : top + th, left : left + tw]
+
+
+def pad_crop(
+    img: np.ndarray, padding: int, top: int, left: int, size: tuple[int, int]
+) -> np.ndarray:
+    """``crop_v2(pad_constant(img, padding), top, left, size)`` without the padded intermediate.
+
+    One zero-filled output and one block copy, including RandCropImageV2's windows that run past
+    the padded image (they come out one row or column short, as slicing makes them).
+    """
+    h, w = img.shape[:2]
+    ph, pw = h + 2 * padding, w + 2 * padding
+    if (ph, pw) == tuple(size):
+        return pad_constant(img, padding)
+    r0, r1 = min(top, ph), min(top + size[0], ph)
+    c0, c1 = min(left, pw), min(left + size[1], pw)
+    out = np.zeros((r1 - r0, c1 - c0) + img.shape[2:], img.dtype)
+    sr0, sr1 = max(r0 - padding, 0), min(r1 - padding, h)
+    sc0, sc1 = max(c0 - padding, 0), min(c1 - padding, w)
+    if sr1 > sr0 and sc1 > sc0:
+        dr, dc = sr0 + padding - r0, sc0 + padding - c0
+        out[dr : dr + sr1 - sr0, dc : dc + sc1 - sc0] = img[sr0:sr1, sc0:sc1]
+    return out
 
 
 def rotation_matrix(angle: float, center: tuple[float, float], scale: float = 1.0) -> np.ndarray:
@@ -324,13 +349,13 @@ class TrainTransform:
         s = self.size
         if p.flip:
             x = hflip(x)
-        if self.pad:
-            x = pad_constant(x, self.pad)
         if self.crop:
-            h, w = x.shape[:2]
+            h, w = x.shape[0] + 2 * self.pad, x.shape[1] + 2 * self.pad
             if h + 1 < s or w + 1 < s:
                 raise ValueError(f"crop {s} is larger than the padded image {(h, w)}")
-            x = crop_v2(x, p.top, p.left, (s, s))
+            x = pad_crop(x, self.pad, p.top, p.left, (s, s))
+        elif self.pad:
+            x = pad_constant(x, self.pad)
         if p.rotate:
             x = rotate(np.ascontiguousarray(x), p.angle)
         if x.shape[:2] != (s, s):
