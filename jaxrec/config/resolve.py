@@ -154,7 +154,10 @@ def _arch(r: Reader) -> dict[str, Any]:
     try:
         build_model(arch)
     except ValueError as e:
-        raise ConfigError("Arch", str(e).removeprefix("Arch.")) from None
+        key, _, msg = str(e).partition(": ")
+        if key.startswith("Arch") and msg:
+            raise ConfigError(key, msg) from None
+        raise ConfigError("Arch", str(e)) from None
     r.mark("Arch")  # validated whole by build_model above
     return arch
 
