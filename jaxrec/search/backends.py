@@ -169,7 +169,8 @@ class FaissBackend:
         try:
             index = self.faiss.read_index(path)
         except RuntimeError as e:  # faiss reports truncated or foreign files this way
-            return f"faiss cannot read it: {str(e).strip().splitlines()[-1][-200:]}"
+            detail = str(e).rsplit("Error: ", 1)[-1].strip()[:160]
+            return f"faiss cannot read it, truncated or not a faiss index: {detail}"
         if not isinstance(index, self.faiss.IndexIDMap2):
             return f"it holds a {type(index).__name__}, not an IndexIDMap2"
         if index.d != self.dim or index.metric_type != self._faiss_metric():

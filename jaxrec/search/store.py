@@ -61,8 +61,11 @@ def rebuild_hint(index_dir: str, model_dir: str | None) -> str:
 def locked(index_dir: str) -> Iterator[None]:
     """Hold the index's write lock (created with the directory if missing). Blocks, saying so
     once, while another process holds it. The kernel releases it if the holder dies."""
-    os.makedirs(index_dir, exist_ok=True)
-    fd = os.open(os.path.join(index_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(index_dir, exist_ok=True)
+        fd = os.open(os.path.join(index_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise GalleryError(f"cannot write to the index directory {index_dir}: {e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
