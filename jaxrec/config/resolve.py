@@ -233,7 +233,12 @@ def _dataset(r: Reader, key: str, allowed: tuple[str, ...]) -> DatasetSpec:
     if kind not in allowed:
         raise ConfigError(f"{key}.name", f"{kind!r}: use {' or '.join(allowed)}")
     if kind == "PreparedDataset":
-        return DatasetSpec(key, kind, prepared_dir=str(r.get(f"{key}.prepared_dir")))
+        return DatasetSpec(
+            key,
+            kind,
+            prepared_dir=str(r.get(f"{key}.prepared_dir")),
+            relabel=bool(r.get(f"{key}.relabel", False)),
+        )
     return DatasetSpec(
         key,
         kind,

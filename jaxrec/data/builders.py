@@ -18,10 +18,11 @@ from jaxrec.data.preprocess import Preprocess
 from jaxrec.errors import LabelError
 
 
-def load_source(spec: DatasetSpec) -> datasets.Source:
-    """The dataset a spec names (list files are parsed and every image checked to exist)."""
+def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
+    """The dataset a spec names (list files are parsed and every image checked to exist; a
+    prepared dataset must have been prepared at the training `size`)."""
     if spec.kind == "PreparedDataset":
-        return datasets.load_prepared(spec.prepared_dir)
+        return datasets.load_prepared(spec.prepared_dir, size=size, relabel=spec.relabel)
     if spec.kind == "VeriWild":
         return datasets.load_query_gallery_list(
             spec.label_path, spec.image_root, relabel=spec.relabel
@@ -59,7 +60,7 @@ def train_loader(spec: TrainDataSpec, mesh: Any, seed: int, class_num: int | Non
     from jaxrec.data.loader import TrainLoader
     from jaxrec.data.sampler import PKSampler
 
-    source = load_source(spec.dataset)
+    source = load_source(spec.dataset, size=spec.transform.size)
     if class_num is not None:
         check_labels(source, class_num, "Arch.Head.class_num", spec.dataset.relabel)
     s = spec.sampler
