@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = "model directory or training workdir (default: the index's model)"
     b = sub.add_parser("build", help="create a new index from a list file")
     common(b, True)
-    b.add_argument("--model", required=True, help="model directory (jaxrec.export output)")
+    b.add_argument(
+        "--model", required=True, help="model directory (jaxrec.export output) or training workdir"
+    )
     b.add_argument("--method", default="HNSW32", choices=METHODS)
     b.add_argument(
         "--metric",
