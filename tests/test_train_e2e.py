@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 
+import jax
 import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
@@ -150,3 +151,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             assert "likely diverge again" in msg
     else:
         assert "no checkpoint was saved before it" in msg
+
+
+def test_two_runs_with_several_loader_threads_are_bitwise_equal(tmp_path):
+    """Nothing in the pipeline depends on thread timing: same seed, same machine, equal bits."""
+    data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
+    states = []
+    for name in ("a", "b"):
+        cfg = tiny_config(data, epochs=2)
+        cfg.DataLoader.Train.loader.num_workers = 4
+        cfg.Global.checkpoint_every_steps = 0
+        trainer.train(cfg, str(tmp_path / name))
+        step, state, meta = read_checkpoint(str(tmp_path / name))
+        states.append((step, state, meta["loader"]))
+    (s1, a, la), (s2, b, lb) = states
+    assert s1 == s2 and la == lb
+    la_, ta = jax.tree.flatten(a)
+    lb_, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la_, lb_, strict=True):
+        np.testing.assert_array_equal(x, y)
