@@ -17,9 +17,13 @@
    `deploy/configs/inference_rec.yaml` with `-o` overrides for the model's own input size and
    normalization. Then PaddleClas's own `tools/export_model.py` exports the file
    (`Global.pretrained_model`), PP-ShiTu's `RecPredictor` (Paddle Inference, oneDNN) runs the
-   export on the same images, and `deploy/python/predict_rec.py` is run once as a user would.
+   export on the same images, `deploy/python/predict_rec.py` is run once as a user would, and
+   PP-ShiTu's gallery manager (`deploy/python/build_gallery.py`, faiss Flat) indexes the images.
+   Paddle 3.3.1's `Config.enable_memory_optim()` breaks every CPU predictor (see
+   `_memory_optim_broken`); when it does, PP-ShiTu's scripts run with that call disabled.
 4. `python -m jaxrec.extract` computes the features of the same photos (training form, and
-   `--fuse`), each with the model's recorded preprocessing; all are compared (raw features).
+   `--fuse`), each with the model's recorded preprocessing; all are compared (raw features; the
+   gallery index holds L2-normalized ones).
 
 Passes (exit 0) when the worst per-image cosine of jaxrec against both Paddle paths is at least
 0.9999. Run from the repository root.
@@ -42,6 +46,7 @@ from fullsize_parity import _l2, _run, compare  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML = "ppcls/configs/GeneralRecognitionV2/GeneralRecognitionV2_PPLCNetV2_base.yaml"
 DEPLOY_YAML = "deploy/configs/inference_rec.yaml"
+GALLERY_YAML = "deploy/configs/inference_general.yaml"
 # Runs a script with Paddle Inference's enable_memory_optim() as a no-op (see
 # _memory_optim_broken): python -c NO_MEMORY_OPTIM script.py args...
 NO_MEMORY_OPTIM = (
@@ -152,11 +157,8 @@ def paddle_side(args: argparse.Namespace) -> None:
     # PP-ShiTu's recognition config with the model's input size and normalization.
     deploy_yaml = os.path.join(args.paddleclas, DEPLOY_YAML)
     inference_dir = os.path.join(w, "inference")
-    deploy_overrides = [
-        f"Global.rec_inference_model_dir={inference_dir}",
-        "Global.cpu_num_threads=2",
-        *spec["deploy_overrides"],
-    ]
+    base = [f"Global.rec_inference_model_dir={inference_dir}", "Global.cpu_num_threads=2"]
+    deploy_overrides = [*base, *spec["deploy_overrides"]]
     dcfg = deploy_config.get_config(deploy_yaml, overrides=deploy_overrides, show=False)
     images = open(os.path.join(w, "images.txt")).read().split("\n")[:-1]  # noqa: SIM115
     rgb = [cv2.imread(p)[:, :, ::-1] for p in images]  # predict_rec.py: cv2.imread, BGR->RGB
@@ -197,6 +199,27 @@ def paddle_side(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     deploy_dir = os.path.join(args.paddleclas, "deploy")
     out = _logged_run(rec_cmd, deploy_dir, os.path.join(w, "predict_rec.log"))
+    # PP-ShiTu's gallery manager indexes the same images (faiss Flat, inner product).
+    with open(os.path.join(w, "gallery.txt"), "w") as f:
+        f.write("".join(f"{p}\t{os.path.basename(os.path.dirname(p))}\n" for p in images))
+    index_dir = os.path.join(w, "index")
+    gallery_cmd = [
+        sys.executable, *(["-c", NO_MEMORY_OPTIM] if patched else []),
+        "python/build_gallery.py", "-c", "configs/inference_general.yaml",
+        *[a for o in (*base, "Global.use_gpu=False", *spec["gallery_overrides"])
+          for a in ("-o", o)],
+        "-o", "IndexProcess.image_root=/", "-o", f"IndexProcess.data_file={w}/gallery.txt",
+        "-o", f"IndexProcess.index_dir={index_dir}", "-o", "IndexProcess.index_method=Flat",
+        "-o", f"IndexProcess.embedding_size={infer.shape[1]}",
+    ]  # fmt: skip
+    _logged_run(gallery_cmd, deploy_dir, os.path.join(w, "build_gallery.log"))
+    import faiss
+
+    index = faiss.read_index(os.path.join(index_dir, "vector.index"))
+    np.save(
+        os.path.join(w, "gallery_vectors.npy"),
+        np.stack([index.reconstruct(i) for i in range(index.ntotal)]),
+    )
     info = {
         "paddle": paddle.__version__,
         "opencv": cv2.__version__,
@@ -205,6 +228,7 @@ def paddle_side(args: argparse.Namespace) -> None:
         "predict_rec_command": " ".join(rec_cmd),
         "paddle_inference_memory_optim_disabled": patched,
         "predict_rec_feature_lines": sum(":\t[" in line for line in out.splitlines()),
+        "build_gallery_command": " ".join(gallery_cmd),
     }
     with open(os.path.join(w, "paddle_info.json"), "w") as f:
         json.dump(info, f, indent=1)
@@ -321,13 +345,16 @@ def main() -> None:
           "--out", os.path.join(w, "model.pdparams"), "--overwrite"])  # fmt: skip
     with open(os.path.join(args.paddleclas, YAML)) as f:
         yaml_arch = yaml.safe_load(f)["Arch"]
-    with open(os.path.join(args.paddleclas, DEPLOY_YAML)) as f:
-        deploy_yaml = yaml.safe_load(f)
+    deploy_yamls = {}
+    for name in (DEPLOY_YAML, GALLERY_YAML):
+        with open(os.path.join(args.paddleclas, name)) as f:
+            deploy_yamls[name] = yaml.safe_load(f)
     pre = md.preprocess.to_json()
     spec = {
         "arch": md.arch,
         "preprocess": pre,
-        "deploy_overrides": deploy_overrides(pre, deploy_yaml),
+        "deploy_overrides": deploy_overrides(pre, deploy_yamls[DEPLOY_YAML]),
+        "gallery_overrides": deploy_overrides(pre, deploy_yamls[GALLERY_YAML]),
         "input_size": list(md.preprocess.input_size),
         "overrides": arch_overrides(md.arch, yaml_arch),
     }
@@ -350,6 +377,7 @@ def main() -> None:
           "--out", os.path.join(w, "jax_fused_raw.npy"), *common])  # fmt: skip
 
     arrays = ("paddle_raw", "paddle_infer_raw", "jax_raw", "jax_fused_raw", "paddle_input")
+    arrays += ("gallery_vectors",)
     load = {k: np.load(os.path.join(w, f"{k}.npy")) for k in arrays}
     names = open(os.path.join(w, "jax_raw.txt")).read().split("\n")[:-1]  # noqa: SIM115
     assert names == images, "jaxrec.extract changed the image order"
@@ -378,6 +406,11 @@ def main() -> None:
             load["paddle_infer_raw"], load["jax_fused_raw"]
         ),
         "paddle_inference_vs_paddle_dygraph": compare(load["paddle_raw"], load["paddle_infer_raw"]),
+        # the index holds L2-normalized features: compare with jaxrec's normalized ones
+        "jaxrec_normalized_vs_pp_shitu_gallery_index": compare(
+            load["gallery_vectors"], _l2(load["jax_raw"].astype(np.float64))
+        ),
+        "build_gallery_command": info["build_gallery_command"],
     }
     # How different the features are: median over all pairs, and the closest pair of images
     # whose model inputs differ (the EXIF variants of one photo decode to the same pixels).
