@@ -25,7 +25,8 @@
    `--fuse`), each with the model's recorded preprocessing; all are compared (raw features; the
    gallery index holds L2-normalized ones).
 
-Passes (exit 0) when the worst per-image cosine of jaxrec against both Paddle paths is at least
+Passes (exit 0) when PaddleClas loaded every tensor bit for bit and the worst per-image cosine
+of jaxrec against every Paddle path (dygraph, Paddle Inference, the gallery index) is at least
 0.9999. Run from the repository root.
 """
 
