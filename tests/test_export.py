@@ -1,4 +1,5 @@
-"""Export: deploy model dir, jax.export and ONNX artifacts, and the built-in equality check."""
+"""Export: deploy model dir, jax.export and ONNX artifacts from the BN-folded model, the
+built-in equality check, and an all-or-nothing OUT directory."""
 
 import json
 import os
@@ -12,14 +13,12 @@ import pytest
 from PIL import Image
 
 from jaxrec import export as E
-from jaxrec.models import (
-    abstract_variables,
-    build_model,
-    load_model_dir,
-    save_model_dir,
-)
+from jaxrec.data.preprocess import Preprocess
+from jaxrec.models import abstract_variables, build_model, load_model_dir, save_model_dir
 
 SIZE = 32  # tiny images keep the tests fast; the network is fully convolutional
+# The source model's own feeding: not the 224 px default, not ImageNet's mean/std.
+OWN = Preprocess(resize=(SIZE, SIZE), scale=1 / 255, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
 
 
 def tiny_arch(class_expand=32, head=True):
@@ -65,7 +64,7 @@ def random_variables(model, seed):
 
 def make_model_dir(path, seed):
     arch = tiny_arch()
-    save_model_dir(path, arch, random_variables(build_model(arch), seed))
+    save_model_dir(path, arch, random_variables(build_model(arch), seed), preprocess=OWN)
     return str(path)
 
 
@@ -81,36 +80,51 @@ def exported(tmp_path_factory):
         arr = rng.integers(0, 256, size=(40 + 3 * i, 50, 3), dtype=np.uint8)
         Image.fromarray(arr).save(imgs / f"im{i}.jpg", quality=90)
     out = root / "out"
-    rc = E.main(
-        ["--model", src, "--out", str(out), "--image-size", str(SIZE), "--check-images", str(imgs)]
-    )
+    rc = E.main(["--model", src, "--out", str(out), "--check-images", str(imgs)])  # no size flag
     return {"rc": rc, "src": src, "other": other, "out": str(out), "imgs": str(imgs)}
 
 
+def _reference(exported, images):
+    md = load_model_dir(exported["src"])
+    return E.reference_features(md.model, md.variables, images, "features")
+
+
+@pytest.mark.slow
 def test_export_writes_artifacts_and_passes_check(exported):
     assert exported["rc"] == 0
     out = exported["out"]
     for f in ("config.json", "variables", E.JAX_EXPORT_FILE, E.ONNX_FILE, E.CHECK_FILE):
         assert os.path.exists(os.path.join(out, f)), f
+    assert not [p for p in os.listdir(os.path.dirname(out)) if p.startswith(".")]  # no leftovers
     rep = json.load(open(os.path.join(out, E.CHECK_FILE)))
     assert rep["passed"] and rep["n_images"] == 5
     assert {r["artifact"] for r in rep["results"]} == {"model_dir", "jax_export", "onnx"}
     for r in rep["results"]:
         assert r["ok"] and r["min_cosine"] >= 0.9999 and r["max_abs_err"] < 1e-4 * r["max_abs_ref"]
-    # The model dir is the deploy form without the head, loadable by jaxrec.
-    model, v, arch = load_model_dir(out)
-    assert arch["deploy"] is True and "Head" not in arch and "head" not in v["params"]
-    assert "dw_conv" in v["params"]["backbone"]["stages_2_1"]
-    assert not any(k.startswith("dw_conv_list") for k in v["params"]["backbone"]["stages_2_1"])
+    assert "[b, 32, 32, 3] NHWC" in rep["artifacts"][E.JAX_EXPORT_FILE]
+    # The model dir is the deploy form without the head, fed like the source model.
+    md = load_model_dir(out)
+    assert (
+        md.arch["deploy"] is True and "Head" not in md.arch and "head" not in md.variables["params"]
+    )
+    assert md.preprocess == OWN and md.features.output_key == "features" and not md.legacy
+    bb = md.variables["params"]["backbone"]
+    assert "dw_conv" in bb["stages_2_1"]
+    assert not any(k.startswith("dw_conv_list") for k in bb["stages_2_1"])
 
 
-def _reference(exported, images):
-    model, v, _ = load_model_dir(exported["src"])
-    return E.reference_features(model, v, images)
+@pytest.mark.slow
+def test_check_images_go_through_the_models_preprocessing(exported):
+    images = E.load_check_images(exported["imgs"], OWN)
+    assert images.shape == (5, SIZE, SIZE, 3)
+    raw = np.asarray(Image.open(os.path.join(exported["imgs"], "im0.jpg")).convert("RGB"))
+    want = OWN.normalize(OWN.apply(raw)[None])
+    np.testing.assert_allclose(images[0], want[0], atol=2 / 255 / 0.2)  # JPEG decoders may differ
 
 
+@pytest.mark.slow
 def test_jax_export_loads_without_jaxrec_and_has_symbolic_batch(exported, tmp_path):
-    images = E.load_check_images(None, SIZE)
+    images = E.load_check_images(None, OWN)
     ref = _reference(exported, images)
     np.save(tmp_path / "x.npy", images)
     artifact = os.path.join(exported["out"], E.JAX_EXPORT_FILE)
@@ -126,42 +140,48 @@ def test_jax_export_loads_without_jaxrec_and_has_symbolic_batch(exported, tmp_pa
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
     assert "(b, 32, 32, 3)" in res.stdout and "cuda" in res.stdout
-    got = np.load(tmp_path / "y.npy")
-    assert E.compare("jax", ref, got).ok
+    assert E.compare("jax", ref, np.load(tmp_path / "y.npy")).ok
 
 
-def test_onnx_graph_and_runtime(exported):
+@pytest.mark.slow
+def test_jax_export_carries_both_depthwise_lowerings(exported):
+    """The artifact holds the grouped convs for CUDA; called on CPU it compiles without them."""
+    exp = jax.export.deserialize(
+        bytearray(open(os.path.join(exported["out"], E.JAX_EXPORT_FILE), "rb").read())
+    )
+    assert exp.platforms == ("cpu", "cuda")
+    text = exp.mlir_module()
+    assert "feature_group_count = 16" in text and "stablehlo.case" in text
+    x = np.zeros((2, SIZE, SIZE, 3), np.float32)
+    compiled = jax.jit(exp.call).lower(x).compile().as_text()
+    assert "feature_group_count" not in compiled and "convolution" in compiled
+
+
+def test_onnx_graph_and_runtime(tmp_path):
+    """The ONNX graph traced from the folded tiny model equals the training-form model."""
     import onnx
 
-    proto = onnx.load(os.path.join(exported["out"], E.ONNX_FILE))
+    arch = tiny_arch()
+    v = random_variables(build_model(arch), 0)
+    model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
+    proto, _ = E.build_onnx(model, fv, "features", (SIZE, SIZE))
     inp = proto.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in inp] == ["batch", 3, SIZE, SIZE]
-    ops = {n.op_type for n in proto.graph.node}
-    assert ops <= {
-        "Conv",
-        "Relu",
-        "GlobalAveragePool",
-        "Sigmoid",
-        "Mul",
-        "Add",
-        "Flatten",
-        "Gemm",
-        "Identity",
-    }
-    assert "BatchNormalization" not in ops
+    assert proto.graph.output[0].name == "features"
+    ops = [n.op_type for n in proto.graph.node]
+    # One Conv per conv of the model (BN, biases, dropout and the BNNeck merged into them),
+    # no layout transposes, no BatchNormalization.
+    assert set(ops) == {"Conv", "Relu", "GlobalAveragePool", "Sigmoid", "Mul", "Add", "Reshape"}
+    assert ops.count("Conv") == 22 and ops.count("Add") == 1 and ops.count("Reshape") == 1
     assert any(a.name == "group" and a.i > 1 for n in proto.graph.node for a in n.attribute)
-    images = E.load_check_images(None, SIZE)
-    ref = _reference(exported, images)
-    sess = E.onnx_session(os.path.join(exported["out"], E.ONNX_FILE))
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    images = E.load_check_images(None, OWN)
+    ref = E.reference_features(build_model(arch), v, images, "features")
+    sess = E.onnx_session(str(tmp_path / "m.onnx"))
     got = np.concatenate(
         [
             sess.run(["features"], {"x": images[i:j].transpose(0, 3, 1, 2)})[0]
@@ -172,25 +192,56 @@ def test_onnx_graph_and_runtime(exported):
     assert r.ok, r.line()
 
 
-def test_check_fails_for_wrong_model(exported, capsys):
-    rc = E.main(
-        [
-            "--model",
-            exported["other"],
-            "--out",
-            exported["out"],
-            "--check-only",
-            "--image-size",
-            str(SIZE),
-        ]
+def test_onnx_tail_is_last_conv_dropout_and_bnneck_in_one_conv():
+    """The last Conv of the graph == BNNeck(0.8 * last_conv(pool)), computed by hand."""
+    from onnx import numpy_helper
+
+    arch = tiny_arch(head=False)
+    v = random_variables(build_model(arch), 3)
+    model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
+    proto, _ = E.build_onnx(model, fv, "features", (SIZE, SIZE))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    last = [n for n in proto.graph.node if n.op_type == "Conv"][-1]
+    w, b = inits[last.input[1]][:, :, 0, 0].T, inits[last.input[2]]
+    lc = v["params"]["backbone"]["last_conv"]
+    bn_p, bn_s = v["params"]["neck"]["feat_bn"], v["batch_stats"]["neck"]["feat_bn"]
+    pooled = np.random.default_rng(0).normal(size=(3, lc["kernel"].shape[2]))
+    y = 0.8 * (pooled @ np.asarray(lc["kernel"])[0, 0] + np.asarray(lc["bias"]))
+    want = (y - bn_s["mean"]) / np.sqrt(bn_s["var"] + 1e-5) * bn_p["scale"] + bn_p["bias"]
+    np.testing.assert_allclose(pooled @ w + b, want, rtol=1e-5, atol=1e-5)
+
+
+def test_full_size_onnx_has_the_folded_parameter_count():
+    """Spec 2.7's fully conv+BN-folded count (BNNeck folded into last_conv): 4,549,184."""
+    arch = {
+        "name": "RecModel",
+        "Backbone": {"name": "PPLCNetV2_base_ShiTu", "class_expand": 512},
+        "BackboneStopLayer": {"name": "flatten"},
+        "Neck": {"name": "BNNeck", "num_features": 512},
+        "Head": {"name": "FC", "embedding_size": 512, "class_num": 10},
+    }
+    ones = jax.tree_util.tree_map(
+        lambda s: np.ones(s.shape, s.dtype), abstract_variables(build_model(arch))
     )
+    model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(ones))
+    _, graph = E.build_onnx(model, fv, "features", (224, 224))
+    assert graph.param_count() == 4_549_184
+    ops = graph.op_counts()
+    assert ops["Conv"] == 46 and ops["GlobalAveragePool"] == 7 and ops["Sigmoid"] == 6
+
+
+@pytest.mark.slow
+def test_check_fails_for_wrong_model(exported, capsys):
+    rc = E.main(["--model", exported["other"], "--out", exported["out"], "--check-only"])
     assert rc == 1
     err = capsys.readouterr().err
     assert "EXPORT CHECK FAILED" in err and "jax_export" in err and "onnx" in err
     rep = json.load(open(os.path.join(exported["out"], E.CHECK_FILE)))
     assert not rep["passed"] and not any(r["ok"] for r in rep["results"])
+    assert "artifacts" in rep  # kept from the export
 
 
+@pytest.mark.slow
 def test_check_fails_for_corrupted_deploy_param_and_onnx(exported, tmp_path, capsys):
     import onnx
     from onnx import numpy_helper
@@ -198,11 +249,10 @@ def test_check_fails_for_corrupted_deploy_param_and_onnx(exported, tmp_path, cap
     out = tmp_path / "corrupt"
     shutil.copytree(exported["out"], out)
     # One BN variance in the deploy model dir, off by 30%: only model_dir must fail.
-    model, v, arch = load_model_dir(out)
-    v = jax.tree_util.tree_map(np.array, v)  # writable copies
-    var = v["batch_stats"]["backbone"]["stages_3_1"]["pw_conv"]["bn"]["var"]
-    var[3] *= 1.3
-    save_model_dir(out, arch, v, overwrite=True)
+    md = load_model_dir(out)
+    v = jax.tree_util.tree_map(np.array, md.variables)  # writable copies
+    v["batch_stats"]["backbone"]["stages_3_1"]["pw_conv"]["bn"]["var"][3] *= 1.3
+    save_model_dir(out, md.arch, v, preprocess=md.preprocess, features=md.features, overwrite=True)
     # A corrupted ONNX weight: one depthwise tap changed.
     proto = onnx.load(os.path.join(exported["out"], E.ONNX_FILE))
     init = next(
@@ -215,9 +265,7 @@ def test_check_fails_for_corrupted_deploy_param_and_onnx(exported, tmp_path, cap
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     onnx.save(proto, str(out / E.ONNX_FILE))
     capsys.readouterr()
-    rc = E.main(
-        ["--model", exported["src"], "--out", str(out), "--check-only", "--image-size", str(SIZE)]
-    )
+    rc = E.main(["--model", exported["src"], "--out", str(out), "--check-only"])
     assert rc == 1
     res = {r["artifact"]: r["ok"] for r in json.load(open(out / E.CHECK_FILE))["results"]}
     assert res == {"model_dir": False, "jax_export": True, "onnx": False}
@@ -236,105 +284,122 @@ def test_compare_rule():
     assert not E.compare("a", ref, np.full_like(ref, np.nan)).ok
 
 
-def test_full_size_fold_counts():
-    """The folded full ShiTu network has the spec's conv+BN-folded parameter count (2.7)."""
-    arch = {
-        "name": "RecModel",
-        "Backbone": {"name": "PPLCNetV2_base_ShiTu", "class_expand": 512},
-        "BackboneStopLayer": {"name": "flatten"},
-        "Neck": {"name": "BNNeck", "num_features": 512},
-        "Head": {"name": "FC", "embedding_size": 512, "class_num": 10},
-    }
-    model = build_model(arch)
-    zeros = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), abstract_variables(model))
-    ops = E.fold_network(model, zeros)
-    summary = E.ops_summary(ops)
-    assert summary["params"] == 4_549_184
-    assert summary["conv"] == 33 and summary["se"] == 6 and summary["dense"] == 1
-    assert [op["op"] for op in ops[-2:]] == ["pool", "dense"]
-    assert ops[-1]["w"].shape == (1024, 512)
+@pytest.fixture
+def source(tmp_path):
+    return make_model_dir(tmp_path / "src", seed=0)
 
 
-def test_fold_matches_dropout_and_bnneck_algebra():
-    """dense(pool) == BNNeck(0.8 * last_conv(pool)) computed by hand from the variables."""
-    arch = tiny_arch(head=False)
-    model = build_model(arch)
-    v = random_variables(model, 3)
-    ops = E.fold_network(model, v)
-    lc = v["params"]["backbone"]["last_conv"]
-    bn_p, bn_s = v["params"]["neck"]["feat_bn"], v["batch_stats"]["neck"]["feat_bn"]
-    pooled = np.random.default_rng(0).normal(size=(3, lc["kernel"].shape[2]))
-    y = 0.8 * (pooled @ np.asarray(lc["kernel"])[0, 0] + np.asarray(lc["bias"]))
-    want = (y - bn_s["mean"]) / np.sqrt(bn_s["var"] + 1e-5) * bn_p["scale"] + bn_p["bias"]
-    got = pooled @ ops[-1]["w"] + ops[-1]["b"]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+def test_user_errors_are_one_line(source, tmp_path, capsys):
+    def err_of(*args):
+        assert E.main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        return err
 
-
-def test_bad_source_is_reported(tmp_path, capsys):
-    assert E.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "not a jaxrec model directory" in capsys.readouterr().err
+    assert "not a jaxrec model directory" in err_of(
+        "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")
+    )
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    msg = err_of("--model", source, "--out", str(full))
+    assert "exists and is not empty" in msg and "--overwrite" in msg
+    assert os.listdir(full) == ["keep.txt"]
+    assert "--platforms" in err_of(
+        "--model", source, "--out", str(tmp_path / "o"), "--platforms", "cpu,gpu"
+    )
+    assert "--check-images" in err_of(
+        "--model", source, "--out", str(tmp_path / "o"), "--check-images", "/nope"
+    )
+    assert "--check-only" in err_of("--model", source, "--out", str(tmp_path / "o"), "--check-only")
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         E.main(["--out", str(tmp_path / "o")])  # needs --model or --workdir
 
 
-def _write_workdir(wd, arch, variables, use_train_lib):
-    """A training workdir as train.py writes it: config.json + orbax checkpoints of the state."""
-    import jax.numpy as jnp
-    import optax
+def test_interrupted_export_leaves_no_partial_directory(source, tmp_path, monkeypatch):
+    """Interrupted while writing ONNX (after the model dir and jax.export were written): no OUT,
+    no temporary directory left; an existing OUT is untouched even with --overwrite."""
+    from jaxrec.export import artifacts
 
-    params = {"model": variables["params"], "loss": {}}
-    state = {
-        "step": jnp.asarray(7, jnp.int32),
-        "params": params,
-        "batch_stats": variables["batch_stats"],
-        "opt_state": optax.sgd(0.1, momentum=0.9).init(params),
-    }
-    state = jax.tree_util.tree_map(jnp.asarray, state)
-    wd.mkdir()
-    (wd / "config.json").write_text(json.dumps({"Arch": arch, "Global": {"epochs": 1}}))
-    if use_train_lib:
-        train_lib = pytest.importorskip("jaxrec.train_lib")
-        ts = train_lib.TrainState(**state)
-        ck = train_lib.Checkpoints(str(wd))
-        ck.save(3, ts, {"epoch": 0})
-        ck.save(7, ts, {"epoch": 1})
-        ck.close()
-    else:
-        import orbax.checkpoint as ocp
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("simulated Ctrl-C while writing ONNX")
 
-        mgr = ocp.CheckpointManager(
-            str(wd / "checkpoints"),
-            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-            item_names=("state", "meta"),
-        )
-        host = jax.tree_util.tree_map(np.asarray, state)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave({"epoch": 1})
-        )
-        mgr.save(7, args=args)
-        mgr.wait_until_finished()
-        mgr.close()
+    monkeypatch.setattr(artifacts, "build_onnx", interrupted)
+    root = tmp_path / "exports"
+    root.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        E.main(["--model", source, "--out", str(root / "out")])
+    assert os.listdir(root) == []
+    kept = root / "kept"
+    kept.mkdir()
+    (kept / "old.txt").write_text("previous export")
+    with pytest.raises(KeyboardInterrupt):
+        E.main(["--model", source, "--out", str(kept), "--overwrite"])
+    assert os.listdir(root) == ["kept"] and os.listdir(kept) == ["old.txt"]
 
 
-@pytest.mark.parametrize("use_train_lib", [False, True])
-def test_export_from_workdir(tmp_path, capsys, use_train_lib):
-    arch = tiny_arch()
-    model = build_model(arch)
-    v = random_variables(model, 4)
-    wd = tmp_path / "run"
-    _write_workdir(wd, arch, v, use_train_lib)
-    got_model, got_v, got_arch, desc = E.load_workdir(str(wd))
-    assert "step 7" in desc and "no best checkpoint" in capsys.readouterr().out
-    for a, b in zip(jax.tree_util.tree_leaves(got_v), jax.tree_util.tree_leaves(v), strict=True):
-        np.testing.assert_array_equal(a, b)
+@pytest.mark.slow
+def test_without_onnx_the_rest_is_written_and_checked(source, tmp_path, monkeypatch, capsys):
+    """`import onnx` fails (as without the [onnx] extra): one note line, the other artifacts
+    written and checked. --image-size overrides the model's size with a note."""
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert E.onnx_missing() == "onnx"
     out = tmp_path / "out"
-    rc = E.main(["--workdir", str(wd), "--out", str(out), "--image-size", str(SIZE), "--no-onnx"])
+    rc = E.main(["--model", source, "--out", str(out), "--image-size", "40"])
     assert rc == 0
-    assert json.load(open(out / E.CHECK_FILE))["passed"]
-    with pytest.raises(E.ExportError, match="no checkpoint for step 5"):
-        E.load_workdir(str(wd), step=5)
-    bad = dict(arch, Neck={"name": "BNNeck", "num_features": 16},
-               Backbone=dict(arch["Backbone"], class_expand=16))  # fmt: skip
-    (wd / "config.json").write_text(json.dumps({"Arch": bad}))
-    with pytest.raises(E.ExportError, match="does not match the Arch"):
-        E.load_workdir(str(wd))
+    stdout = capsys.readouterr().out
+    notes = [ln for ln in stdout.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 2
+    assert 'pip install -e ".[onnx]"' in notes[1] and "onnx is not installed" in notes[1]
+    assert "--image-size 40 overrides the model's" in notes[0]
+    assert sorted(os.listdir(out)) == ["config.json", E.CHECK_FILE, E.JAX_EXPORT_FILE, "variables"]
+    rep = json.load(open(out / E.CHECK_FILE))
+    assert rep["passed"] and {r["artifact"] for r in rep["results"]} == {"model_dir", "jax_export"}
+    md = load_model_dir(out)
+    assert md.preprocess.input_size == (40, 40) and md.preprocess.mean == OWN.mean
+
+
+@pytest.mark.slow
+def test_export_from_workdir(tmp_path, capsys):
+    """A training workdir written by jaxrec's own checkpoint and config code, at 40 px: the
+    export takes the run's preprocessing (no size flag) and the chosen checkpoint."""
+    import optax
+    from train_data_util import make_tiny_dataset, tiny_config
+
+    from jaxrec.checkpoint import Checkpoints
+    from jaxrec.config import resolve, save_config
+    from jaxrec.step import TrainState
+
+    data = make_tiny_dataset(str(tmp_path / "data"), per_class=2)
+    cfg = tiny_config(data, size=40)
+    arch = resolve(cfg).model_arch(training=False)
+    wd = tmp_path / "run"
+    save_config(cfg, wd)
+    ck = Checkpoints(str(wd))
+    variables = {}
+    for step, seed in ((3, 4), (7, 5)):
+        variables[step] = random_variables(build_model(arch), seed)
+        params = {"model": variables[step]["params"], "loss": {}}
+        state = TrainState(
+            step=np.asarray(step, np.int32),
+            params=params,
+            batch_stats=variables[step]["batch_stats"],
+            opt_state=optax.sgd(0.1).init(params),
+        )
+        ck.save(step, jax.tree_util.tree_map(jax.numpy.asarray, state), {"epoch": 0})
+    ck.close()
+    out = tmp_path / "out"
+    rc = E.main(["--workdir", str(wd), "--out", str(out), "--step", "3", "--no-onnx"])
+    assert rc == 0, capsys.readouterr()
+    rep = json.load(open(out / E.CHECK_FILE))
+    assert rep["passed"] and "step 3" in rep["source"]
+    md = load_model_dir(out)
+    assert md.preprocess.input_size == (40, 40)
+    want = E.deploy_variables(variables[3])
+    got = md.variables["params"]["backbone"]["stages_3_0"]["dw_conv"]["kernel"]
+    np.testing.assert_array_equal(
+        got, want["params"]["backbone"]["stages_3_0"]["dw_conv"]["kernel"]
+    )
+    assert E.main(["--workdir", str(wd), "--out", str(tmp_path / "o"), "--step", "5"]) == 2
+    assert "no checkpoint for step 5" in capsys.readouterr().err

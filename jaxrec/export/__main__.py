@@ -1,0 +1,7 @@
+"""`python -m jaxrec.export`: see `jaxrec.export.cli`."""
+
+import sys
+
+from jaxrec.export.cli import main
+
+sys.exit(main())

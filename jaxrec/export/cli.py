@@ -1,0 +1,199 @@
+"""`python -m jaxrec.export`: command-line interface (see `build_parser` for the help text)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxrec.errors import ExportError, JaxrecError, warnings_as_lines
+from jaxrec.export import artifacts as A
+from jaxrec.export.check import check, load_check_images
+from jaxrec.export.writer import check_out, check_platforms, write_export
+
+DESCRIPTION = """\
+Export a recognition model for inference and prove every artifact equals the trained model.
+
+OUT becomes a jaxrec model directory (config.json + variables/: the deploy form, rep blocks
+fused, classifier head dropped, with the source model's preprocessing and feature spec) that
+also holds:
+  inference.jaxexport  jax.export artifact of the BN-folded model (weights embedded, lowered
+                       for --platforms; depthwise convs as shifted slices on CPU and grouped
+                       convs on GPU). Load it without jaxrec:
+                         exp = jax.export.deserialize(open(path, "rb").read())
+                         feats = exp.call(x)   # x float32 [b, H, W, 3] NHWC, any b
+  inference.onnx       the same network as an ONNX graph (opset 17) traced from the model:
+                       input `x` float32 [batch, 3, H, W] NCHW (as PP-ShiTu's predict_rec
+                       feeds it), output `features` [batch, D]
+  export_check.json    the equality check results and how to feed each artifact
+
+Inputs of both artifacts are images already fed through config.json's `preprocess`: resized
+(and cropped) to the model's input size H x W, RGB, (x * scale - mean) / std. Outputs are the raw
+features (e.g. BNNeck), not L2-normalized, exactly as PaddleClas exports them; normalize them
+before searching when config.json's `features.normalize` is true.
+
+The check runs the source model (eval mode) and every artifact on the same images (the given
+ones or 8 synthetic ones, fed through the same preprocessing) and requires, per artifact, the
+minimum per-image cosine >= 0.9999 and max|err| <= 1e-4 x max|reference|. Exit status 1 if it
+fails, 2 on bad input. Everything is written to a temporary directory next to OUT and moved
+into place at the end, so a failed or interrupted export leaves no partial OUT."""
+
+EPILOG = """\
+Without onnx/onnxruntime installed the ONNX graph is skipped with a note; install them with
+pip install -e ".[onnx]"."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxrec.export",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="jaxrec model directory of the trained model")
+    src.add_argument("--workdir", help="training workdir (train.py); see --which and --step")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: this checkpoint step")
+    p.add_argument(
+        "--which",
+        default="best",
+        choices=("best", "latest"),
+        help="with --workdir: the best checkpoint (default) or the newest",
+    )
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument(
+        "--check-images",
+        default=None,
+        help="images for the equality check: an image, a folder or a list file (at most 16; "
+        "default: 8 deterministic synthetic images)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size N of the artifacts (a plain N x N resize); default: the model's own "
+        "input size from its preprocessing",
+    )
+    p.add_argument(
+        "--platforms",
+        default="cpu,cuda",
+        help="jax.export lowering platforms, comma-separated: cpu, cuda, rocm, tpu (cpu,cuda)",
+    )
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX artifact")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="export nothing; re-run the equality check of the artifacts in OUT",
+    )
+    return p
+
+
+def load_source(args: argparse.Namespace) -> Any:
+    """The ModelDir to export: a model directory, or a training run's checkpoint."""
+    if args.model is not None:
+        if args.step is not None:
+            raise ExportError("--step goes with --workdir, not --model")
+        from jaxrec.models import load_model_dir  # noqa: PLC0415
+
+        return load_model_dir(args.model)
+    from jaxrec.checkpoint import restore_model  # noqa: PLC0415
+
+    if not Path(args.workdir).is_dir():
+        raise ExportError(f"--workdir {args.workdir}: no such directory")
+    return restore_model(args.workdir, which=args.which, step=args.step)
+
+
+def float32_reference(source: Any) -> Any:
+    """The source model computing in float32 (the check's reference and the export's form)."""
+    from jaxrec.models import build_model  # noqa: PLC0415
+
+    arch = {k: v for k, v in source.arch.items() if k not in ("dtype", "bn_axis_name")}
+    if arch == source.arch:
+        return source
+    return dataclasses.replace(source, model=build_model(arch), arch=arch)
+
+
+def feeding(source: Any, image_size: int | None) -> Any:
+    """The export's preprocessing: the model's own, or --image-size (with a note)."""
+    from jaxrec.extract import feeding_from_flags  # noqa: PLC0415
+
+    if image_size is not None and image_size < 1:
+        raise ExportError(f"--image-size {image_size}: must be positive")
+    pre, _, notes = feeding_from_flags(source, image_size=image_size)
+    if source.legacy:
+        notes.append(
+            f"{source.source} predates recorded preprocessing; exporting with jaxrec's old "
+            f"defaults ({pre.describe()})"
+        )
+    for note in notes:
+        print(f"note: {note}")
+    return pre
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings_as_lines():
+            return _main(args)
+    except JaxrecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = Path(args.out).absolute()
+    platforms = check_platforms([s for s in args.platforms.split(",") if s])
+    if not args.check_only:
+        check_out(out, args.overwrite)
+    elif not out.is_dir():
+        raise ExportError(f"--check-only: {args.out} does not exist")
+    source = float32_reference(load_source(args))
+    key = source.features.output_key
+    if key not in ("features", "backbone", "neck"):
+        raise ExportError(
+            f"the model's feature output is {key!r}; export writes feature extractors "
+            "(features, backbone or neck), without the classifier head"
+        )
+    pre = feeding(source, args.image_size)
+    images = load_check_images(args.check_images, pre)
+    image_source = args.check_images or "synthetic"
+    if args.check_only:
+        old = out / A.CHECK_FILE
+        keep = json.loads(old.read_text()) if old.is_file() else {}
+        extra = {k: keep[k] for k in ("source", "artifacts") if k in keep}
+        ok, _ = check(source.model, source.variables, key, out, images, image_source, extra)
+        return 0 if ok else 1
+    onnx = not args.no_onnx
+    missing = A.onnx_missing() if onnx else None
+    if missing:
+        print(
+            f"note: no ONNX graph: {missing} is not installed; add it with "
+            f'pip install -e ".[onnx]" (or pass --no-onnx)'
+        )
+        onnx = False
+    print(f"exporting {source.source}: {pre.describe()}, output {key!r}")
+    ok, info = write_export(
+        source,
+        source,
+        out,
+        preprocess=pre,
+        images=images,
+        image_source=image_source,
+        platforms=platforms,
+        onnx=onnx,
+        overwrite=args.overwrite,
+    )
+    parts = [
+        f"BN-folded model {info['folded_params']:,} params",
+        f"jax.export for {','.join(info['platforms'])}",
+    ]
+    if "onnx" in info:
+        ops = info["onnx"]["ops"]
+        parts.append(f"ONNX ({ops.get('Conv', 0)} Conv, {info['onnx']['params']:,} params)")
+    print(f"exported to {out} in {info['seconds']:.1f}s: " + ", ".join(parts))
+    return 0 if ok else 1
