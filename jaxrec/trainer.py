@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jaxrec import logging_lib
 from jaxrec.checkpoint import Checkpoints
 from jaxrec.config import Run, check_resume_config, resolve, save_config
+from jaxrec.config.paddle_out import save_paddleclas_yaml
 from jaxrec.data import builders
 from jaxrec.errors import CheckpointMismatchError, TrainingDivergedError
 from jaxrec.losses import build_loss
@@ -164,6 +165,7 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
         )
     if jax.process_index() == 0:  # only once the checkpoint is known to fit the config
         save_config(config, workdir)
+        save_paddleclas_yaml(config, workdir)
 
     ev = run.eval
     evaluator = None
