@@ -25,7 +25,9 @@
    `--fuse`), each with the model's recorded preprocessing; all are compared (raw features; the
    gallery index holds L2-normalized ones).
 
-Passes (exit 0) when PaddleClas loaded every tensor bit for bit and the worst per-image cosine
+Passes (exit 0) when PaddleClas loaded every tensor bit for bit, `paddle.save` of the loaded state
+dict gives the same pickle structure (protocol, globals, types, keys, bytes of every array), and
+the worst per-image cosine
 of jaxrec against every Paddle path (dygraph, Paddle Inference, the gallery index) is at least
 0.9999. Run from the repository root.
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import subprocess
@@ -143,6 +146,19 @@ def paddle_side(args: argparse.Namespace) -> None:
             for k, t in state.items()
         ),
     }
+    # jaxrec's file vs paddle.save of the same state dict: same pickle protocol, globals, types,
+    # keys and order, bitwise equal arrays, same name-table keys.
+    resaved = os.path.join(w, "paddle_resaved.pdparams")
+    paddle.save(state, resaved)
+    ours, theirs = _pickle_facts(prefix + ".pdparams"), _pickle_facts(resaved)
+    loaded["paddle_save_same_format"] = {
+        k: ours[k] == theirs[k] for k in ours if k not in ("arrays", "names")
+    }
+    loaded["paddle_save_same_format"]["arrays_bitwise"] = ours["arrays"] == theirs["arrays"]
+    loaded["paddle_save_same_format"]["name_table_keys"] = list(ours["names"]) == list(
+        theirs["names"]
+    )
+    loaded["paddle_save_globals"] = sorted(".".join(g) for g in theirs["globals"])
     # The rep-block fusion targets jaxrec wrote vs what Paddle's re_parameterize() computes.
     repped = copy.deepcopy(model)
     diffs = []
@@ -234,6 +250,32 @@ def paddle_side(args: argparse.Namespace) -> None:
     with open(os.path.join(w, "paddle_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(json.dumps(info, indent=1))
+
+
+def _pickle_facts(path: str) -> dict:
+    """Protocol, globals, container types, keys and array bytes of a .pdparams pickle."""
+    import pickle
+
+    seen = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    data = open(path, "rb").read()  # noqa: SIM115
+    obj = Recorder(io.BytesIO(data), encoding="latin1").load()
+    names = obj.get("StructuredToParameterName@@", {})
+    arrays = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in obj.items() if k in names}
+    return {
+        "protocol": data[1],
+        "globals": seen,
+        "top_level_type": type(obj).__name__,
+        "keys_in_order": list(obj),
+        "name_table_type": type(names).__name__,
+        "arrays": arrays,
+        "names": names,
+    }
 
 
 def _memory_optim_broken(inference_dir: str) -> bool:
@@ -425,6 +467,7 @@ def main() -> None:
     ok = (
         info["load_dygraph_pretrain"]["all_bitwise_equal"]
         and info["load_dygraph_pretrain"]["same_keys_same_order"]
+        and all(info["load_dygraph_pretrain"]["paddle_save_same_format"].values())
         and min(result[k]["worst_cosine"] for k in result if k.startswith("jaxrec_")) >= MIN_COSINE
     )
     result["passed"] = bool(ok)
