@@ -27,9 +27,8 @@
 
 Passes (exit 0) when PaddleClas loaded every tensor bit for bit, `paddle.save` of the loaded state
 dict gives the same pickle structure (protocol, globals, types, keys, bytes of every array), and
-the worst per-image cosine
-of jaxrec against every Paddle path (dygraph, Paddle Inference, the gallery index) is at least
-0.9999. Run from the repository root.
+the worst per-image cosine of jaxrec against every Paddle path (dygraph, Paddle Inference, the
+gallery index) is at least 0.9999. Run from the repository root.
 """
 
 from __future__ import annotations
