@@ -25,6 +25,7 @@ from jaxrec.config.paddle_out import (
 from jaxrec.config.paddle_yaml import load_yaml
 from jaxrec.config.transforms import eval_chain
 from jaxrec.data.preprocess import INFERENCE_REC, LEGACY, Preprocess
+from jaxrec.models import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -103,6 +104,15 @@ def test_yaml_has_paddleclas_keys_and_value_forms():
     assert all(len(line) <= 100 for line in text.splitlines() if line.startswith("#"))
 
 
+def test_whole_epochs_are_ints_fractions_are_noted():
+    c = _config("general_v2")
+    text = paddleclas_yaml(c)
+    assert "  warmup_epoch: 5\n" in text and "  epochs: 100\n" in text
+    c.Optimizer.lr.warmup_epoch = 0.5
+    text = paddleclas_yaml(c)
+    assert "warmup_epoch: 0.5\n" in text and "# Optimizer.lr.warmup_epoch: 0.5 - " in text
+
+
 def test_plain_config_json_gives_the_same_yaml(tmp_path):
     c = _config("demo")
     save_config(c, tmp_path)
@@ -132,6 +142,22 @@ def test_parts_paddleclas_cannot_run_are_commented(tmp_path):
     assert "PreparedDataset, which PaddleClas does not" in text
     assert yaml.safe_load(text)["Global"]["pretrained_model"] == str(model_dir)
     assert "size extension" not in text
+
+
+def test_backbone_size_keys_paddleclas_builds_in_are_dropped(tmp_path):
+    c = _config("demo")
+    c.Arch.Backbone.scale = 1.0
+    c.Arch.Backbone.depths = (2, 2, 6, 2)
+    text = paddleclas_yaml(c)
+    backbone = yaml.safe_load(text)["Arch"]["Backbone"]
+    assert "scale" not in backbone and "depths" not in backbone
+    assert "Arch.Backbone.scale: 1.0 dropped" in text and "size extension" not in text
+    back = resolve(load_yaml(_written(tmp_path, c)))
+    want = resolve(_reset_dropped(c))
+    assert back.arch["Backbone"] == {
+        k: v for k, v in want.arch["Backbone"].items() if k not in ("scale", "depths")
+    }
+    assert build_model(back.arch) == build_model(want.arch)  # the same model
 
 
 PREPROCESSES = [

@@ -6,17 +6,18 @@ jaxrec's config mirrors PaddleClas's sections key for key, so the YAML is the co
 with jaxrec's own keys (`defaults.JAXREC_KEYS`) taken out. PaddleClas reads `Global.seed`
 under the same name, so it stays; `Global.sync_bn: True` becomes PaddleClas's
 `Arch.use_sync_bn: True`; every other jaxrec key is dropped, and a comment above its section
-gives its value and what PaddleClas does instead. Parts that PaddleClas cannot run as they
-are (a jaxrec model directory as `Global.pretrained_model`, a `PreparedDataset`, a backbone
-with jaxrec's `scale`/`depths`/`dropout_prob` extension keys) stay, with a comment saying
-what to change.
+gives its value and what PaddleClas does instead. jaxrec's backbone size keys
+(`scale`/`depths`/`dropout_prob`) are dropped where they equal what PaddleClas's backbone
+builds in. Parts that PaddleClas cannot run as they are (a jaxrec model directory as
+`Global.pretrained_model`, a `PreparedDataset`, other backbone sizes) stay, with a comment
+saying what to change.
 
 Round trip: `resolve(load_yaml(written))` equals `resolve(config)` except for the dropped
 jaxrec keys, which fall back to their defaults: `Global.checkpoint_every_steps`,
 `keep_checkpoints`, `eval_batch_size_per_device`, `allow_config_change`,
-`eval_before_training`, `AMP.dtype` and `DataLoader.Train.augment_on_device`. The seed
-survives. (`Global.sync_bn: True` comes back only once the YAML reader honours
-`Arch.use_sync_bn`.)
+`eval_before_training`, `AMP.dtype` and `DataLoader.Train.augment_on_device` (and dropped
+backbone size keys leave `Run.arch`, though the model is the same). The seed survives.
+(`Global.sync_bn: True` comes back only once the YAML reader honours `Arch.use_sync_bn`.)
 
 `inference_rec_yaml(preprocess)` writes PP-ShiTu's `deploy/configs/inference_rec.yaml` for a
 model: its `RecPreProcess` feeds images exactly as the model's own `Preprocess` does (input
@@ -88,6 +89,8 @@ _FIRST = {
     "DataLoader.Train": ("dataset", "sampler", "loader"),
     "DataLoader.Eval": ("Gallery", "Query"),
 }
+#: PaddleClas needs ints here (its Cosine schedule's T_max must be an int in Paddle 3).
+_INTEGER_KEYS = ("Global.epochs", "Optimizer.lr.warmup_epoch")
 _BACKBONE_EXTENSIONS = ("scale", "depths", "dropout_prob")
 _NOTES_TITLE = "jaxrec settings that are not PaddleClas keys, or need a change there:"
 
@@ -165,6 +168,54 @@ def _drop_jaxrec_keys(plain: dict, notes: dict[str, list[str]]) -> None:
             notes[top].append(f"{dotted}: {_inline(value)} - {DROPPED[dotted]}")
 
 
+def _backbone_extensions(plain: dict, notes: dict[str, list[str]]) -> None:
+    """jaxrec's `scale`/`depths`/`dropout_prob` backbone keys: PaddleClas's backbone functions
+    pass their own values and fail on these keys. Dropped where they equal those values;
+    otherwise kept with a note (PaddleClas has no architecture for such a model)."""
+    from jaxrec.models.recmodel import BACKBONES  # noqa: PLC0415 - models import jax
+
+    arch = _node(plain, "Arch") or {}
+    backbone = arch.get("Backbone") if isinstance(arch.get("Backbone"), dict) else arch
+    where = "Arch.Backbone" if backbone is not arch else "Arch"
+    name = backbone.get("name")
+    scale, depths, dropout, _ = BACKBONES.get(name, (None, None, None, False))
+    fixed = {"scale": scale, "depths": depths, "dropout_prob": dropout}
+    for key in (k for k in _BACKBONE_EXTENSIONS if k in backbone):
+        value, own = backbone[key], fixed[key]
+        try:
+            same = own is not None and (
+                list(value) == list(own) if key == "depths" else float(value) == float(own)
+            )
+        except (TypeError, ValueError):
+            same = False
+        if same:
+            backbone.pop(key)
+            notes["Arch"].append(
+                f"{where}.{key}: {_inline(value)} dropped - PaddleClas's {name} has it built in "
+                "and fails on the key"
+            )
+        else:
+            notes["Arch"].append(
+                f"{where}.{key}: {_inline(value)} is a jaxrec size extension of {name}: "
+                f"PaddleClas's backbone function fixes {key} and fails on this key, so "
+                "PaddleClas has no architecture for this model"
+            )
+
+
+def _integers(plain: dict, notes: dict[str, list[str]]) -> None:
+    for dotted in _INTEGER_KEYS:
+        parent, key = dotted.rsplit(".", 1)
+        node = _node(plain, parent)
+        value = None if node is None else node.get(key)
+        if isinstance(value, float) and value.is_integer():
+            node[key] = int(value)
+        elif isinstance(value, float):
+            notes[dotted.split(".")[0]].append(
+                f"{dotted}: {value} - PaddleClas needs a whole number here (its Cosine "
+                "schedule's T_max must be an int)"
+            )
+
+
 def _note_unrunnable(plain: dict, notes: dict[str, list[str]]) -> None:
     pretrained = (_node(plain, "Global") or {}).get("pretrained_model")
     if isinstance(pretrained, str) and os.path.isdir(pretrained):
@@ -174,15 +225,7 @@ def _note_unrunnable(plain: dict, notes: dict[str, list[str]]) -> None:
             f"    python -m jaxrec.convert --to-pdparams --model {pretrained} --out "
             f"{pretrained.rstrip('/')}.pdparams"
         )
-    arch = _node(plain, "Arch") or {}
-    backbone = arch.get("Backbone") if isinstance(arch.get("Backbone"), dict) else arch
-    where = "Arch.Backbone" if backbone is not arch else "Arch"
-    for key in (k for k in _BACKBONE_EXTENSIONS if k in backbone):
-        notes["Arch"].append(
-            f"{where}.{key}: {_inline(backbone[key])} is a jaxrec size extension of "
-            f"{backbone.get('name')}: PaddleClas's backbone function fixes {key} and fails on "
-            "this key, so PaddleClas has no architecture for this model"
-        )
+    _backbone_extensions(plain, notes)
     train = _node(plain, "DataLoader.Train.dataset") or {}
     if train.get("name") == "PreparedDataset":
         notes["DataLoader"].append(
@@ -197,6 +240,7 @@ def paddleclas_yaml(config: Any) -> str:
     plain = defaults.fill(copy.deepcopy(to_plain(config)))
     notes: dict[str, list[str]] = collections.defaultdict(list)
     _drop_jaxrec_keys(plain, notes)
+    _integers(plain, notes)
     _note_unrunnable(plain, notes)
     order = [s for s in _SECTIONS if s in plain] + [s for s in plain if s not in _SECTIONS]
     parts = [
