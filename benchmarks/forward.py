@@ -6,7 +6,9 @@ Measures, on the default JAX backend, the jitted eval forward of the PPLCNetV2_b
 (BNNeck features, no head) on float32 224x224 input:
   * latency at batch 1 (median of --bs1-iters calls, each waited for),
   * throughput at batch 32 (images/s from the median of --bs32-iters calls),
-for the training form (multi-branch rep blocks) and the re-parameterized deploy form.
+for the training form (multi-branch rep blocks), the re-parameterized deploy form and the
+BN-folded form (`jaxrec.models.fold_variables`, what `jaxrec.export` lowers). Depthwise convs
+use the platform's lowering (`jaxrec.ops.depthwise`); `--depthwise-micro` also compares both.
 With --paddle-python, the same model is built by PaddleClas in that interpreter, exported as
 tools/export_model.py does (eval, re_parameterize, paddle.jit.save) and run with Paddle Inference
 (oneDNN, --threads CPU threads, IR optimizations on), same batch sizes and iteration counts, in
@@ -61,6 +63,10 @@ def jax_side(args: argparse.Namespace) -> dict:
     forms = {"train_form": (model, variables)}
     deploy_model = models.build_model({**ARCH, "deploy": True})
     forms["deploy_form"] = (deploy_model, models.reparameterize(variables))
+    forms["folded_form"] = (
+        models.build_model(models.folded_arch(ARCH)),
+        models.fold_variables(variables),
+    )
     rng = np.random.default_rng(0)
     for form, (m, v) in forms.items():
         fwd = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False)["features"])
@@ -129,29 +135,24 @@ def depthwise_micro(iters: int) -> dict:
 
 
 def depthwise_lowerings(args: argparse.Namespace) -> dict:
-    """The whole model (train form, bs32) with each depthwise lowering of jaxrec.models.layers:
-    JAXREC_DW_IMPL=conv (XLA grouped conv) vs shift (sum of shifted slices, the CPU default).
-    The variable is read when the model is traced, so both run in this process, alternating."""
+    """The whole model (train form, bs32) with each depthwise lowering of jaxrec.ops.depthwise:
+    "conv" (XLA grouped conv, what GPUs run) vs "shift" (sum of shifted slices, the CPU
+    lowering), forced with `forced_lowering` (it acts at trace time, so each gets its own jit);
+    both run in this process, alternating."""
     import jax
     import jax.numpy as jnp
 
     from jaxrec import models
+    from jaxrec.ops.depthwise import forced_lowering
 
     model = models.build_model(ARCH)
     variables = models.init_variables(model, seed=0, image_size=224)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 224, 224, 3), dtype=np.float32))
     fns, outs = {}, {}
-    previous = os.environ.get("JAXREC_DW_IMPL")
-    try:
-        for impl in ("conv", "shift"):
-            os.environ["JAXREC_DW_IMPL"] = impl
+    for impl in ("conv", "shift"):
+        with forced_lowering(impl):
             fns[impl] = jax.jit(lambda v, x: model.apply(v, x, train=False)["features"])
             outs[impl] = fns[impl](variables, x).block_until_ready()
-    finally:
-        if previous is None:
-            os.environ.pop("JAXREC_DW_IMPL", None)
-        else:
-            os.environ["JAXREC_DW_IMPL"] = previous
     times: dict[str, list[float]] = {"conv": [], "shift": []}
     for _ in range(args.bs32_iters):
         for impl, f in fns.items():
@@ -165,7 +166,7 @@ def depthwise_lowerings(args: argparse.Namespace) -> dict:
         "dw_impl_ref_abs_max": float(jnp.abs(outs["conv"]).max()),
     }
     print(
-        f"bs32 train form: JAXREC_DW_IMPL=conv {out['dw_impl_conv_bs32_median_ms']:.0f} ms, "
+        f"bs32 train form: depthwise lowering conv {out['dw_impl_conv_bs32_median_ms']:.0f} ms, "
         f"shift {out['dw_impl_shift_bs32_median_ms']:.0f} ms "
         f"(max |diff| {out['dw_impl_max_abs_diff']:.2e})",
         flush=True,
@@ -241,7 +242,7 @@ def main() -> None:
         "--depthwise-micro",
         action="store_true",
         help="also time XLA's grouped conv vs a shifted-slice sum for the depthwise layer shapes, "
-        "and the whole model with JAXREC_DW_IMPL=conv vs shift",
+        "and the whole model with each depthwise lowering (jaxrec.ops.depthwise.forced_lowering)",
     )
     ap.add_argument("--paddle-side", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -253,7 +254,6 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "JAXREC_DW_IMPL": os.environ.get("JAXREC_DW_IMPL", "auto"),
     }
     if not args.skip_jax:
         summary.update(jax_side(args))

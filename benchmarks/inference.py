@@ -12,11 +12,13 @@
    timing requests over stdin/stdout, so that all engines are timed interleaved, round by round.
 2. jaxrec side: `python -m jaxrec.convert` turns the same `model.pdparams` into a model dir and
    `python -m jaxrec.export` writes the deploy model dir, the jax.export artifact and the ONNX
-   graph (with its built-in equality check). Features of Paddle Inference, onnxruntime and the
-   jax.export artifact on the same 8 synthetic images are compared (cosine, max abs error).
+   graph (with its built-in equality check), both from the BN-folded Flax model. Features of
+   Paddle Inference, onnxruntime and the jax.export artifact on the same 8 synthetic images are
+   compared (cosine, max abs error).
 3. Latency (batch 1) and throughput (batch 32) of the engines, interleaved in `--rounds`:
    Paddle Inference, onnxruntime (jaxrec's session: no thread spinning; and, with more than one
-   thread, onnxruntime's default spinning threads), the jax.export artifact on XLA:CPU.
+   thread, onnxruntime's default spinning threads), the jax.export artifact on XLA:CPU, and
+   with --compare-onnx another ONNX graph of the model (e.g. an earlier export).
 4. Gallery index: 100k x 512 random unit vectors, 1,000 queries, k 10, with `jaxrec.search`
    (faiss Flat, faiss HNSW32, exact numpy backend): build time, batched search time, and HNSW's
    recall@10 against exact search.
@@ -287,6 +289,12 @@ def main() -> None:
     ap.add_argument(
         "--ivf", action="store_true", help="also IVF (k-means with N/8 centroids: minutes at 100k)"
     )
+    ap.add_argument(
+        "--compare-onnx",
+        default=None,
+        help="also time this ONNX graph (same input/output names; e.g. an earlier export of "
+        "the same model) interleaved with the others, and compare its features",
+    )
     ap.add_argument("--paddle-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.paddle_worker:
@@ -358,11 +366,13 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
     py = sys.executable
     if os.path.exists(pd):
         _run([py, "-m", "jaxrec.convert", "--pdparams", pd, "--out", model_dir, "--overwrite"])
-    else:  # no paddle: a random full-size model
+    else:  # no paddle: a random full-size model, fed as a converted PaddleClas model
+        from jaxrec.data.preprocess import INFERENCE_REC
         from jaxrec.models import build_model, init_variables, save_model_dir
 
         arch = arch_config()
-        save_model_dir(model_dir, arch, init_variables(build_model(arch)), overwrite=True)
+        variables = init_variables(build_model(arch))
+        save_model_dir(model_dir, arch, variables, preprocess=INFERENCE_REC, overwrite=True)
     t = time.perf_counter()
     _run([py, "-m", "jaxrec.export", "--model", model_dir, "--out", out, "--overwrite"])
     summary["export_seconds"] = round(time.perf_counter() - t, 1)
@@ -381,6 +391,12 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
 
     def ort_spin_run(x_nchw):
         return sess_spin.run(["features"], {"x": x_nchw})[0]
+
+    if args.compare_onnx:  # another ONNX graph of the same model, e.g. an earlier export's
+        sess_other = E.onnx_session(args.compare_onnx, threads=args.threads)
+        ref8 = ort_run(bench_input(8))
+        other8 = sess_other.run(["features"], {"x": bench_input(8)})[0]
+        summary["compare_onnx"] = {"path": args.compare_onnx, **compare(ref8, other8)}
 
     # Fidelity against Paddle Inference on the same inputs.
     x8 = bench_input(8)
@@ -403,6 +419,10 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
         return times
 
     engines["onnxruntime"] = local(ort_run)
+    if args.compare_onnx:
+        engines["onnxruntime_compare_onnx"] = local(
+            lambda x: sess_other.run(["features"], {"x": x})[0]
+        )
     if args.threads > 1:
         engines["onnxruntime_spinning"] = local(ort_spin_run)
     engines["jax_export_xla"] = local(jax_run)

@@ -1,4 +1,4 @@
-"""Full-size PP-ShiTuV2 model timings: eval forward (training form vs fused deploy form),
+"""Full-size PP-ShiTuV2 model timings: eval forward (training form, fused deploy form, BN-folded),
 init/compile times, and .pdparams conversion of a full-size checkpoint.
 
     python benchmarks/model_forward.py --batch-sizes 1 8 --repeats 10
@@ -19,7 +19,14 @@ import jax
 import numpy as np
 
 from jaxrec.convert import convert_pdparams
-from jaxrec.models import build_model, count_params, init_variables, reparameterize
+from jaxrec.models import (
+    build_model,
+    count_params,
+    fold_variables,
+    folded_arch,
+    init_variables,
+    reparameterize,
+)
 from jaxrec.models.naming import to_paddle_state_dict
 
 ARCH = {
@@ -56,12 +63,18 @@ def main() -> None:
     t = time.perf_counter()
     dv = reparameterize(v)
     print(f"reparameterize: {time.perf_counter() - t:.3f} s")
+    t = time.perf_counter()
+    fv = fold_variables(v)
+    print(f"fold_variables: {time.perf_counter() - t:.3f} s ({count_params(fv):,} params)")
     dmodel = build_model(dict(arch, deploy=True))
+    fmodel = build_model(folded_arch(arch))
     f_train_form = jax.jit(lambda v, x: model.apply(v, x)["features"])
     f_fused = jax.jit(lambda v, x: dmodel.apply(v, x)["features"])
+    f_folded = jax.jit(lambda v, x: fmodel.apply(v, x)["features"])
+    forms = (("multi-branch", f_train_form, v), ("fused", f_fused, dv), ("folded", f_folded, fv))
     for bs in args.batch_sizes:
         x = jax.random.normal(jax.random.PRNGKey(0), (bs, 224, 224, 3))
-        for name, f, var in (("multi-branch", f_train_form, v), ("fused", f_fused, dv)):
+        for name, f, var in forms:
             t = time.perf_counter()
             f.lower(var, x).compile()
             comp = time.perf_counter() - t

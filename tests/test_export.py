@@ -173,10 +173,12 @@ def test_onnx_graph_and_runtime(tmp_path):
     assert [d.dim_param or d.dim_value for d in inp] == ["batch", 3, SIZE, SIZE]
     assert proto.graph.output[0].name == "features"
     ops = [n.op_type for n in proto.graph.node]
-    # One Conv per conv of the model (BN, biases, dropout and the BNNeck merged into them),
-    # no layout transposes, no BatchNormalization.
-    assert set(ops) == {"Conv", "Relu", "GlobalAveragePool", "Sigmoid", "Mul", "Add", "Reshape"}
-    assert ops.count("Conv") == 22 and ops.count("Add") == 1 and ops.count("Reshape") == 1
+    # One Conv per conv of the model (BN, biases merged into them), the tail (last_conv, dropout,
+    # BNNeck) one Gemm; no layout transposes, no BatchNormalization.
+    assert set(ops) == {
+        "Conv", "Relu", "GlobalAveragePool", "Sigmoid", "Mul", "Add", "Flatten", "Gemm"
+    }  # fmt: skip
+    assert ops.count("Conv") == 21 and ops.count("Gemm") == 1 and ops.count("Add") == 1
     assert any(a.name == "group" and a.i > 1 for n in proto.graph.node for a in n.attribute)
     onnx.save(proto, str(tmp_path / "m.onnx"))
     images = E.load_check_images(None, OWN)
@@ -192,8 +194,8 @@ def test_onnx_graph_and_runtime(tmp_path):
     assert r.ok, r.line()
 
 
-def test_onnx_tail_is_last_conv_dropout_and_bnneck_in_one_conv():
-    """The last Conv of the graph == BNNeck(0.8 * last_conv(pool)), computed by hand."""
+def test_onnx_tail_is_last_conv_dropout_and_bnneck_in_one_gemm():
+    """The graph's Gemm == BNNeck(0.8 * last_conv(pool)), computed by hand."""
     from onnx import numpy_helper
 
     arch = tiny_arch(head=False)
@@ -201,8 +203,8 @@ def test_onnx_tail_is_last_conv_dropout_and_bnneck_in_one_conv():
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
     proto, _ = E.build_onnx(model, fv, "features", (SIZE, SIZE))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    last = [n for n in proto.graph.node if n.op_type == "Conv"][-1]
-    w, b = inits[last.input[1]][:, :, 0, 0].T, inits[last.input[2]]
+    (gemm,) = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    w, b = inits[gemm.input[1]], inits[gemm.input[2]]
     lc = v["params"]["backbone"]["last_conv"]
     bn_p, bn_s = v["params"]["neck"]["feat_bn"], v["batch_stats"]["neck"]["feat_bn"]
     pooled = np.random.default_rng(0).normal(size=(3, lc["kernel"].shape[2]))
@@ -227,7 +229,7 @@ def test_full_size_onnx_has_the_folded_parameter_count():
     _, graph = E.build_onnx(model, fv, "features", (224, 224))
     assert graph.param_count() == 4_549_184
     ops = graph.op_counts()
-    assert ops["Conv"] == 46 and ops["GlobalAveragePool"] == 7 and ops["Sigmoid"] == 6
+    assert ops["Conv"] == 45 and ops["Gemm"] == 1 and ops["GlobalAveragePool"] == 7
 
 
 @pytest.mark.slow

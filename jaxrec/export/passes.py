@@ -6,7 +6,9 @@ the traced model does not say directly:
 - a per-channel `Mul`/`Div`/`Add`/`Sub` by a constant after a `Conv`/`Gemm` (the conv bias, a
   folded BatchNorm's affine map, dropout's eval factor), possibly behind `Reshape`s that only
   add or drop size-1 axes, merges into the `Conv`/`Gemm` weights and bias;
-- consecutive `Reshape`s collapse, and reshapes to the same shape disappear.
+- consecutive `Reshape`s collapse, and reshapes to the same shape disappear;
+- a 1x1 `Conv` on globally pooled [N, C, 1, 1] values that is then flattened becomes
+  `Flatten` + `Gemm`.
 
 Everything here is exact algebra on float32 numbers (float64 for the products).
 """
@@ -106,6 +108,8 @@ class Graph:
         while any(self._absorb_affine(n) for n in list(self.nodes) if n.op in ("Conv", "Gemm")):
             pass
         self._collapse_reshapes()
+        for node in [n for n in self.nodes if n.op == "Conv"]:
+            self._conv_to_gemm(node)
         used = {i for n in self.nodes for i in n.inputs}
         self.inits = {k: v for k, v in self.inits.items() if k in used}
 
@@ -170,6 +174,31 @@ class Graph:
             b = b + vec if op == "Add" else b - vec
         self.inits[node.inputs[1]] = w.astype(np.float32)
         self.inits[node.inputs[2]] = b.astype(np.float32)
+
+    def _conv_to_gemm(self, node: Node) -> None:
+        """A 1x1 conv on [N, C, 1, 1] whose result is flattened to [N, M] -> Flatten + Gemm
+        (the dense layer after global pooling; onnxruntime runs Gemm without layout changes)."""
+        (nxt, *more) = self.consumers(node.output) or [None]
+        x_shape = self.shapes[node.inputs[0]]
+        if (
+            nxt is None
+            or more
+            or nxt.op != "Reshape"
+            or len(x_shape) != 4
+            or tuple(x_shape[2:]) != (1, 1)
+            or len(self.shapes[nxt.output]) != 2
+            or node.attrs.get("group", 1) != 1
+            or any(node.attrs.get("pads", [0]))
+        ):
+            return
+        w = self.inits[node.inputs[1]]
+        flat = self.fresh("flatten")
+        flatten = Node("Flatten", node.inputs[:1], flat, {"axis": 1})
+        self.nodes.insert(self.nodes.index(node), flatten)
+        self.shapes[flat] = tuple(x_shape[:2])
+        self.inits[node.inputs[1]] = np.ascontiguousarray(w.reshape(w.shape[:2]).T)
+        node.op, node.inputs[0], node.attrs = "Gemm", flat, {}
+        self._bypass(nxt, node.output)
 
     def _collapse_reshapes(self) -> None:
         for node in list(self.nodes):
