@@ -19,14 +19,8 @@ import jax
 import numpy as np
 
 from jaxrec.convert import convert_pdparams
-from jaxrec.models import (
-    build_model,
-    count_params,
-    fold_variables,
-    folded_arch,
-    init_variables,
-    reparameterize,
-)
+from jaxrec import models
+from jaxrec.models import build_model, count_params, init_variables
 from jaxrec.models.naming import to_paddle_state_dict
 
 ARCH = {
@@ -61,13 +55,13 @@ def main() -> None:
     v = jax.block_until_ready(init_variables(model))
     print(f"init_variables: {time.perf_counter() - t:.2f} s ({count_params(v['params']):,} params)")
     t = time.perf_counter()
-    dv = reparameterize(v)
+    dv = models.reparameterize(v)
     print(f"reparameterize: {time.perf_counter() - t:.3f} s")
     t = time.perf_counter()
-    fv = fold_variables(v)
+    fv = models.fold_variables(v)
     print(f"fold_variables: {time.perf_counter() - t:.3f} s ({count_params(fv):,} params)")
     dmodel = build_model(dict(arch, deploy=True))
-    fmodel = build_model(folded_arch(arch))
+    fmodel = build_model(models.folded_arch(arch))
     f_train_form = jax.jit(lambda v, x: model.apply(v, x)["features"])
     f_fused = jax.jit(lambda v, x: dmodel.apply(v, x)["features"])
     f_folded = jax.jit(lambda v, x: fmodel.apply(v, x)["features"])
