@@ -18,8 +18,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxrec.convert import convert_pdparams
 from jaxrec import models
+from jaxrec.convert import convert_pdparams
 from jaxrec.models import build_model, count_params, init_variables
 from jaxrec.models.naming import to_paddle_state_dict
 
