@@ -2,7 +2,8 @@
 PP-ShiTu's `inference_rec.yaml` of a model.
 
     .venv/bin/python tools/paddle_config_check.py [--workdir W] [--work /tmp/jaxrec_pcc] \
-        [--paddle-python /work/paddle_venv/bin/python] [--paddleclas /work/PaddleClas]
+        [--paddle-python /work/paddle_venv/bin/python] [--paddleclas /work/PaddleClas] \
+        [--export E --ort-path DIR]
 
 jaxrec side (this venv): `paddleclas_yaml` of configs/general_v2.py, configs/demo.py, the demo
 at full width (`Arch.Backbone.scale=1.0`, the width PaddleClas's PPLCNetV2_base_ShiTu builds)
@@ -26,6 +27,10 @@ Paddle side (the same file with --paddle-side, in the Paddle venv, PaddleClas on
   compared with jaxrec's arrays (bitwise count, max ulp distance).
 - PP-ShiTu's `RecPredictor` and `predict_rec.main` on the 224 px YAML, with a Paddle Inference
   export of the general_v2 RecModel (random init) as `rec_inference_model_dir`.
+- with --export E (a `python -m jaxrec.export` folder): its `inference_rec_yaml(...,
+  use_onnx=True)` through PP-ShiTu's `RecPredictor`, which then runs E/inference.onnx with
+  onnxruntime on the photos (--ort-path: a folder holding onnxruntime for the Paddle venv);
+  its L2-normalized features are compared with `jaxrec.extract.extract_features` of E.
 
 Exit 0 when every check passes. Run from the repository root.
 """
@@ -130,19 +135,44 @@ def jaxrec_side(args: argparse.Namespace) -> dict:
         )
         spec["deploy"][name] = {"path": path, "preprocess": pre.describe()}
     spec["images"] = images
+    if args.export:
+        spec["export"] = _export_side(args.export, images, w)
     with open(os.path.join(w, "spec.json"), "w") as f:
         json.dump(spec, f, indent=1)
     cmd = [args.paddle_python, os.path.abspath(__file__), "--paddle-side", "--work", w,
            "--paddleclas", args.paddleclas]  # fmt: skip
     print("+ " + " ".join(cmd), flush=True)
     log = os.path.join(w, "paddle_side.log")
+    env = dict(os.environ)
+    if args.ort_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.ort_path, env.get("PYTHONPATH")]))
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=w, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=w, stdout=f, stderr=subprocess.STDOUT, env=env)
     result_path = os.path.join(w, "result.json")
     if proc.returncode or not os.path.exists(result_path):
         raise SystemExit(f"paddle side failed (exit {proc.returncode}); see {log}")
     with open(result_path) as f:
         return json.load(f)
+
+
+def _export_side(export: str, images: list[str], w: str) -> dict:
+    """inference_rec.yaml (ONNX) of a jaxrec export and jaxrec's features of the photos."""
+    from jaxrec.config.paddle_out import inference_rec_yaml
+    from jaxrec.extract import extract_features
+    from jaxrec.models import load_model_dir
+
+    export = os.path.abspath(export)
+    md = load_model_dir(export)
+    path = os.path.join(w, "deploy", "export_onnx.yaml")
+    with open(path, "w") as f:
+        f.write(inference_rec_yaml(md.preprocess, model_dir_name=export, use_onnx=True))
+    feats, _ = extract_features(md, images)
+    np.save(os.path.join(w, "jaxrec_export_features.npy"), feats)
+    return {
+        "path": path,
+        "normalize": md.features.normalize,
+        "preprocess": md.preprocess.describe(),
+    }
 
 
 # ------------------------------------------------------------------------------- paddle side
@@ -300,6 +330,27 @@ def _predictor_checks(spec: dict, rgb: list[np.ndarray], paddleclas: str) -> dic
     }
 
 
+def _export_checks(spec: dict, rgb: list[np.ndarray]) -> dict:
+    from paddleclas.deploy.python import predict_rec
+    from paddleclas.deploy.utils import config as deploy_config
+
+    item = spec["export"]
+    dcfg = deploy_config.get_config(
+        item["path"], overrides=["Global.cpu_num_threads=2"], show=False
+    )
+    predictor = predict_rec.RecPredictor(dcfg)
+    feats = predictor.predict([im.copy() for im in rgb], feature_normalize=item["normalize"])
+    ref = np.load(os.path.join(spec["work"], "jaxrec_export_features.npy"))
+    cos = (feats * ref).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref, axis=1)
+    return {
+        "preprocess": item["preprocess"],
+        "features": list(feats.shape),
+        "onnx_session": type(predictor.predictor).__name__,
+        "worst_cosine_vs_jaxrec_extract": float(cos.min()),
+        "max_abs_err": float(np.abs(feats - ref).max()),
+    }
+
+
 def paddle_side(args: argparse.Namespace) -> None:
     sys.path.append(args.paddleclas)  # after site-packages: `paddleclas` stays the pip package
     import paddle
@@ -326,6 +377,11 @@ def paddle_side(args: argparse.Namespace) -> None:
         result["predictor"] = _predictor_checks(spec, rgb, args.paddleclas)
     except Exception:  # noqa: BLE001
         result["errors"].append(f"predictor: {traceback.format_exc()}")
+    if "export" in spec:
+        try:
+            result["export"] = _export_checks(spec, rgb)
+        except Exception:  # noqa: BLE001
+            result["errors"].append(f"export: {traceback.format_exc()}")
     with open(os.path.join(w, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
 
@@ -350,6 +406,9 @@ def verdict(result: dict) -> list[str]:
         or p["predict_rec_main_images"] != p["predict_rec_main_expected"]
     ):
         bad.append(f"predictor: {p}")
+    e = result.get("export")
+    if e and e["worst_cosine_vs_jaxrec_extract"] < 0.9999:
+        bad.append(f"export: {e}")
     return bad
 
 
@@ -359,6 +418,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/jaxrec_paddle_config_check", help="scratch folder")
     ap.add_argument("--paddle-python", default="/work/paddle_venv/bin/python")
     ap.add_argument("--paddleclas", default="/work/PaddleClas", help="PaddleClas source checkout")
+    ap.add_argument("--export", help="also run this jaxrec export's ONNX through RecPredictor")
+    ap.add_argument("--ort-path", help="folder with onnxruntime for the Paddle venv (--export)")
     ap.add_argument("--json", help="also write the result to this JSON file")
     ap.add_argument("--paddle-side", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
