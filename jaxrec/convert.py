@@ -342,18 +342,21 @@ def load_pdparams_variables(pdparams: str | Path) -> dict[str, Any]:
 
 
 def paddleclas_notes(arch: Mapping[str, Any]) -> list[str]:
-    """What a PaddleClas user needs to know to build the model this Arch describes."""
+    """Size keys of the Arch that PaddleClas's backbone function fixes to other values (it then
+    cannot build the model from a YAML)."""
+    from jaxrec.models.recmodel import BACKBONES  # noqa: PLC0415
+
     bb = arch.get("Backbone", arch)
-    notes = []
-    if bb.get("name") == "PPLCNetV2_base_ShiTu" and (
-        float(bb.get("scale", 1.0)) != 1.0 or list(bb.get("depths", [2, 2, 6, 2])) != [2, 2, 6, 2]
-    ):
-        notes.append(
-            f"PaddleClas's PPLCNetV2_base_ShiTu always builds scale 1.0, depths [2, 2, 6, 2]; "
-            f"this model has scale {bb.get('scale', 1.0)}, depths {bb.get('depths', [2, 2, 6, 2])}"
-            ", so the stock YAML cannot build it (PaddleClas's PPLCNetV2 class can)"
-        )
-    return notes
+    scale, depths, _, _ = BACKBONES.get(bb.get("name"), (None, None, None, None))
+    own = {"scale": scale, "depths": depths}
+    return [
+        f"PaddleClas's {bb['name']} always builds {key} {own[key]}, this model has {bb[key]}: "
+        "PaddleClas has no YAML for it"
+        for key in own
+        if key in bb
+        and own[key] is not None
+        and np.ravel(bb[key]).tolist() != np.ravel(own[key]).tolist()
+    ]
 
 
 def export_pdparams(
@@ -366,17 +369,6 @@ def export_pdparams(
         raise PdparamsError(f"{model.source}: {e}") from None
     write_pdparams(out, state, overwrite=overwrite)
     return state
-
-
-def _restore_workdir(workdir: str, which: str, step: int | None) -> ModelDir:
-    try:
-        from jaxrec.checkpoint import restore_model  # noqa: PLC0415
-    except ImportError:
-        raise PdparamsError(
-            "--workdir needs jaxrec.checkpoint.restore_model, which this jaxrec does not have "
-            "yet; write the run as a model dir first and use --model"
-        ) from None
-    return restore_model(workdir, which=which, step=step)
 
 
 def _to_pdparams(args: argparse.Namespace) -> int:
@@ -392,17 +384,23 @@ def _to_pdparams(args: argparse.Namespace) -> int:
     if args.model is not None:
         model = load_model_dir(args.model)
     else:
-        model = _restore_workdir(args.workdir, args.which or "best", args.step)
+        from jaxrec.checkpoint import restore_model  # noqa: PLC0415
+
+        model = restore_model(args.workdir, which=args.which or "best", step=args.step)
     state = export_pdparams(model, out, head=not args.no_head, overwrite=args.overwrite)
     n_fused = sum(1 for k in state if is_fusion_target(k, state))
-    n_values = sum(int(v.size) for v in state.values())
-    print(
-        f"wrote {out}: {len(state)} tensors ({n_values:,} values; {n_fused} rep-block fusion "
-        f"targets set to the fused branches), from {model.source}"
-    )
+    print(f"wrote {out}: {len(state)} tensors, {sum(v.size for v in state.values()):,} values")
+    print(f"  from {model.source}; {n_fused} rep-block fusion targets set to the fused branches")
     print(f"Arch: {json.dumps(model.arch)}")
     prefix = str(out.absolute())[: -len(".pdparams")]
     print(f"PaddleClas loads it with -o Global.pretrained_model={prefix}")
+    run_yaml = Path(args.workdir or "", "paddleclas.yaml")  # written by the trainer
+    if args.workdir and run_yaml.is_file():
+        print(
+            f"export it for PP-ShiTu from a PaddleClas checkout: python tools/export_model.py "
+            f"-c {run_yaml.absolute()} -o Global.pretrained_model={prefix} "
+            "-o Global.save_inference_dir=./inference"
+        )
     for note in paddleclas_notes(model.arch):
         print(f"note: {note}")
     return 0
@@ -419,15 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or, with --to-pdparams, a jaxrec model back into a PaddleClas .pdparams.",
     )
     ap.add_argument("--pdparams", help="input .pdparams file")
-    ap.add_argument(
-        "--out", required=True, help="output model directory (must not exist), or .pdparams file"
-    )
+    ap.add_argument("--out", required=True, help="output model directory, or FILE.pdparams")
     ap.add_argument("--arch-json", help="JSON file with the Arch dict (default: inferred)")
-    ap.add_argument(
-        "--class-num",
-        type=int,
-        help="number of classes of the head (default: from the checkpoint's head, or no head)",
-    )
+    ap.add_argument("--class-num", type=int, help="classes of the head (default: the file's)")
     ap.add_argument(
         "--head",
         choices=["FC", "ArcMargin", "CosMargin", "CircleMargin"],
@@ -441,9 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ImageNet PPLCNetV2 classifier",
     )
     ap.add_argument("--deploy", action="store_true", help="write the fused (deploy) form")
-    ap.add_argument(
-        "--strict", action="store_true", help="fail on any missing/mis-shaped/unexpected tensor"
-    )
+    ap.add_argument("--strict", action="store_true", help="fail on any tensor not matching")
     ap.add_argument("--seed", type=int, help="seed for tensors left at init (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     exp = ap.add_argument_group("jaxrec -> PaddleClas (--to-pdparams)")
@@ -456,11 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", help="jaxrec model directory (training form)")
     exp.add_argument("--workdir", help="training workdir (train.py)")
     exp.add_argument("--step", type=int, help="with --workdir: this checkpoint step")
-    exp.add_argument(
-        "--which",
-        choices=["best", "latest"],
-        help="with --workdir: the best checkpoint (default) or the newest",
-    )
+    exp.add_argument("--which", choices=["best", "latest"], help="with --workdir (default best)")
     return ap
 
 

@@ -552,7 +552,8 @@ def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
     f = tmp_path / "run.pdparams"
     assert convert.main(["--to-pdparams", "--workdir", workdir, "--out", str(f)]) == 0
     printed = capsys.readouterr().out
-    assert "from workdir" in printed and "scale 0.25" in printed  # note: not the stock YAML
+    assert "from workdir" in printed and "this model has 0.25" in printed  # no stock YAML
+    assert f"tools/export_model.py -c {workdir}/paddleclas.yaml" in printed
     md = restore_model(workdir, which="best")
     _, back, report = convert_pdparams(f, arch=md.arch, strict=True)
     assert report.ok

@@ -63,10 +63,7 @@ DEFAULT_IMAGES = [
     os.path.join(REPO, "tests", "fixtures", "image_files"),
     os.path.join(REPO, "data", "demo", "images", "eval"),
 ]
-DEMO_EVAL_IMAGES = 8  # the first few Fashion-MNIST eval images next to the real photos
 JAXREC_ONLY_ARCH_KEYS = ("dtype", "bn_axis_name", "deploy", "fold_bn")
-# PaddleClas's PPLCNetV2_base_ShiTu fixes these (passing them again is a TypeError).
-SHITU_FIXED = {"scale": 1.0, "depths": [2, 2, 6, 2]}
 
 
 # ------------------------------------------------------------------- Arch -> YAML overrides
@@ -82,18 +79,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def arch_overrides(arch: dict, yaml_arch: dict) -> list[str]:
     """`-o Arch.x=v` overrides turning the stock YAML's Arch into the model's Arch."""
+    from jaxrec.convert import paddleclas_notes
+
+    notes = paddleclas_notes(arch)
+    if notes:
+        raise SystemExit("; ".join(notes) + " (train at full width for this proof)")
     arch = {k: v for k, v in arch.items() if k not in JAXREC_ONLY_ARCH_KEYS}
-    bb = dict(arch.get("Backbone", {}))
-    if bb.get("name") == "PPLCNetV2_base_ShiTu":
-        for key, fixed in SHITU_FIXED.items():
-            if key in bb:
-                if bb[key] != fixed and list(np.atleast_1d(bb[key])) != list(np.atleast_1d(fixed)):
-                    raise SystemExit(
-                        f"Arch.Backbone.{key} is {bb[key]}: PaddleClas's PPLCNetV2_base_ShiTu "
-                        f"only builds {key} {fixed} (train at full width for this proof)"
-                    )
-                del bb[key]
-        arch["Backbone"] = bb
+    # PaddleClas's backbone functions pass their own scale/depths: equal values are dropped.
+    arch["Backbone"] = {k: v for k, v in arch["Backbone"].items() if k not in ("scale", "depths")}
     want, have = _flatten(arch), _flatten(yaml_arch)
     missing = sorted(set(have) - set(want))
     if missing:
