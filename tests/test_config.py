@@ -279,3 +279,12 @@ def test_every_inert_key_is_documented():
     for section, table in defaults.JAXREC_KEYS.items():
         for k in table:
             assert f"`{section}.{k}`" in doc, k
+
+
+def test_paddleclas_sync_bn_switch_is_honoured():
+    c = _recipe()
+    assert not resolve(c).sync_bn
+    c.Arch.use_sync_bn = True  # PaddleClas's key; Global.sync_bn is jaxrec's
+    run = resolve(c)
+    assert run.sync_bn and "use_sync_bn" not in run.arch
+    assert run.model_arch(training=True, axis_name="data")["bn_axis_name"] == "data"

@@ -70,7 +70,8 @@ def resolve(config: Any) -> Run:
         loop=loop,
         seed=int(r.get("Global.seed")),
         compute_dtype=compute_dtype,
-        sync_bn=bool(r.get("Global.sync_bn")),
+        # PaddleClas's own switch is Arch.use_sync_bn; either turns synchronized BN on.
+        sync_bn=bool(r.get("Global.sync_bn")) or bool(r.get("Arch.use_sync_bn", False)),
         image_size=image_size,
     )
     r.check_all_used()
@@ -124,7 +125,7 @@ def _amp(r: Reader) -> str:
 def _arch(r: Reader) -> dict[str, Any]:
     from jaxrec.models import build_model
 
-    arch = r.get("Arch")
+    arch = {k: v for k, v in r.get("Arch").items() if k != "use_sync_bn"}
     for key in ("dtype", "deploy", "bn_axis_name", "fold_bn"):
         if key in arch:
             raise ConfigError(f"Arch.{key}", "is set by jaxrec itself; remove it from the config")
