@@ -114,8 +114,12 @@ def _put(batch: dict[str, np.ndarray], mesh: Any, global_rows: int) -> dict[str,
 
 
 def decode_pool(num_workers: int | None, name: str) -> cf.ThreadPoolExecutor:
-    """Threads for decoding (default: one per core, at most 8), set up by ``configure_decoding``."""
-    workers = num_workers or min(8, os.cpu_count() or 1)
+    """Threads for decoding (default: one per core, at most 32), set up by ``configure_decoding``.
+
+    One process feeds all local devices, so this is the host's whole decode budget (PaddleClas's
+    ``num_workers`` is per GPU process).
+    """
+    workers = num_workers or min(32, os.cpu_count() or 1)
     return cf.ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=configure_decoding)
 
 
