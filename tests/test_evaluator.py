@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from jax import monitoring
 from train_data_util import make_tiny_dataset, tiny_config
 
@@ -23,7 +24,16 @@ def _listener(name: str, _duration: float, **_kw) -> None:
 monitoring.register_event_duration_secs_listener(_listener)
 
 
-def test_two_evaluations_compile_once_and_match_the_kernel(tmp_path):
+@pytest.fixture
+def no_persistent_cache():
+    """Programs loaded from the persistent cache emit no compile event: count real compiles."""
+    old = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", old)
+
+
+def test_two_evaluations_compile_once_and_match_the_kernel(tmp_path, no_persistent_cache):
     data = make_tiny_dataset(str(tmp_path), train_classes=2, eval_classes=3, per_class=6)
     cfg = tiny_config(data)
     cfg.DataLoader.Eval.Query.sampler.batch_size = 8
