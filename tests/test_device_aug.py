@@ -138,6 +138,7 @@ def test_deterministic_per_device_inside_shard_map():
 def test_switched_off_steps_and_shape_errors():
     plain = DeviceAugment.from_transform(TrainTransform(size=16, flip=False, pad=0, rotate_prob=0))
     x = jnp.asarray(_smooth(np.random.default_rng(1), 4, 16))
-    np.testing.assert_array_equal(np.asarray(plain(x, jax.random.key(0))), np.asarray(x))
+    fn = jax.jit(lambda images, rng: plain(images, rng))
+    np.testing.assert_array_equal(np.asarray(fn(x, jax.random.key(0))), np.asarray(x))
     with pytest.raises(ValueError, match=r"needs \[B, 16, 16, C\]"):
-        plain(jnp.zeros((2, 8, 8, 3), jnp.uint8), jax.random.key(0))
+        fn(jnp.zeros((2, 8, 8, 3), jnp.uint8), jax.random.key(0))
