@@ -68,6 +68,17 @@ def test_raw_codec_gives_the_original_paths_batches_bit_for_bit(tmp_path):
     for a, b in zip(_batches(src), _batches(ready), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
+    # Resuming from a saved position gives the uninterrupted run's batches.
+    sampler = PKSampler(ready.labels, 6, 3, seed=2, num_shards=2)
+    with TrainLoader(ready, sampler, CHAIN, seed=7, augment_on_host=False) as a:
+        whole = [next(a)["image"] for _ in range(5)]
+    with TrainLoader(ready, sampler, CHAIN, seed=7, augment_on_host=False) as b:
+        next(b), next(b)
+        state = b.state()
+    with TrainLoader(ready, sampler, CHAIN, seed=7, augment_on_host=False) as c:
+        c.restore(state)
+        for want in whole[2:]:
+            np.testing.assert_array_equal(next(c)["image"], want)
     rel = load_prepared(tmp_path / "p", relabel=True)
     assert rel.labels.min() == 0 and rel.labels.max() == 7
 
