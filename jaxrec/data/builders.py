@@ -7,6 +7,7 @@ classifier head on the way (a label outside the head is an error naming the list
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,17 @@ from jaxrec.config.spec import DatasetSpec, EvalDataSpec, TrainDataSpec
 from jaxrec.data import datasets
 from jaxrec.data.preprocess import Preprocess
 from jaxrec.errors import LabelError
+
+
+def host_threads(num_workers: int | None) -> int | None:
+    """Decode threads of this host for PaddleClas's `loader.num_workers`, which counts per GPU
+    process: jaxrec runs one process for all local devices, so it is multiplied by their
+    number (capped at the host's cores). None keeps the loader's default (all cores)."""
+    if not num_workers:
+        return None
+    import jax
+
+    return max(1, min(num_workers * jax.local_device_count(), os.cpu_count() or 1))
 
 
 def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
@@ -84,7 +96,7 @@ def train_loader(spec: TrainDataSpec, mesh: Any, seed: int, class_num: int | Non
         spec.transform,
         mesh=mesh,
         seed=seed,
-        num_workers=spec.num_workers,
+        num_workers=host_threads(spec.num_workers),
         **kwargs,
     )
 
