@@ -104,6 +104,8 @@ class FCHead(nn.Module):
 
 
 class _MarginBase(nn.Module):
+    """cos(x, W) in eval or without labels; `margin_logits(cos, onehot)` in training."""
+
     embedding_size: int
     class_num: int
     kernel_init: Initializer = xavier_normal
@@ -115,13 +117,8 @@ class _MarginBase(nn.Module):
         )
         return _cosine(x, w)
 
-
-class ArcMargin(_MarginBase):
-    """ArcFace: s * (onehot * phi' + (1 - onehot) * cos), phi = cos(theta + m) (spec 4.3)."""
-
-    margin: float = 0.5
-    scale: float = 80.0
-    easy_margin: bool = False
+    def margin_logits(self, cos: jax.Array, onehot: jax.Array) -> jax.Array:
+        raise NotImplementedError
 
     @nn.compact
     def __call__(
@@ -130,6 +127,18 @@ class ArcMargin(_MarginBase):
         cos = self.cosine(x)
         if not train or labels is None:
             return cos
+        onehot = jax.nn.one_hot(_labels(labels), self.class_num, dtype=jnp.float32)
+        return self.margin_logits(cos, onehot)
+
+
+class ArcMargin(_MarginBase):
+    """ArcFace: s * (onehot * phi' + (1 - onehot) * cos), phi = cos(theta + m) (spec 4.3)."""
+
+    margin: float = 0.5
+    scale: float = 80.0
+    easy_margin: bool = False
+
+    def margin_logits(self, cos: jax.Array, onehot: jax.Array) -> jax.Array:
         sin = jnp.sqrt(1.0 - jnp.square(cos) + 1e-6)
         cos_m, sin_m = math.cos(self.margin), math.sin(self.margin)
         phi = cos * cos_m - sin * sin_m
@@ -137,7 +146,6 @@ class ArcMargin(_MarginBase):
             phi = jnp.where(cos > 0, phi, cos)
         else:
             phi = jnp.where(cos > -cos_m, phi, cos - sin_m * self.margin)
-        onehot = jax.nn.one_hot(_labels(labels), self.class_num, dtype=jnp.float32)
         return self.scale * (onehot * phi + (1.0 - onehot) * cos)
 
 
@@ -147,14 +155,7 @@ class CosMargin(_MarginBase):
     margin: float = 0.35
     scale: float = 64.0
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, labels: jax.Array | None = None, train: bool = False
-    ) -> jax.Array:
-        cos = self.cosine(x)
-        if not train or labels is None:
-            return cos
-        onehot = jax.nn.one_hot(_labels(labels), self.class_num, dtype=jnp.float32)
+    def margin_logits(self, cos: jax.Array, onehot: jax.Array) -> jax.Array:
         return self.scale * (onehot * (cos - self.margin) + (1.0 - onehot) * cos)
 
 
@@ -164,19 +165,15 @@ class CircleMargin(_MarginBase):
     margin: float = None  # type: ignore[assignment]
     scale: float = None  # type: ignore[assignment]
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, labels: jax.Array | None = None, train: bool = False
-    ) -> jax.Array:
+    def cosine(self, x: jax.Array) -> jax.Array:
         if self.margin is None or self.scale is None:
             raise ValueError("CircleMargin needs both `margin` and `scale` (no defaults)")
-        cos = self.cosine(x)
-        if not train or labels is None:
-            return cos
+        return super().cosine(x)
+
+    def margin_logits(self, cos: jax.Array, onehot: jax.Array) -> jax.Array:
         c = jax.lax.stop_gradient(cos)
         alpha_p = jnp.maximum(1.0 + self.margin - c, 0.0)
         alpha_n = jnp.maximum(c + self.margin, 0.0)
-        onehot = jax.nn.one_hot(_labels(labels), self.class_num, dtype=jnp.float32)
         logits_p = alpha_p * (cos - (1.0 - self.margin))
         logits_n = alpha_n * (cos - self.margin)
         return self.scale * (logits_p * onehot + logits_n * (1.0 - onehot))
