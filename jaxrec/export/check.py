@@ -43,9 +43,10 @@ class CheckResult:
     max_abs_ref: float
     ok: bool
     detail: str = ""
+    skipped: bool = False
 
     def line(self) -> str:
-        status = "OK  " if self.ok else "FAIL"
+        status = "SKIP" if self.skipped else "OK  " if self.ok else "FAIL"
         return (
             f"  {status} {self.artifact:<14} min cosine {self.min_cosine:.8f}   "
             f"max |err| {self.max_abs_err:.3e} (max |ref| {self.max_abs_ref:.3g}) {self.detail}"
@@ -152,6 +153,11 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
 
         def run_jax(x):
             exp = jax.export.deserialize(bytearray((out / JAX_EXPORT_FILE).read_bytes()))
+            here = jax.default_backend()
+            if not {here, *_GPU.get(here, ())} & set(exp.platforms):
+                raise _NotRunnableHere(
+                    f"lowered for {','.join(exp.platforms)}; this machine runs {here}"
+                )
             return chunks(exp.call)(x)
 
         runners["jax_export"] = run_jax
@@ -166,12 +172,23 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
     return runners
 
 
+class _NotRunnableHere(Exception):
+    """An artifact that this machine's platform cannot run (e.g. jax.export for cuda only)."""
+
+
+_GPU = {"gpu": ("cuda", "rocm")}
+
+
 def run_checks(ref: np.ndarray, runners: Mapping[str, Callable], images: np.ndarray):
-    """Run every artifact on `images` and compare with `ref`; errors count as failures."""
+    """Run every artifact on `images` and compare with `ref`; errors count as failures, an
+    artifact this machine cannot run is listed as skipped."""
     results = []
     for name, run in runners.items():
         try:
             results.append(compare(name, ref, np.asarray(run(images))))
+        except _NotRunnableHere as why:
+            nan = float("nan")
+            results.append(CheckResult(name, nan, nan, nan, True, f"not run: {why}", True))
         except Exception as err:  # noqa: BLE001 - a broken artifact must fail the check
             scale = float(np.abs(ref).max())
             detail = f"error: {type(err).__name__}: {str(err)[:300]}"
