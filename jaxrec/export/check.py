@@ -26,6 +26,7 @@ from jaxrec.export.artifacts import (
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_OUTPUT,
+    onnx_missing,
     onnx_session,
 )
 
@@ -164,6 +165,8 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
     if (out / ONNX_FILE).is_file():
 
         def run_onnx(x):
+            if onnx_missing() == "onnxruntime":
+                raise _NotRunnableHere('onnxruntime is not installed (pip install -e ".[onnx]")')
             sess = onnx_session(str(out / ONNX_FILE))
             feed = lambda a: {ONNX_INPUT: np.ascontiguousarray(a.transpose(NCHW))}  # noqa: E731
             return chunks(lambda a: sess.run([ONNX_OUTPUT], feed(a))[0])(x)
