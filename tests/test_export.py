@@ -194,6 +194,45 @@ def test_onnx_graph_and_runtime(tmp_path):
     assert r.ok, r.line()
 
 
+def _run_converted(fn, x, tmp_path, platform="cpu"):
+    import onnx
+
+    from jaxrec.export.artifacts import NCHW
+    from jaxrec.export.jaxpr_onnx import convert
+
+    (b,) = jax.export.symbolic_shape("batch")
+    graph, _ = convert(fn, (b, *x.shape[1:]), NCHW, platform)
+    graph.simplify()
+    onnx.save(graph.to_onnx("x", "features"), str(tmp_path / "f.onnx"))
+    sess = E.onnx_session(str(tmp_path / "f.onnx"))
+    return graph, sess.run(["features"], {"x": x.transpose(0, 3, 1, 2)})[0]
+
+
+def test_jaxpr_to_onnx_is_generic(tmp_path):
+    """The translation follows the jaxpr, not this network: the CPU lowering of the depthwise
+    convs (pads, strided slices, broadcast multiply-adds) and a function with a transpose,
+    concat, mean and matmul convert too, and match JAX."""
+    import jax.numpy as jnp
+
+    arch = tiny_arch(head=False)
+    v = random_variables(build_model(arch), 2)
+    model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
+    x = np.random.default_rng(0).normal(size=(3, SIZE, SIZE, 3)).astype(np.float32)
+    fn = lambda a: model.apply(fv, a)["features"]  # noqa: E731
+    graph, got = _run_converted(fn, x, tmp_path, platform="cpu")
+    assert graph.op_counts()["Slice"] > 100 and graph.op_counts()["Pad"] == 7
+    assert E.compare("cpu lowering", np.asarray(jax.jit(fn)(x)), got).ok
+
+    def f(a):
+        y = jnp.transpose(a, (0, 3, 1, 2))
+        z = jnp.concatenate([y, y * 2.0], axis=1)
+        return jnp.tanh(jnp.mean(z, axis=(2, 3)) @ np.ones((6, 2), np.float32)) - 1.0
+
+    x = np.random.default_rng(1).normal(size=(2, 4, 5, 3)).astype(np.float32)
+    _, got = _run_converted(f, x, tmp_path)
+    np.testing.assert_allclose(got, np.asarray(f(x)), atol=1e-6)
+
+
 def test_onnx_tail_is_last_conv_dropout_and_bnneck_in_one_gemm():
     """The graph's Gemm == BNNeck(0.8 * last_conv(pool)), computed by hand."""
     from onnx import numpy_helper

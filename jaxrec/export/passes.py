@@ -208,10 +208,15 @@ class Graph:
             if prev is not None and prev.op == "Reshape" and len(self.consumers(prev.output)) == 1:
                 node.inputs[0] = prev.inputs[0]
                 self.nodes.remove(prev)
-            if self.shapes[node.inputs[0]] == self.shapes[node.output] and node.inputs[0] != (
-                self.input
-            ):
-                self._bypass(node, node.inputs[0])
+            src = node.inputs[0]
+            if self.shapes[src] != self.shapes[node.output]:
+                continue
+            if node.output != self.output:  # a no-op: its users read its input instead
+                for user in self.consumers(node.output):
+                    user.inputs = [src if i == node.output else i for i in user.inputs]
+                self.nodes.remove(node)
+            elif src != self.input and len(self.consumers(src)) == 1:
+                self._bypass(node, src)
 
     # ------------------------------------------------------------------ output
     def param_count(self) -> int:
