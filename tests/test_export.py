@@ -399,6 +399,8 @@ def test_without_onnx_the_rest_is_written_and_checked(source, tmp_path, monkeypa
     assert rep["passed"] and {r["artifact"] for r in rep["results"]} == {"model_dir", "jax_export"}
     md = load_model_dir(out)
     assert md.preprocess.input_size == (40, 40) and md.preprocess.mean == OWN.mean
+    # A later re-check feeds the artifacts what the export recorded (40 px), with no flag.
+    assert E.main(["--model", source, "--out", str(out), "--check-only"]) == 0
 
 
 @pytest.mark.slow

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-only",
         action="store_true",
-        help="export nothing; re-run the equality check of the artifacts in OUT",
+        help="export nothing; re-run the equality check of the artifacts in OUT (fed with the "
+        "preprocessing recorded in OUT/config.json)",
     )
     return p
 
@@ -159,7 +160,12 @@ def _main(args: argparse.Namespace) -> int:
             f"the model's feature output is {key!r}; export writes feature extractors "
             "(features, backbone or neck), without the classifier head"
         )
-    pre = feeding(source, args.image_size)
+    if args.check_only and args.image_size is None and (out / "config.json").is_file():
+        from jaxrec.models.modeldir import read_specs  # noqa: PLC0415
+
+        pre = read_specs(out)[0]  # the artifacts take what the export recorded
+    else:
+        pre = feeding(source, args.image_size)
     images = load_check_images(args.check_images, pre)
     image_source = args.check_images or "synthetic"
     if args.check_only:
