@@ -38,9 +38,11 @@ before searching when config.json's `features.normalize` is true.
 
 The check runs the source model (eval mode) and every artifact on the same images (the given
 ones or 8 synthetic ones, fed through the same preprocessing) and requires, per artifact, the
-minimum per-image cosine >= 0.9999 and max|err| <= 1e-4 x max|reference|. Exit status 1 if it
-fails, 2 on bad input. Everything is written to a temporary directory next to OUT and moved
-into place at the end, so a failed or interrupted export leaves no partial OUT."""
+minimum per-image cosine >= 0.9999 and max|err| <= 1e-4 x max|reference| (an artifact this
+machine cannot run, e.g. a CUDA-only jax.export on a CPU host, is listed as skipped). Exit
+status 1 if the check fails (OUT is still written, and export_check.json says so), 2 on bad
+input. Everything is written to a temporary directory next to OUT and moved into place at the
+end, so an export that stops with an error or is interrupted leaves no partial OUT."""
 
 EPILOG = """\
 Without onnx/onnxruntime installed the ONNX graph is skipped with a note; install them with
