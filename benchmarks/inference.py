@@ -18,7 +18,8 @@
 3. Latency (batch 1) and throughput (batch 32) of the engines, interleaved in `--rounds`:
    Paddle Inference, onnxruntime (jaxrec's session: no thread spinning; and, with more than one
    thread, onnxruntime's default spinning threads), the jax.export artifact on XLA:CPU, and
-   with --compare-onnx another ONNX graph of the model (e.g. an earlier export).
+   with --compare-onnx / --compare-jax-export another ONNX graph / jax.export artifact of the
+   model (e.g. an earlier export's).
 4. Gallery index: 100k x 512 random unit vectors, 1,000 queries, k 10, with `jaxrec.search`
    (faiss Flat, faiss HNSW32, exact numpy backend): build time, batched search time, and HNSW's
    recall@10 against exact search.
@@ -295,6 +296,11 @@ def main() -> None:
         help="also time this ONNX graph (same input/output names; e.g. an earlier export of "
         "the same model) interleaved with the others, and compare its features",
     )
+    ap.add_argument(
+        "--compare-jax-export",
+        default=None,
+        help="also time this jax.export artifact (NHWC input) interleaved with the others",
+    )
     ap.add_argument("--paddle-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.paddle_worker:
@@ -422,6 +428,12 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
     if args.compare_onnx:
         engines["onnxruntime_compare_onnx"] = local(
             lambda x: sess_other.run(["features"], {"x": x})[0]
+        )
+    if args.compare_jax_export:
+        with open(args.compare_jax_export, "rb") as f:
+            call_other = jax.jit(jax.export.deserialize(bytearray(f.read())).call)
+        engines["jax_export_xla_compare"] = local(
+            lambda x: np.asarray(call_other(np.ascontiguousarray(x.transpose(0, 2, 3, 1))))
         )
     if args.threads > 1:
         engines["onnxruntime_spinning"] = local(ort_spin_run)
