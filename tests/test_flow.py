@@ -89,6 +89,16 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     assert exported["preprocess"]["mean"] == list(MEAN)
     assert exported["preprocess"]["scale"] == pytest.approx(1 / 200)
     assert json.loads((out / "export_check.json").read_text())["passed"]
+    # PP-ShiTu's deploy YAML with the model's own feeding, and the run as a PaddleClas YAML.
+    from jaxrec.config.paddle_out import PADDLECLAS_YAML
+    from jaxrec.config.paddle_yaml import load_yaml, read_yaml
+
+    rec = read_yaml(out / "inference_rec.yaml")
+    ops = {next(iter(op)): op[next(iter(op))] for op in rec["RecPreProcess"]["transform_ops"]}
+    assert ops["ResizeImage"]["size"] == [SIZE, SIZE]
+    assert ops["NormalizeImage"]["mean"] == list(MEAN)
+    assert rec["Global"]["rec_inference_model_dir"] == str(out)
+    assert resolve(load_yaml(out / PADDLECLAS_YAML)).preprocess == run.preprocess
 
     evaluator = RetrievalEvaluator(run.eval, build_model(run.model_arch(False)), make_mesh())
     eval_feats = evaluator.features(restore_model(wd).variables, "query")

@@ -138,6 +138,12 @@ def feeding(source: Any, image_size: int | None) -> Any:
     return pre
 
 
+def _run_config(workdir: str) -> dict:
+    from jaxrec.config import load_config  # noqa: PLC0415
+
+    return load_config(workdir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -195,6 +201,7 @@ def _main(args: argparse.Namespace) -> int:
         platforms=platforms,
         onnx=onnx,
         overwrite=args.overwrite,
+        paddle_config=_run_config(args.workdir) if args.workdir else None,
     )
     parts = [
         f"BN-folded model {info['folded_params']:,} params",

@@ -62,9 +62,15 @@ def write_export(
     platforms: Sequence[str],
     onnx: bool,
     overwrite: bool,
+    paddle_config: dict[str, Any] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Export `source` (a ModelDir) to OUT and check it against `reference` (its float32
-    model). Returns (check passed, summary). OUT is replaced only when all is written."""
+    model). Returns (check passed, summary). OUT is replaced only when all is written.
+
+    OUT also gets PP-ShiTu's `inference_rec.yaml` with the model's own preprocessing and, given
+    the training run's config (`paddle_config`), the run as a PaddleClas YAML (`paddleclas.yaml`).
+    """
+    from jaxrec.config.paddle_out import save_inference_rec_yaml, save_paddleclas_yaml  # noqa: PLC0415
     from jaxrec.models import count_params, save_model_dir  # noqa: PLC0415
 
     out = Path(out).absolute()
@@ -95,6 +101,9 @@ def write_export(
             proto, graph = A.build_onnx(model, variables, key, hw)
             onnx_lib.save(proto, str(tmp / A.ONNX_FILE))
             info["onnx"] = {"params": graph.param_count(), "ops": graph.op_counts()}
+        save_inference_rec_yaml(preprocess, tmp, model_dir_name=str(out), use_onnx=onnx)
+        if paddle_config is not None:
+            save_paddleclas_yaml(paddle_config, tmp)
         ok, _ = check(
             reference.model,
             reference.variables,
