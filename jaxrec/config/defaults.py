@@ -35,6 +35,10 @@ JAXREC_KEYS: dict[str, dict[str, Any]] = {
         # Random crop/flip/rotation/erasing inside the jitted step instead of on the host.
         "augment_on_device": False,
     },
+    "DataLoader.Train.dataset": {
+        # With name PreparedDataset: the folder `python -m jaxrec.prepare` wrote.
+        "prepared_dir": None,
+    },
 }
 
 #: PaddleClas keys that are absent from its YAML files but have defaults that matter.
@@ -60,6 +64,15 @@ def _sections(tree: Any, dotted: str, create: bool) -> Any:
     return node
 
 
+def _placeholder(node: Any, value: Any) -> Any:
+    """None in a ConfigDict becomes a str placeholder, so the command line can set it."""
+    if value is None and not isinstance(node, dict):
+        from ml_collections import config_dict
+
+        return config_dict.placeholder(str)
+    return value
+
+
 def fill(tree: Any) -> Any:
     """Add missing jaxrec keys and PaddleClas defaults to a config (ConfigDict or dict), in
     place, for the sections the config has; returns it."""
@@ -68,7 +81,7 @@ def fill(tree: Any) -> Any:
         if node is not None:
             for k, v in keys.items():
                 if k not in node:
-                    node[k] = v
+                    node[k] = _placeholder(node, v)
     for dotted, v in PADDLE_DEFAULTS.items():
         section, k = dotted.rsplit(".", 1)
         node = _sections(tree, section, create=False)

@@ -60,6 +60,8 @@ DROPPED: dict[str, str] = {
     "Global.eval_before_training": "PaddleClas evaluates after training epochs only",
     "AMP.dtype": "PaddleClas's AMP computes in float16, with AMP.scale_loss loss scaling",
     "DataLoader.Train.augment_on_device": "PaddleClas augments on the host (same distributions)",
+    "DataLoader.Train.dataset.prepared_dir": "jaxrec's prepared set (python -m jaxrec.prepare); "
+    "PaddleClas reads the images of cls_label_path",
 }
 
 _SECTIONS = ("Global", "AMP", "Arch", "Loss", "Optimizer", "DataLoader", "Metric")
@@ -164,6 +166,8 @@ def _drop_jaxrec_keys(plain: dict, notes: dict[str, list[str]]) -> None:
             value = node.pop(key)
             if dotted == "Global.sync_bn" and value and isinstance(plain.get("Arch"), dict):
                 plain["Arch"]["use_sync_bn"] = True
+            if value is None:
+                continue  # an unset jaxrec key: nothing was lost
             top = dotted.split(".")[0]
             notes[top].append(f"{dotted}: {_inline(value)} - {DROPPED[dotted]}")
 

@@ -233,12 +233,23 @@ def _dataset(r: Reader, key: str, allowed: tuple[str, ...]) -> DatasetSpec:
     kind = r.get(f"{key}.name")
     if kind not in allowed:
         raise ConfigError(f"{key}.name", f"{kind!r}: use {' or '.join(allowed)}")
+    prepared = r.get(f"{key}.prepared_dir", None)
     if kind == "PreparedDataset":
+        if not prepared:
+            raise ConfigError(f"{key}.prepared_dir", "is required with name PreparedDataset")
+        # The list keys, when given, say which list the prepared set must come from.
         return DatasetSpec(
             key,
             kind,
-            prepared_dir=str(r.get(f"{key}.prepared_dir")),
+            label_path=r.get(f"{key}.cls_label_path", None),
+            image_root=r.get(f"{key}.image_root", None),
+            delimiter=r.get(f"{key}.delimiter", " "),
             relabel=bool(r.get(f"{key}.relabel", False)),
+            prepared_dir=str(prepared),
+        )
+    if prepared:
+        raise ConfigError(
+            f"{key}.prepared_dir", f"is only read with name PreparedDataset, not {kind}"
         )
     return DatasetSpec(
         key,

@@ -34,7 +34,10 @@ def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
     """The dataset a spec names (list files are parsed and every image checked to exist; a
     prepared dataset must have been prepared at the training `size`)."""
     if spec.kind == "PreparedDataset":
-        return datasets.load_prepared(spec.prepared_dir, size=size, relabel=spec.relabel)
+        source = datasets.load_prepared(spec.prepared_dir, size=size, relabel=spec.relabel)
+        if spec.label_path is not None:
+            _check_prepared_from(source, spec)
+        return source
     if spec.kind == "VeriWild":
         return datasets.load_query_gallery_list(
             spec.label_path, spec.image_root, relabel=spec.relabel
@@ -42,6 +45,29 @@ def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
     return datasets.load_list(
         spec.label_path, spec.image_root, delimiter=spec.delimiter, relabel=spec.relabel
     )
+
+
+def _check_prepared_from(prepared: datasets.Source, spec: DatasetSpec) -> None:
+    """A prepared set used with a list in the config must have been prepared from that list
+    (its images, minus those `prepare --skip-bad` left out)."""
+    listed = datasets.load_list(
+        spec.label_path, spec.image_root, delimiter=spec.delimiter, check_files=False
+    )
+    manifest = datasets.read_prepared_manifest(spec.prepared_dir)
+    def norm(paths):
+        return [os.path.normpath(os.path.abspath(p)) for p in paths]
+
+    skipped = set(norm(item["path"] for item in manifest.get("skipped", [])))
+    want = [p for p in norm(listed.paths) if p not in skipped]
+    got = norm(prepared.paths)
+    if got != want:
+        extra = sorted(set(got) - set(want))[:3]
+        raise datasets.DatasetError(
+            f"{spec.prepared_dir} was not prepared from {spec.label_path} (image_root "
+            f"{spec.image_root}): {len(got)} prepared images vs {len(want)} listed"
+            + (f", e.g. {extra} is not in the list" if extra else "")
+            + f". Prepare it again from that list, or point {spec.key}.prepared_dir elsewhere."
+        )
 
 
 def check_labels(source: datasets.Source, class_num: int, where: str, relabel: bool) -> None:
