@@ -54,6 +54,7 @@ def _check_prepared_from(prepared: datasets.Source, spec: DatasetSpec) -> None:
         spec.label_path, spec.image_root, delimiter=spec.delimiter, check_files=False
     )
     manifest = datasets.read_prepared_manifest(spec.prepared_dir)
+
     def norm(paths):
         return [os.path.normpath(os.path.abspath(p)) for p in paths]
 
