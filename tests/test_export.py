@@ -394,7 +394,13 @@ def test_without_onnx_the_rest_is_written_and_checked(source, tmp_path, monkeypa
     assert len(notes) == 2
     assert 'pip install -e ".[onnx]"' in notes[1] and "onnx is not installed" in notes[1]
     assert "--image-size 40 overrides the model's" in notes[0]
-    assert sorted(os.listdir(out)) == ["config.json", E.CHECK_FILE, E.JAX_EXPORT_FILE, "variables"]
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        E.CHECK_FILE,
+        E.JAX_EXPORT_FILE,
+        "inference_rec.yaml",
+        "variables",
+    ]
     rep = json.load(open(out / E.CHECK_FILE))
     assert rep["passed"] and {r["artifact"] for r in rep["results"]} == {"model_dir", "jax_export"}
     md = load_model_dir(out)

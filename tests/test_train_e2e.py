@@ -143,14 +143,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     steps = Checkpoints(wd).steps("latest")
     assert all(s < bad for s in steps)  # nothing diverged was saved
     if steps:
-        assert f"the last good checkpoint is step {steps[-1]}" in msg
+        assert f"The last good checkpoint is step {steps[-1]}" in msg
         _, state, meta = read_checkpoint(wd)
         big = meta["param_max_abs"]
         assert np.isfinite(big) and f"largest |parameter| {big:.3g}" in msg
         if big > 1e4:
             assert "likely diverge again" in msg
     else:
-        assert "no checkpoint was saved before it" in msg
+        assert "No checkpoint was saved before it" in msg
 
 
 def test_two_runs_with_several_loader_threads_are_bitwise_equal(tmp_path):
