@@ -164,7 +164,7 @@ def _run(checkout: str, what: str, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--old", required=True, help="checkout of jaxrec before the redesign")
+    ap.add_argument("--old", help="checkout of jaxrec before the redesign (required)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="/tmp/redesign_ab.json")
@@ -174,6 +174,8 @@ def main() -> None:
         res = child_step(args.steps) if args.child == "step" else child_eval()
         print(json.dumps(res))
         return
+    if not args.old:
+        ap.error("--old is required")
     results: dict = {"old": [], "new": []}
     for r in range(args.rounds):
         for name, checkout in (("old", args.old), ("new", REPO)):

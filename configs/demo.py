@@ -28,9 +28,10 @@ require it:
   input size) and after every epoch; the best checkpoint by recall1 is kept in best/ and is the
   one evaluate.py restores.
 
-Measured (2-core CPU, 2026-11-28, Global.seed 0; BENCHMARKS.md): untrained
-recall1 0.7175 / mAP 0.3836 -> best checkpoint (epoch 7, restored by evaluate.py) recall1
-0.8050 / mAP 0.6314; train 2 min 17 s + evaluate 9 s wall time on an otherwise idle machine.
+Measured over seeds 0-4 (benchmarks/demo_seeds.py, 2-core CPU, 2026-12-02; XLA:CPU results
+differ between CPU models, so quote ranges): untrained recall1 0.692-0.795 / mAP 0.384-0.453 ->
+best checkpoint recall1 0.808-0.855 (median 0.828) / mAP 0.437-0.622 (median 0.583); about 90 s
+of training and 10 s of evaluation.
 """
 
 from __future__ import annotations
