@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 
 import jax
@@ -130,7 +131,7 @@ def test_evaluate_with_unreadable_best_falls_back_and_moves_nothing(trained, tmp
     assert _listing(wd) == before  # nothing moved, renamed or deleted
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
     cfg = tiny_config(data, epochs=5)
     cfg.Optimizer.lr.warmup_epoch = 0
@@ -140,6 +141,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         trainer.train(cfg, wd)
     msg = str(err.value)
     bad = int(msg.split("NaN/inf at step ")[1].split()[0])
+    # The log counts steps the same way: the last logged step is the one before.
+    logged = [int(m) for m in re.findall(r" step (\d+): ", capsys.readouterr().out)]
+    assert logged and logged[-1] == bad - 1
     steps = Checkpoints(wd).steps("latest")
     assert all(s < bad for s in steps)  # nothing diverged was saved
     if steps:
@@ -170,4 +174,35 @@ def test_two_runs_with_several_loader_threads_are_bitwise_equal(tmp_path):
     lb_, tb = jax.tree.flatten(b)
     assert ta == tb
     for x, y in zip(la_, lb_, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
+    """The accelerator path (prepared shards, augmentation inside the step) is deterministic in
+    (seed, step): a run cut after its first checkpoint and resumed ends bit-identical."""
+    import shutil
+
+    from jaxrec import prepare
+
+    data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
+    prep = str(tmp_path / "prep")
+    assert prepare.main(["--list", data["train"], "--out", prep, "--size", "32", "--quiet"]) == 0
+    cfg = tiny_config(data, epochs=2)
+    cfg.DataLoader.Train.dataset.name = "PreparedDataset"
+    cfg.DataLoader.Train.dataset.prepared_dir = prep
+    cfg.DataLoader.Train.augment_on_device = True
+    ref = str(tmp_path / "ref")
+    trainer.train(cfg, ref)
+    cut = str(tmp_path / "cut")
+    shutil.copytree(ref, cut)
+    ck = os.path.join(cut, "checkpoints")
+    first = min(int(d) for d in os.listdir(ck) if d.isdigit())
+    for d in os.listdir(ck):
+        if d.isdigit() and int(d) > first:
+            shutil.rmtree(os.path.join(ck, d))  # as if killed right after the first checkpoint
+    shutil.rmtree(os.path.join(cut, "best"), ignore_errors=True)
+    trainer.train(cfg, cut)
+    (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(cut)
+    assert s1 == s2 > first
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
