@@ -110,7 +110,6 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     last evaluation metrics (may be empty)."""
     run: Run = resolve(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     check_resume_config(config, workdir, run.loop.allow_config_change)
     if run.train is None:
         raise CheckpointMismatchError("the config has no DataLoader.Train section to train on")
@@ -119,6 +118,7 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     loss = build_loss(list(run.loss))
     class_num = (run.arch.get("Head") or {}).get("class_num")
     loader = builders.train_loader(run.train, mesh, run.seed, class_num=class_num)
+    os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
     spe, epochs = loader.steps_per_epoch, run.loop.epochs
     total_steps = spe * epochs
 
