@@ -77,7 +77,7 @@ def _normalize() -> _C:
 
 
 def train_transform_ops(size: int = 224, padding: int = 10) -> list:
-    """The reference train chain (spec 6.3) at `size`."""
+    """The reference train chain (ref §6.3) at `size`."""
     return _decode_resize(size) + [
         _C({"RandFlipImage": {"flip_code": 1}}),
         _C({"Pad": {"padding": padding, "backend": "cv2"}}),
@@ -98,7 +98,7 @@ def train_transform_ops(size: int = 224, padding: int = 10) -> list:
 
 
 def eval_transform_ops(size: int = 224) -> list:
-    """The reference eval chain (spec 6.4) at `size`."""
+    """The reference eval chain (ref §6.4) at `size`."""
     return _decode_resize(size) + [_normalize()]
 
 

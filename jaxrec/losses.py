@@ -9,7 +9,7 @@ All maths runs in float32, whatever the input dtype (bf16 logits/features are up
 
 Data parallelism: every loss reduces over the batch it is given. Inside ``jax.shard_map`` each
 device therefore computes the mean over its own per-device batch, which is exactly what PaddleClas
-does per GPU (per-GPU triplet mining, spec 13.26). The caller averages the per-device values
+does per GPU (per-GPU triplet mining, ref §13.26). The caller averages the per-device values
 (``jax.lax.pmean`` inside the differentiated function).
 """
 
@@ -65,7 +65,7 @@ def _same_label_masks(labels: Array) -> tuple[Array, Array]:
 
 
 class CELoss:
-    """Softmax cross-entropy with optional label smoothing (spec 5.2).
+    """Softmax cross-entropy with optional label smoothing (ref §5.2).
 
     With ``epsilon`` in (0, 1) the target is ``q = (1 - eps) * onehot + eps / C``: the uniform mass
     also goes to the true class. Any other epsilon (None, 0, >= 1) disables smoothing. The loss is
@@ -117,7 +117,7 @@ class CELoss:
 
 
 class TripletAngularMarginLoss:
-    """Batch-hard triplet loss on cosine similarity (spec 5.3, PP-ShiTuV2's metric loss).
+    """Batch-hard triplet loss on cosine similarity (ref §5.3, PP-ShiTuV2's metric loss).
 
     1. Rows are L2-normalized when ``normalize_feature`` (no epsilon, as the reference).
     2. ``S = f f^T`` (cosine similarity, larger = closer).
@@ -194,7 +194,7 @@ def _euclidean(f: Array) -> Array:
 
 
 class TripletLossV2:
-    """Batch-hard triplet loss on Euclidean distance (PaddleClas ``TripletLossV2``, spec 5.4).
+    """Batch-hard triplet loss on Euclidean distance (PaddleClas ``TripletLossV2``, ref §5.4).
 
     Features are divided by ``norm + 1e-12`` when ``normalize_feature``; distances are
     ``sqrt(clip(|a|^2 + |b|^2 - 2 a.b, 1e-12))``; hardest positive = max distance (diagonal
@@ -236,7 +236,7 @@ class TripletLoss(TripletLossV2):
 
 
 class CenterLoss:
-    """Center loss ``(1/N) sum_i |f_i - c_{y_i}|^2`` with learnable centers (spec 5.4).
+    """Center loss ``(1/N) sum_i |f_i - c_{y_i}|^2`` with learnable centers (ref §5.4).
 
     As in the reference, every entry of the masked [N, num_classes] distance matrix (zeros
     included) is clipped to [1e-12, 1e12] before the sum, so each row adds (C-1)*1e-12.
@@ -276,7 +276,7 @@ LOSSES: dict[str, type] = {
 
 
 class CombinedLoss:
-    """Weighted sum of losses with the reference rule (spec 5.1).
+    """Weighted sum of losses with the reference rule (ref §5.1).
 
     With several losses each value is multiplied by its weight (the weighted value is also what
     ``terms`` reports) and ``loss`` is their sum. With exactly one loss its weight is ignored.

@@ -185,7 +185,7 @@ def test_strict_mode_names_the_keys(tmp_path, shitu_state):
 
 
 def test_imagenet_checkpoint_into_shitu_recmodel():
-    """The pretraining path: ImageNet PPLCNetV2 weights -> ShiTu RecModel (spec 2.4)."""
+    """The pretraining path: ImageNet PPLCNetV2 weights -> ShiTu RecModel (ref §2.4)."""
     assert "Head" not in convert.infer_arch(read_pdparams(IMAGENET))
     # with --class-num the head is added at its N(0, 0.001) init
     arch, v, report = convert_pdparams(IMAGENET, class_num=11)

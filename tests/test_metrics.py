@@ -1,4 +1,4 @@
-"""Retrieval metrics against PaddleClas (fixtures from tools/golden_metrics.py) and spec 8.4."""
+"""Retrieval metrics against PaddleClas (fixtures from tools/golden_metrics.py) and ref §8.4."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""BN folding (jaxrec.models.fold): reparameterize() gives the deploy form (spec 2.6) and
+"""BN folding (jaxrec.models.fold): reparameterize() gives the deploy form (ref §2.6) and
 fold_variables() the BN-folded form; both are exact in eval."""
 
 import copy

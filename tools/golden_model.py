@@ -17,7 +17,8 @@ Train-mode outputs are recorded with the backbone Dropout's p set to 0 (Paddle's
 downscale_in_infer dropout draws its own mask, which cannot be reproduced in JAX); everything
 else (BN batch statistics, running-stat updates, parameter gradients of a fixed random projection
 of logits and features, margin heads with labels) is the real train path.
-The dropout itself is checked separately in the tests against the spec semantics.
+The dropout itself is checked separately in the tests against the reference semantics
+(docs/REFERENCE.md).
 
 Files written (all small): model_shitu.pdparams, model_shitu.npz, model_imagenet.pdparams,
 model_imagenet.npz, model_heads.npz.

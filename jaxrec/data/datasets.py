@@ -9,7 +9,7 @@ that only hold pixels, a uint8 array). Decoding and augmentation live elsewhere.
 decoded once and stored at the training size; see ``jaxrec/prepare.py``); the layout constants
 below are shared with that writer.
 
-List semantics follow PaddleClas (spec section 6.1/6.2/12.2):
+List semantics follow PaddleClas (ref §6.1/6.2/12.2):
 
 * training lists (``ImageNetDataset``): ``path<delim>label`` with a single-space delimiter by
   default, fields beyond the second ignored; ``relabel`` maps labels to 0..K-1 in sorted order;

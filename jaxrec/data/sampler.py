@@ -1,4 +1,4 @@
-"""PKSampler: P distinct ids x K images per device batch (spec 6.5), deterministic per step.
+"""PKSampler: P distinct ids x K images per device batch (ref §6.5), deterministic per step.
 
 Reference semantics (PaddleClas ``PKSampler``):
 

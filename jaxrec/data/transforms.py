@@ -1,4 +1,4 @@
-"""Training augmentations with PaddleClas semantics and explicit random parameters (spec 6.3).
+"""Training augmentations with PaddleClas semantics and explicit random parameters (ref §6.3).
 
 The reference train chain after decoding is::
 
@@ -285,7 +285,7 @@ class RandomErasingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-    """The PP-ShiTuV2 train augmentation chain (spec 6.3) on decoded uint8 RGB images.
+    """The PP-ShiTuV2 train augmentation chain (ref §6.3) on decoded uint8 RGB images.
 
     Defaults are the reference config. ``flip``/``pad``/``rotate_prob`` can switch steps off
     (``pad=0`` removes Pad; RandCropImageV2 then returns a 224 image unchanged).

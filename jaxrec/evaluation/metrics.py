@@ -1,4 +1,4 @@
-"""Retrieval metrics with PaddleClas semantics (spec 8.3, 8.4), in numpy for small sets.
+"""Retrieval metrics with PaddleClas semantics (ref §8.3, 8.4), in numpy for small sets.
 
 Vocabulary:
 - ``keep`` mask: ``keep[q, g] = (label_q != label_g) | (id_q != id_g)``. It only exists when ids

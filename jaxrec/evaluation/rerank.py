@@ -31,7 +31,7 @@ def re_ranking_distance(
     lambda_value: float = 0.3,
     feature_normed: bool = True,
 ) -> np.ndarray:
-    """k-reciprocal re-ranking distance (Zhong et al. 2017) as PaddleClas computes it (spec 8.5).
+    """k-reciprocal re-ranking distance (Zhong et al. 2017) as PaddleClas computes it (ref §8.5).
 
     Works on the full (Q+G) x (Q+G) matrices in host memory, so it is meant for sets of up to a
     few ten thousand items. The encoding V and the Jaccard distance are kept in float16 as in

@@ -4,7 +4,7 @@ How :func:`retrieval_metrics` stays exact without the [Q, G] matrix:
 every metric (Recall@k, mAP, mINP, Precision@k) is a function of the ranks of each query's
 relevant gallery items. For a block of queries the device computes the similarities to the
 whole gallery (``[block, G]``, cosine for L2-normalized features), applies the exclusion
-(similarity set to 0 where label and id both match, spec 8.3), and counts for every relevant
+(similarity set to 0 where label and id both match, ref §8.3), and counts for every relevant
 item how many gallery items rank above it. An item ``g`` ranks above a relevant item ``j`` when
 ``s_g > s_j``, or ``s_g == s_j`` and ``g < j``: the stable-sort tie rule of
 :mod:`jaxrec.evaluation.metrics`. Only the ``[block, M]`` rank matrix (M = most relevant items

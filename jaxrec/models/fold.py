@@ -9,7 +9,7 @@ so a conv without bias followed by BN equals a conv with kernel W * t and bias b
 Two model forms use this (both exact in eval mode up to float rounding):
 
 - the deploy form (Arch `deploy: True`, `reparameterize`): each rep block's `dw_conv_list_*`
-  branches (depthwise conv + BN each) become one depthwise conv with bias (spec 2.6);
+  branches (depthwise conv + BN each) become one depthwise conv with bias (ref §2.6);
 - the BN-folded form (Arch `deploy: True, fold_bn: True`, `fold_variables`): additionally every
   ConvBN becomes a conv with bias and the BNNeck's BatchNorm a per-feature affine map
   (`FoldedBN`). It has no BatchNorm left and is what `jaxrec.export` lowers.

@@ -1,4 +1,4 @@
-"""BNNeck and the classification heads FC, ArcMargin, CosMargin, CircleMargin (spec 4).
+"""BNNeck and the classification heads FC, ArcMargin, CosMargin, CircleMargin (ref §4).
 
 Margin heads always compute in float32 (the input is upcast), whatever the model's compute
 dtype. In eval (`train=False`) or without labels they return the unscaled cosine.
@@ -40,7 +40,7 @@ class FoldedBN(nn.Module):
 class BNNeck(nn.Module):
     """Flatten then BatchNorm1D (momentum 0.9, eps 1e-5). Key `feat_bn`.
 
-    The bias is a normal parameter here; the optimizer freezes it (spec 7.3). `fold_bn=True` is
+    The bias is a normal parameter here; the optimizer freezes it (ref §7.3). `fold_bn=True` is
     the BN-folded inference form: `feat_bn` is a `FoldedBN`.
     """
 
@@ -132,7 +132,7 @@ class _MarginBase(nn.Module):
 
 
 class ArcMargin(_MarginBase):
-    """ArcFace: s * (onehot * phi' + (1 - onehot) * cos), phi = cos(theta + m) (spec 4.3)."""
+    """ArcFace: s * (onehot * phi' + (1 - onehot) * cos), phi = cos(theta + m) (ref §4.3)."""
 
     margin: float = 0.5
     scale: float = 80.0
@@ -150,7 +150,7 @@ class ArcMargin(_MarginBase):
 
 
 class CosMargin(_MarginBase):
-    """CosFace: s * (cos - m * onehot) (spec 4.4)."""
+    """CosFace: s * (cos - m * onehot) (ref §4.4)."""
 
     margin: float = 0.35
     scale: float = 64.0
@@ -160,7 +160,7 @@ class CosMargin(_MarginBase):
 
 
 class CircleMargin(_MarginBase):
-    """Circle loss logits with detached alphas (spec 4.5). `margin` and `scale` are required."""
+    """Circle loss logits with detached alphas (ref §4.5). `margin` and `scale` are required."""
 
     margin: float = None  # type: ignore[assignment]
     scale: float = None  # type: ignore[assignment]

@@ -1,4 +1,4 @@
-"""Parameter initializers (spec 2.8) that draw their numbers on the host with numpy.
+"""Parameter initializers (ref §2.8) that draw their numbers on the host with numpy.
 
 XLA compiles every random initializer into its own kernel; for ~170 parameters that costs
 20-35 s on a 2-core CPU for the full-size model (measured), far more than the draw itself. These

@@ -1,4 +1,4 @@
-"""Building blocks of PP-LCNetV2 (spec 2.1): ConvBN, SE, RepDepthwiseSeparable, Dropout.
+"""Building blocks of PP-LCNetV2 (ref §2.1): ConvBN, SE, RepDepthwiseSeparable, Dropout.
 
 Everything is NHWC. Convolutions use explicit symmetric padding (k-1)//2 on every side (never
 "SAME", which pads stride-2 convs asymmetrically and breaks Paddle weight compatibility).
@@ -197,7 +197,7 @@ def rep_kernel_sizes(dw_size: int, stride: int) -> list[int]:
 
 
 class RepDepthwiseSeparable(nn.Module):
-    """Depthwise (optionally multi-branch re-parameterizable) + SE + pointwise block (spec 2.1).
+    """Depthwise (optionally multi-branch re-parameterizable) + SE + pointwise block (ref §2.1).
 
     Training form (`deploy=False`, `use_rep`): sum of BN(DWConv_k(x)) over the branches
     `dw_conv_list_{i}`, then ReLU. Deploy form (`deploy=True`, `use_rep`): ReLU(DWConv(x) + b)

@@ -1,4 +1,4 @@
-"""PP-LCNetV2 backbone: the ImageNet classifier form and the PP-ShiTuV2 form (spec 2.2-2.4)."""
+"""PP-LCNetV2 backbone: the ImageNet classifier form and the PP-ShiTuV2 form (ref §2.2-2.4)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def block_specs(
 
 
 class PPLCNetV2(nn.Module):
-    """PP-LCNetV2. `shitu=True` gives PPLCNetV2_base_ShiTu's edits (spec 2.4).
+    """PP-LCNetV2. `shitu=True` gives PPLCNetV2_base_ShiTu's edits (ref §2.4).
 
     ShiTu: last stage at stride 1 (so `stages_3_0` gains the 1x1 rep branch), `last_conv` with
     bias and no ReLU after it. `stop_after` (a name in LAYER_ORDER) turns every later layer into

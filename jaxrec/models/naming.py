@@ -1,4 +1,4 @@
-"""Mapping between jaxrec variable paths and Paddle state-dict keys / layouts (spec 11.3, 11.4).
+"""Mapping between jaxrec variable paths and Paddle state-dict keys / layouts (ref §11.3, 11.4).
 
 jaxrec module names mirror Paddle's with indices joined by "_": `stages_2_0` <-> `stages.2.0`,
 `stem_1` <-> `stem.1`, `dw_conv_list_1` <-> `dw_conv_list.1`. Leaves: conv/Dense `kernel` <->

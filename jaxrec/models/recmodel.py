@@ -1,4 +1,4 @@
-"""RecModel (backbone -> neck -> head, spec 3) and `build_model` from a YAML-like Arch dict."""
+"""RecModel (backbone -> neck -> head, ref §3) and `build_model` from a YAML-like Arch dict."""
 
 from __future__ import annotations
 
