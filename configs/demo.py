@@ -9,29 +9,24 @@ only where the 2-core-CPU budget (about 10 minutes for training and evaluation) 
 require it:
 
 * 48x48 inputs (the images are 28x28; Pad 3 instead of 10 gives a crop jitter of about 6% of
-  the side) and a half-width backbone (`Arch.Backbone.scale` 0.5, 128-d embedding). At 48 px mAP
-  was higher and recall1 steadier between epochs than at 32 px (same LR and augmentation).
+  the side) and a half-width backbone (`Arch.Backbone.scale` 0.5, 128-d embedding); 48 px gave
+  higher mAP and a steadier recall1 than 32 px.
 * RandomRotation probability 0 instead of 0.5 (a deviation from the recipe): Fashion-MNIST
   items are centred and always upright, so +-90 degree turns only show the 1,800 training
-  images in poses that never occur at test time. Measured at 48 px, LR 0.05, 8 epochs over two
-  seeds, turning it off gave higher mAP at every epoch from 2 on (last epoch 0.634 vs 0.520 and
-  0.587 vs 0.521) and a steadier recall1 (0.78-0.81 vs 0.64-0.83 with seed 0); see
-  BENCHMARKS.md.
+  images in poses that never occur at test time; turning it off gave higher mAP and a steadier
+  recall1 (the ablation is in BENCHMARKS.md).
 * 6 training classes: `class_num` 6, PK batches of 6 ids x 4 images per device, no
   `id_list`/`ratio` (the reference ranges point past this dataset).
 * no ImageNet initialization (jaxrec downloads nothing), so training starts from scratch: LR
-  0.05 (the recipe's 0.06 order; the earlier 0.15 at 32 px swung recall1 between 0.55 and 0.69
-  and lost it late), a 1-epoch warmup and 8 epochs (600 steps; a 16-epoch run overfitted the 6
-  training classes late).
+  0.05 (the recipe's 0.06 order; a higher one swung recall1 between epochs), a 1-epoch warmup
+  and 8 epochs (600 steps; twice as many overfitted the 6 training classes).
 * evaluation on 400 images of 4 classes never seen in training (query == gallery, self-matches
   excluded by the list's third column) before training (the untrained baseline, same seed and
   input size) and after every epoch; the best checkpoint by recall1 is kept in best/ and is the
   one evaluate.py restores.
 
-Measured over seeds 0-4 (benchmarks/demo_seeds.py, 2-core CPU, 2026-12-02; XLA:CPU results
-differ between CPU models, so quote ranges): untrained recall1 0.692-0.795 / mAP 0.384-0.453 ->
-best checkpoint recall1 0.808-0.855 (median 0.828) / mAP 0.437-0.622 (median 0.583); about 90 s
-of training and 10 s of evaluation.
+Results over seeds (the README quotes the range; BENCHMARKS.md has the per-epoch values):
+`python benchmarks/demo_seeds.py`.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ Then train from it with ``DataLoader.Train.dataset.name: PreparedDataset`` and
 ``jaxrec.data.datasets.load_prepared``). Keep the original images (the default path) for small
 sets and whenever exactness against PaddleClas matters more than speed.
 
-**Why.** Decoding a full-size photo dominates the host pipeline (3-5 ms for a 1 MP JPEG with
-libjpeg-turbo); a GPU needs about 1,000 training images/s per host core. A 224 px JPEG decodes in
-about 0.6 ms, so the loader then spends most of its time on the augmentation itself.
+**Why.** Decoding a full-size photo dominates the host pipeline (several milliseconds for a 1 MP
+JPEG with libjpeg-turbo); a GPU needs about 1,000 training images/s per host core. A 224 px JPEG
+decodes in well under a millisecond (BENCHMARKS.md), so the loader then spends most of its time
+on the augmentation itself.
 
 **What is stored, and how it differs from PaddleClas.** The PP-ShiTuV2 train chain is
 ``DecodeImage -> ResizeImage(224x224, aspect not kept) -> RandFlipImage -> Pad(10) ->

@@ -69,8 +69,8 @@ def configure_decoding() -> None:
       with OpenCV's pthreads backend).
     * glibc malloc keeps freed buffers up to 64 MiB in its heap instead of returning them to the
       kernel. By default every decoded photo (a few MB) gets fresh pages from ``mmap``, and
-      faulting them in cost as much CPU as the decode itself (1080p JPEGs on 2 threads: 22 ms of
-      CPU per image with Pillow, half of it system time; 13 ms with this setting). The process
+      faulting them in cost about as much CPU as the decode itself (BENCHMARKS.md, "Input
+      pipeline: OpenCV kernels and the prepared set"). The process
       may keep up to 256 MiB of freed memory. ``JAXREC_NO_MALLOC_TUNING=1`` leaves malloc alone.
     """
     if cv2 is not None:

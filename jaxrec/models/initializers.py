@@ -1,7 +1,7 @@
 """Parameter initializers (ref §2.8) that draw their numbers on the host with numpy.
 
-XLA compiles every random initializer into its own kernel; for ~170 parameters that costs
-20-35 s on a 2-core CPU for the full-size model (measured), far more than the draw itself. These
+XLA compiles every random initializer into its own kernel; for ~170 parameters that costs tens
+of seconds on a small CPU for the full-size model (BENCHMARKS.md), far more than the draw. These
 initializers are `jax.pure_callback`s seeded from the flax-provided key, so `model.init` (jitted
 or not) compiles in a few seconds and stays deterministic in the key. They work with typed and
 legacy uint32 keys.
