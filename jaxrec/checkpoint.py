@@ -136,6 +136,32 @@ class Checkpoints:
             return restored["state"], dict(restored["meta"])
         return None
 
+    def meta(self, step: int) -> dict:
+        """The JSON meta of checkpoint `step` in checkpoints/."""
+        ocp = self._ocp
+        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def discard_after(self, step: int, log=print) -> None:
+        """`train.py --restore_step N`: move the checkpoints after N aside (STEP.discarded) so
+        that N is the newest one training resumes from."""
+        available = sorted(set(self.steps("latest")) | set(self.steps("best")))
+        if step not in available:
+            raise CheckpointMismatchError(
+                f"--restore_step {step}: no such checkpoint in {self.workdir}; available: "
+                f"{available}"
+            )
+        for mgr in (self.latest, self.best):
+            for s in [s for s in mgr.all_steps() if s > step]:
+                path = os.path.join(os.fspath(mgr.directory), str(s))
+                log(
+                    f"--restore_step {step}: moving the later checkpoint {path} to {path}.discarded"
+                )
+                if jax.process_index() == 0:
+                    os.replace(path, f"{path}.discarded")
+            mgr.reload()
+
     def _quarantine(self, mgr, step: int, err: Exception) -> None:
         path = os.path.join(os.fspath(mgr.directory), str(step))
         aside = f"{path}.unreadable"

@@ -69,7 +69,7 @@ class _Divergence:
         good = [s for s in steps if s < bad]
         where = f"{self.workdir}/checkpoints"
         if good:
-            meta = self.ckpt.latest.restore(good[-1], args=_meta_args())["meta"]
+            meta = self.ckpt.meta(good[-1])
             size = meta.get("param_max_abs")
             where = f"the last good checkpoint is step {good[-1]} in {where}"
             if size is not None:
@@ -97,12 +97,6 @@ class _Divergence:
             "Lower Optimizer.lr.learning_rate, use a longer Optimizer.lr.warmup_epoch, or check "
             "the training data."
         )
-
-
-def _meta_args():
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(meta=ocp.args.JsonRestore())
 
 
 def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
@@ -145,7 +139,7 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
 
     ckpt = Checkpoints(workdir, run.loop.keep_checkpoints)
     if restore_step is not None:
-        _discard_after(ckpt, restore_step)
+        ckpt.discard_after(restore_step, log=_log0)
     restored = ckpt.restore(state, step=restore_step)
     best, last_metrics, loader_state = -math.inf, {}, None
     start_epoch = start_it = 0
@@ -297,19 +291,3 @@ def _scalars(writer, step: int, prefix: str, values: dict) -> None:
     if writer is not None:
         writer.scalars(step, {f"{prefix}/{k}": v for k, v in values.items()})
         writer.flush()
-
-
-def _discard_after(ckpt: Checkpoints, step: int) -> None:
-    """`--restore_step N`: move the checkpoints after N aside so that N is the newest."""
-    available = sorted(set(ckpt.steps("latest")) | set(ckpt.steps("best")))
-    if step not in available:
-        raise CheckpointMismatchError(
-            f"--restore_step {step}: no such checkpoint in {ckpt.workdir}; available: {available}"
-        )
-    for mgr in (ckpt.latest, ckpt.best):
-        for s in [s for s in mgr.all_steps() if s > step]:
-            path = os.path.join(os.fspath(mgr.directory), str(s))
-            _log0(f"--restore_step {step}: moving the later checkpoint {path} to {path}.discarded")
-            if _is0():
-                os.replace(path, f"{path}.discarded")
-        mgr.reload()

@@ -206,3 +206,24 @@ def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
     assert s1 == s2 > first
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_restore_step_moves_later_checkpoints_aside_and_resumes(tmp_path):
+    import shutil
+
+    data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
+    cfg = tiny_config(data, epochs=2)
+    ref = str(tmp_path / "ref")
+    trainer.train(cfg, ref)
+    wd = str(tmp_path / "again")
+    shutil.copytree(ref, wd)
+    steps = Checkpoints(wd).steps("latest")
+    trainer.train(cfg, wd, restore_step=steps[0])
+    ck = os.path.join(wd, "checkpoints")
+    assert all(os.path.isdir(os.path.join(ck, f"{s}.discarded")) for s in steps[1:])
+    (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(wd)
+    assert s1 == s2
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(CheckpointMismatchError, match="--restore_step 999: no such checkpoint"):
+        trainer.train(cfg, wd, restore_step=999)

@@ -230,7 +230,7 @@ def retrieval_metrics_from_similarity(
     block_weighting: bool = True,
     minp_reference_quirk: bool = False,
 ) -> dict[str, float]:
-    """Metrics from a full [Q, G] similarity matrix (brute force; use eval_lib for big sets)."""
+    """Metrics from a full [Q, G] similarity matrix (brute force; `retrieval.py` for big sets)."""
     sim = np.asarray(similarity)
     topk = _check_topk(topk, sim.shape[1])
     keep = keep_mask(query_labels, gallery_labels, query_ids, gallery_ids)

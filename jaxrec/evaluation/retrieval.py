@@ -172,12 +172,12 @@ def retrieval_metrics(
       topk: k values for ``recall{k}`` (and ``precision@{k}``).
       metrics: any of "recall", "mAP", "mINP", "precision"; keys come out in this order.
       block_weighting: True (default) combines per-``sim_block_size`` query blocks weighted by
-        size as PaddleClas does; False pools all valid queries (see :mod:`jaxrec.metrics`).
+        size as PaddleClas does; False pools all valid queries (see `metrics.py`).
       query_block: queries per device step (memory ~ query_block * G * 4 bytes / devices).
       mesh: 1-D "data" mesh to shard the gallery over (default: all devices).
       re_ranking: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on the full matrices, then
         metrics over all queries at once as PaddleClas does; only for sets that fit in memory.
-      return_per_query: also return the :class:`jaxrec.metrics.PerQuery` statistics.
+      return_per_query: also return the :class:`jaxrec.evaluation.metrics.PerQuery` statistics.
       normalize: L2-normalize both feature sets first (:func:`l2_normalize`).
     """
     qf = np.asarray(query_feats, np.float32)
