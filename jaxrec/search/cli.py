@@ -254,10 +254,66 @@ def _cmd_query(args) -> int:
         print(json.dumps(out, ensure_ascii=False, indent=1))
         return 0
     kind = "similarity >=" if index.metric == "IP" else "distance <="
+    cal = index.calibration
+    how = (
+        "given"
+        if args.threshold is not None
+        else f"calibrated, {cal['rule']}"
+        if cal is not None
+        else "default; calibrate it with `calibrate`"
+    )
+    if args.threshold is None and cal is not None and cal.get("gallery_size") != len(index):
+        print(
+            f"note: the threshold was calibrated on a gallery of {cal.get('gallery_size')} "
+            f"images, the index now holds {len(index)}; re-run calibrate",
+            file=sys.stderr,
+        )
     for p, r in zip(args.image, results, strict=True):
-        print(f"{p}: {r.prediction}   (known if {kind} {thr:g})")
+        print(f"{p}: {r.prediction}   (known if {kind} {thr:.6g}, {how})")
         for h in r.hits:
             print(f"  {h.rank:>2}  {h.label:<24} {h.score:9.4f}  [{h.gallery_label}] {h.path}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from jaxrec.search import calibrate_cmd  # noqa: PLC0415
+
+    index = store.load(args.index, backend=args.backend)
+    if not len(index):
+        raise GalleryError(f"{args.index} is empty; build it first")
+    delim = index.delimiter if args.delimiter is None else parse_delimiter(args.delimiter)
+    items = read_gallery_list(args.queries, args.image_root, delim)
+    if not items:
+        raise GalleryError(f"{args.queries} lists no images")
+    md = _load_model(args.model, index, args.index)
+    model_path = args.model or index.model_dir
+    problem = model_mismatch(index, args.index, md.fingerprint(), model_path)
+    if problem:
+        raise GalleryError(f"{problem}. A threshold calibrated with another model means nothing")
+    feats = _embed(md, [it.path for it in items], args.batch_size, progress=True)
+    scores, top1, selfs = calibrate_cmd.top1(index, feats, [it.rel_path for it in items])
+    if selfs:
+        print(f"note: {selfs} queries are gallery images; their self-matches were skipped")
+    precision = None if args.f1 else args.precision
+    report = calibrate_cmd.calibrate(
+        index, [it.label for it in items], scores, top1, precision, args.holdout, args.seed
+    )
+    report["calibration"]["queries_file"] = os.path.abspath(args.queries)
+    js, png = calibrate_cmd.write_report(
+        report, index.metric, args.out or os.path.join(args.index, "calibration")
+    )
+    record = report["calibration"]
+
+    def store_it(index: GalleryIndex) -> bool:
+        index.calibration = record
+        return True
+
+    if not args.dry_run:
+        store.update(args.index, store_it, backend=args.backend)
+    for line in calibrate_cmd.summary(report, index.metric):
+        print(line)
+    where = "not stored (--dry-run)" if args.dry_run else f"stored in {args.index}"
+    print(f"{where}; curves and error counts: {js}, {png}")
     return 0
 
 
@@ -268,6 +324,9 @@ def _info(index: GalleryIndex) -> dict[str, Any]:
         "backend": index.backend.name,
         "size": len(index),
         "labels": len({e.label for e in index.entries}),
+        "threshold": index.default_threshold(),
+        "calibration": index.calibration
+        or "none: query uses PP-ShiTu's fixed default; see `calibrate`",
     }
 
 
@@ -294,7 +353,8 @@ examples:
   python -m jaxrec.search build  --model export_dir --images gallery/label.txt --index idx
   python -m jaxrec.search append --index idx --images new_items.txt
   python -m jaxrec.search remove --index idx --images discontinued.txt
-  python -m jaxrec.search query  --index idx --image photo.jpg --topk 5 --threshold 0.5
+  python -m jaxrec.search calibrate --index idx --queries labelled_queries.txt --precision 0.95
+  python -m jaxrec.search query  --index idx --image photo.jpg --topk 5
 
 Files in the index dir: index.json (config, model fingerprint, id -> label/path/line; JSON),
 features-<gen>.npy (the normalized gallery features, the source of truth), vector-<gen>.index
@@ -309,7 +369,9 @@ it too unless --allow-model-change (scores then compare features of two models).
 older versions have no fingerprint: they load with a warning and the next append records it.
 
 Hits whose score fails the threshold (IP: similarity < threshold, range [-1, 1]; L2: squared
-distance > threshold, range [0, 4]) are labelled "unknown"; PP-ShiTu instead keeps only the
+distance > threshold, range [0, 4]) are labelled "unknown". The threshold is the one `calibrate`
+stored in the index (chosen from labelled queries for a target precision or the best F1), else
+PP-ShiTu's fixed 0.5 (IP). PP-ShiTu instead keeps only the
 top-1 hit and drops it below score_thres."""
 
 
@@ -397,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=None,
-        help="IP: min similarity in [-1, 1] (default 0.5); L2: max squared distance in [0, 4] "
-        "(default 1.0)",
+        help="IP: min similarity in [-1, 1]; L2: max squared distance in [0, 4] (default: the "
+        "index's calibrated threshold, else 0.5 for IP and 1.0 for L2)",
     )
     q.add_argument("--json", action="store_true", help="print JSON")
     q.add_argument("--ef-search", type=int, default=None, help="override HNSW efSearch")
@@ -409,6 +471,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="query with a model whose fingerprint differs from the index's (warns)",
     )
     q.set_defaults(func=_cmd_query)
+
+    c = sub.add_parser(
+        "calibrate",
+        help="choose the known/unknown threshold from labelled queries and store it in the index",
+    )
+    common(c, False)
+    c.add_argument(
+        "--queries",
+        required=True,
+        help="labelled query list (`path<delimiter>label` per line); classes absent from the "
+        "gallery are the unknown queries the threshold should reject",
+    )
+    c.add_argument("--image-root", default=None, help="default: the list file's directory")
+    c.add_argument("--delimiter", default=None, help="default: the index's delimiter")
+    c.add_argument("--model", default=None, help=model_help)
+    rule = c.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--precision",
+        type=float,
+        default=0.95,
+        help="target precision of accepted answers; the threshold with the highest recall "
+        "that meets it (default 0.95)",
+    )
+    rule.add_argument("--f1", action="store_true", help="the threshold with the best F1 instead")
+    c.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of the queries held out of the choice and used to report it (e.g. 0.5)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of the --holdout split")
+    c.add_argument(
+        "--out", default=None, help="report folder (default INDEX/calibration): json and png"
+    )
+    c.add_argument("--dry-run", action="store_true", help="report only; store nothing")
+    c.set_defaults(func=_cmd_calibrate)
 
     i = sub.add_parser("info", help="print the index config, model fingerprint and size")
     common(i, False, batch=False)

@@ -120,6 +120,8 @@ class GalleryIndex:
         self.backend = make_backend(backend, self.dim, metric, method)
         self.set_search_params(ef_search, nprobe)
         self.entries: list[Entry] = []
+        # the threshold `python -m jaxrec.search calibrate` chose, with how (None: not calibrated)
+        self.calibration: dict[str, Any] | None = None
         self.features = np.zeros((0, self.dim), np.float32)
 
     # ---- bookkeeping
@@ -155,6 +157,9 @@ class GalleryIndex:
             self.backend.ef_search, self.backend.nprobe = self.ef_search, self.nprobe
 
     def default_threshold(self) -> float:
+        """The calibrated threshold if `calibrate` stored one, else PP-ShiTu's fixed default."""
+        if self.calibration is not None:
+            return float(self.calibration["threshold"])
         return DEFAULT_THRESHOLD[self.metric]
 
     # ---- changes

@@ -9,7 +9,8 @@ Version 2 (written by this jaxrec):
      "config": {"dim", "metric", "method", "model_dir", "delimiter", "ef_search", "nprobe"},
      "model_fingerprint": hex str | null, "backend": "faiss" | "exact",
      "files": {"features": "features-000007.npy", "faiss": "vector-000007.index" | null},
-     "entries": [{"id", "label", "path", "line"}, ...]}
+     "entries": [{"id", "label", "path", "line"}, ...],
+     "calibration": {"threshold", "rule", ...} (optional: written by `calibrate`)}
 Version 1 (older jaxrec) had no `model_fingerprint` and `files`; its data files were
 `features.npy` and `vector.index`.
 """
@@ -81,6 +82,11 @@ _TOP = {
     ),
     "files": (False, lambda v: isinstance(v, dict), "an object"),
     "entries": (True, lambda v: isinstance(v, list), "a list"),
+    "calibration": (
+        False,
+        lambda v: isinstance(v, dict) and isinstance(v.get("threshold"), int | float),
+        "an object with a numeric threshold",
+    ),
 }
 
 

@@ -135,6 +135,8 @@ def write(index: GalleryIndex, index_dir: str) -> dict[str, str | None]:
         "files": files,
         "entries": [dataclasses.asdict(e) for e in index.entries],
     }
+    if index.calibration is not None:
+        meta["calibration"] = index.calibration
 
     def dump(p: str) -> None:
         with open(p, "w", encoding="utf-8") as f:
@@ -243,6 +245,7 @@ def _load_once(index_dir: str, backend: str, last: bool) -> GalleryIndex:
         model_fingerprint=meta["model_fingerprint"],
     )
     index.entries = [Entry(**e) for e in meta["entries"]]
+    index.calibration = meta.get("calibration")
     feats_path = os.path.join(index_dir, files["features"])
     try:
         index.features = _read_features(
