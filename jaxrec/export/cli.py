@@ -88,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX artifact")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in OUT")
     p.add_argument(
+        "--int8",
+        metavar="CALIB_IMAGES",
+        default=None,
+        help="also write inference.int8.onnx: onnxruntime static quantization calibrated on "
+        "these images (an image, folder or list file; the first --int8-limit), checked against "
+        "the float32 graph (int8_check.json)",
+    )
+    p.add_argument(
+        "--int8-eval",
+        metavar="LIST",
+        default=None,
+        help="query == gallery list (`path label [unique_id]`) on which int8 Recall@1/mAP are "
+        "measured against float32; the int8 graph is refused when Recall@1 drops by more than "
+        "--int8-max-drop",
+    )
+    p.add_argument(
+        "--int8-max-drop",
+        type=float,
+        default=0.01,
+        help="largest Recall@1 loss accepted for int8 (default 0.01, one point)",
+    )
+    p.add_argument(
+        "--int8-limit", type=int, default=300, help="calibration images used (default 300)"
+    )
+    p.add_argument(
+        "--int8-only",
+        action="store_true",
+        help="export nothing; add the int8 graph to the existing export in OUT",
+    )
+    p.add_argument(
         "--check-only",
         action="store_true",
         help="export nothing; re-run the equality check of the artifacts in OUT (fed with the "
@@ -154,8 +184,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _int8(args: argparse.Namespace, out: Path, pre: Any) -> bool:
+    from jaxrec.export.int8 import add_int8  # noqa: PLC0415
+
+    if A.onnx_missing():
+        raise ExportError(f'--int8 needs {A.onnx_missing()}: pip install -e ".[onnx]"')
+    print(f"quantizing {out / A.ONNX_FILE} to int8, calibrated on {args.int8}")
+    ok, _ = add_int8(out, pre, args.int8, args.int8_eval, args.int8_max_drop, args.int8_limit)
+    if not ok:
+        print(
+            f"error: the int8 graph was refused and not written (see {out / 'int8_check.json'}); "
+            "calibrate on images like the deployment's, or raise --int8-max-drop",
+            file=sys.stderr,
+        )
+    return ok
+
+
 def _main(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
+    if (args.int8_eval or args.int8_only) and not args.int8:
+        raise ExportError("--int8-eval and --int8-only go with --int8 CALIB_IMAGES")
+    if args.int8_only:
+        from jaxrec.models.modeldir import read_specs  # noqa: PLC0415
+
+        if not (out / A.ONNX_FILE).is_file():
+            raise ExportError(f"--int8-only: {out / A.ONNX_FILE} does not exist")
+        return 0 if _int8(args, out, read_specs(out)[0]) else 1
     platforms = check_platforms([s for s in args.platforms.split(",") if s])
     if not args.check_only:
         check_out(out, args.overwrite)
@@ -211,4 +265,8 @@ def _main(args: argparse.Namespace) -> int:
         ops = info["onnx"]["ops"]
         parts.append(f"ONNX ({ops.get('Conv', 0)} Conv, {info['onnx']['params']:,} params)")
     print(f"exported to {out} in {info['seconds']:.1f}s: " + ", ".join(parts))
+    if ok and args.int8:
+        if not onnx:
+            raise ExportError("--int8 quantizes the ONNX graph; drop --no-onnx")
+        ok = _int8(args, out, pre)
     return 0 if ok else 1
