@@ -57,6 +57,10 @@ def main(argv: list[str]) -> None:
     print(f"{'metric':<12}{'value':>10}")
     for k, v in res["metrics"].items():
         print(f"{k:<12}{v:>10.4f}")
+    if res.get("open_set"):
+        from jaxrec.evaluation.open_set import open_set_lines
+
+        print("\n".join(open_set_lines(res["open_set"])))
     if res["json"]:
         print(f"metrics: {res['json']}")
     if res["png"]:

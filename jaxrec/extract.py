@@ -317,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-parameterize rep blocks (deploy form) first: faster, equal to float32 rounding",
     )
+    rt = ap.add_mutually_exclusive_group()
+    rt.add_argument(
+        "--onnx",
+        action="store_true",
+        help="run the model dir's inference.onnx with onnxruntime instead of JAX",
+    )
+    rt.add_argument(
+        "--int8",
+        action="store_true",
+        help="run the model dir's inference.int8.onnx (python -m jaxrec.export ... --int8)",
+    )
     ap.add_argument("--workers", type=int, default=None, help="decoding threads")
     ap.add_argument(
         "--quiet",
@@ -381,6 +392,21 @@ def _main(args: argparse.Namespace) -> int:
         )
     if args.fuse:
         md = _fused(md)
+    forward = None
+    if args.onnx or args.int8:
+        if args.image_size is not None or args.output_key is not None:
+            print(
+                "error: --image-size and --output-key cannot change an ONNX graph; re-export",
+                file=sys.stderr,
+            )
+            return 2
+        from jaxrec.export.int8 import onnx_forward  # noqa: PLC0415
+
+        try:
+            forward = onnx_forward(args.model, pre, feat.normalize, int8=args.int8)
+        except JaxrecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     names_by_path = {p: n for n, p in entries}
     errors: dict[str, str] = {}
     try:
@@ -394,6 +420,7 @@ def _main(args: argparse.Namespace) -> int:
             errors=errors,
             num_workers=args.workers,
             progress=not args.quiet,
+            forward=forward,
         )
     except (image_lib.ImageDecodeError, OSError) as e:
         print(f"error: {e}\n(pass --skip-bad to skip unreadable images)", file=sys.stderr)

@@ -189,3 +189,42 @@ def test_holdout_split_is_disjoint_and_seeded():
     assert np.array_equal(calibrate_cmd.split(10, 0.5, 3)[1], b)
     with pytest.raises(GalleryError, match="holdout"):
         calibrate_cmd.split(10, 1.0, 0)
+
+
+def test_wilson_bound():
+    acc = np.array([10, 10, 100, 0])
+    cor = np.array([10, 9, 90, 0])
+    point = C.precision_lower_bound(cor, acc, 0.0)
+    assert np.allclose(point[:3], [1.0, 0.9, 0.9]) and np.isnan(point[3])
+    lb = C.precision_lower_bound(cor, acc, 0.9)
+    z2 = 1.2815515655446004**2
+    assert lb[0] == pytest.approx(10 / (10 + z2))  # all correct: n / (n + z^2)
+    assert lb[1] < 0.9 and lb[1] < lb[2] < 0.9  # more evidence, tighter bound
+    cv = C.compute_curves([0.9] * 10 + [0.5] * 90, [True] * 10 + [True, False] * 45, [True] * 100)
+    assert C.choose(cv, 0.8).accepted == 10  # the point estimate accepts only the top 10 ...
+    with pytest.raises(GalleryError, match="0.9-confidence bound"):
+        C.choose(cv, 0.9, confidence=0.9)  # ... and 10 of 10 is not enough evidence for 0.9
+
+
+def test_open_set_report_matches_the_curves():
+    from jaxrec.evaluation.open_set import open_set_lines, open_set_report
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 8))
+    ql = np.repeat(np.arange(4), 10)
+    qf = centres[ql] + 0.8 * rng.normal(size=(40, 8))
+    gl = np.repeat(np.arange(2), 5)
+    gf = centres[gl] + 0.3 * rng.normal(size=(10, 8))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    qf, gf = unit(qf), unit(gf)
+    assert open_set_report(qf[:20], ql[:20], gf, gl) is None  # closed set: nothing to report
+    rep = open_set_report(qf, ql, gf, gl)
+    s = qf @ gf.T
+    top = s.argmax(1)
+    known = ql < 2
+    cv = C.compute_curves(s.max(1), (gl[top] == ql) & known, known)
+    best = C.choose(cv, None)
+    assert rep["unknown_queries"] == 20 and rep["unknown_classes"] == ["2", "3"]
+    assert rep["best_f1"]["f1"] == pytest.approx(best.f1)
+    assert rep["best_f1"]["threshold"] == pytest.approx(best.threshold, abs=1e-6)
+    assert len(open_set_lines(rep)) == 4

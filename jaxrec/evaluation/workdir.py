@@ -2,7 +2,8 @@
 
 Needs no optimizer: the model variables are read from the checkpoint (read-only; an unreadable
 best checkpoint falls back to the newest readable one with a warning, and nothing in the
-workdir is moved). Writes the metrics as JSON and a rank-list picture.
+workdir is moved). Writes the metrics as JSON and a rank-list picture; when the query list holds
+classes absent from the gallery, also the open-set figures (`open_set.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from jaxrec.checkpoint import restore_variables
 from jaxrec.evaluation.evaluator import RetrievalEvaluator
+from jaxrec.evaluation.open_set import open_set_report
 from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
 from jaxrec.parallel import make_mesh
@@ -40,13 +42,19 @@ def evaluate_workdir(
     evaluator = RetrievalEvaluator(run.eval, model, mesh)
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]
+    q, g = evaluator.query, evaluator.gallery
+    open_set = open_set_report(
+        res["query_features"], q.labels, res["gallery_features"], g.labels, q.uids, g.uids, mesh
+    )  # None unless the query list holds classes absent from the gallery
     out_dir = output or os.path.join(workdir, "eval")
     result = {"step": n, "metrics": metrics, "json": None, "png": None, "source": desc}
+    result["open_set"] = open_set
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         jpath = os.path.join(out_dir, f"eval_step{n}.json")
         with open(jpath, "w") as f:
-            json.dump({"workdir": workdir, "step": n, "metrics": metrics}, f, indent=2)
+            extra = {} if open_set is None else {"open_set": open_set}
+            json.dump({"workdir": workdir, "step": n, "metrics": metrics, **extra}, f, indent=2)
             f.write("\n")
         result["json"] = jpath
         if num_visualize > 0:

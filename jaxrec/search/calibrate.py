@@ -15,15 +15,18 @@ top-1 score, so tied scores are accepted or rejected together, plus "accept noth
 - unknown rejection = rejected unknown queries / unknown queries (NaN without unknown ones:
   the rejection side was not measured).
 
-`choose` picks the threshold for a target precision (the highest recall that meets it) or the
-best F1. Scores are "higher is better" here; `to_confidence`/`from_confidence` convert an L2
-index's squared distances (lower is better) so that one code path serves both metrics.
+`choose` picks the threshold for a target precision (the highest recall that meets it; with
+`--confidence 0.9`, the CLI default, its one-sided 90% Wilson lower bound must meet it, since
+the point estimate on a few dozen accepted queries is optimistic) or the best F1. Scores are
+"higher is better" here; `to_confidence`/`from_confidence` convert an L2 index's squared
+distances (lower is better), so that one code path serves both metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -135,9 +138,28 @@ def _nan_to_none(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
-def choose(curves: Curves, precision: float | None = None) -> Choice:
+def precision_lower_bound(correct: np.ndarray, accepted: np.ndarray, confidence: float):
+    """One-sided Wilson lower bound of precision = correct / accepted at `confidence` (0: the
+    point estimate). A threshold chosen on a few dozen accepted queries is optimistic (the
+    choice picks the point where the sample happened to be good); the bound corrects for that,
+    so that the target holds on new queries with about this confidence."""
+    accepted = np.asarray(accepted, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(accepted > 0, correct / np.maximum(accepted, 1), np.nan)
+        if confidence <= 0:
+            return p
+        z = statistics.NormalDist().inv_cdf(confidence)
+        n = np.maximum(accepted, 1)
+        centre = p + z * z / (2 * n)
+        spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return np.where(accepted > 0, (centre - spread) / (1 + z * z / n), np.nan)
+
+
+def choose(curves: Curves, precision: float | None = None, confidence: float = 0.0) -> Choice:
     """The threshold meeting `precision` with the highest recall (ties: the higher threshold),
-    or, with `precision=None`, the one with the best F1 (ties: the higher threshold).
+    or, with `precision=None`, the one with the best F1 (ties: the higher threshold). With
+    `confidence` > 0 the precision that must meet the target is its Wilson lower bound
+    (`precision_lower_bound`).
 
     The returned threshold lies halfway between the chosen confidence and the next lower one, so
     that it sorts the calibration queries exactly as the curve point does while leaving a margin
@@ -156,17 +178,24 @@ def choose(curves: Curves, precision: float | None = None) -> Choice:
     if precision is not None:
         if not 0.0 < precision <= 1.0:
             raise GalleryError(f"--precision {precision}: must lie in (0, 1]")
-        ok = np.flatnonzero(np.nan_to_num(prec, nan=-1.0) >= precision - 1e-12)
+        if not 0.0 <= confidence < 1.0:
+            raise GalleryError(f"--confidence {confidence}: must lie in [0, 1)")
+        bound = precision_lower_bound(curves.correct, curves.accepted, confidence)
+        ok = np.flatnonzero(np.nan_to_num(bound, nan=-1.0) >= precision - 1e-12)
         if ok.size == 0:
-            best = float(np.nanmax(prec)) if np.any(curves.accepted > 0) else float("nan")
+            j = int(np.nanargmax(bound))
+            what = "precision" if confidence <= 0 else f"{confidence:g}-confidence bound"
             raise GalleryError(
-                f"no threshold reaches precision {precision:g} on these queries (the best is "
-                f"{best:.4f}, accepting {int(curves.accepted[np.nanargmax(prec)])} queries); "
-                "lower --precision, or use --f1"
+                f"no threshold reaches precision {precision:g} on these queries (the best "
+                f"{what} is {bound[j]:.4f}, precision {prec[j]:.4f} accepting "
+                f"{int(curves.accepted[j])} queries); lower --precision or --confidence, use "
+                "--f1, or calibrate on more queries"
             )
         # highest recall = most correct answers; among equals, the first (highest) threshold
         i = int(ok[np.argmax(curves.correct[ok])])
         rule = f"precision>={precision:g}"
+        if confidence:
+            rule += f" at {confidence:g} confidence"
     else:
         i = int(np.argmax(curves.f1))
         rule = "best-f1"

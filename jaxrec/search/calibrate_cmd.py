@@ -63,6 +63,7 @@ def calibrate(
     precision: float | None,
     holdout: float = 0.0,
     seed: int = 0,
+    confidence: float = 0.0,
 ) -> dict[str, Any]:
     """The calibration report (JSON-ready) for queries with known top-1 hits; its
     `calibration` entry is what index.json stores."""
@@ -72,7 +73,7 @@ def calibrate(
     conf = C.to_confidence(index.metric, scores)
     cal, held = split(len(conf), holdout, seed)
     curves = C.compute_curves(conf[cal], correct[cal], known[cal])
-    choice = C.choose(curves, precision)
+    choice = C.choose(curves, precision, confidence)
     threshold = check_threshold(index.metric, C.from_confidence(index.metric, choice.threshold))
     record: dict[str, Any] = {
         "threshold": threshold,

@@ -79,15 +79,28 @@ def _refuse_mix(index: GalleryIndex, index_dir: str, fingerprint: str, model_pat
         )
 
 
-def _embed(md: ModelDir, items: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
+def _embed(
+    md: ModelDir,
+    items: Sequence[str],
+    batch_size: int,
+    progress: bool,
+    runtime: str = "jax",
+    model_path: str | None = None,
+) -> np.ndarray:
     """Unit features of image files through `jaxrec.extract` with the model's preprocessing.
-    The gallery always holds L2-normalized features (as PP-ShiTu's), whatever the model's spec."""
+    The gallery always holds L2-normalized features (as PP-ShiTu's), whatever the model's spec.
+    `runtime` "onnx" / "int8" runs the model dir's float32 / int8 ONNX graph instead of JAX."""
     from jaxrec.data.image import ImageDecodeError  # noqa: PLC0415
     from jaxrec.extract import extract_features  # noqa: PLC0415
     from jaxrec.models import FeatureSpec  # noqa: PLC0415
 
     if batch_size < 1:
         raise GalleryError(f"--batch-size must be positive, got {batch_size}")
+    forward = None
+    if runtime != "jax":
+        from jaxrec.export.int8 import onnx_forward  # noqa: PLC0415
+
+        forward = onnx_forward(model_path, md.preprocess, True, int8=runtime == "int8")
     try:
         feats, _ = extract_features(
             md,
@@ -95,6 +108,7 @@ def _embed(md: ModelDir, items: Sequence[str], batch_size: int, progress: bool) 
             batch_size=batch_size,
             features=FeatureSpec(md.features.output_key, normalize=True),
             progress=progress,
+            forward=forward,
         )
     except ImageDecodeError as e:
         raise GalleryError(str(e)) from None
@@ -111,6 +125,11 @@ def _read_items(args, delimiter: str, check_exists: bool = True) -> list[Gallery
     return read_gallery_list(args.images, args.image_root, delimiter, check_exists)
 
 
+def _runtime(args, index: GalleryIndex) -> str:
+    """--runtime if given, else the runtime the index was built with."""
+    return args.runtime or index.runtime
+
+
 def _cmd_build(args) -> int:
     index_json = os.path.join(args.index, store.INDEX_FILE)
     if os.path.exists(index_json) and not args.overwrite:
@@ -122,7 +141,8 @@ def _cmd_build(args) -> int:
     if not items:
         raise GalleryError(f"{args.images} lists no images")
     md = _load_model(args.model, None, args.index)
-    feats = _embed(md, [it.path for it in items], args.batch_size, progress=True)
+    runtime = args.runtime or "jax"
+    feats = _embed(md, [it.path for it in items], args.batch_size, True, runtime, args.model)
     index = GalleryIndex(
         feats.shape[1],
         args.metric,
@@ -134,6 +154,7 @@ def _cmd_build(args) -> int:
         nprobe=args.nprobe,
         model_fingerprint=md.fingerprint(),
     )
+    index.runtime = runtime
     index.add(
         feats, [it.label for it in items], [it.rel_path for it in items], [it.line for it in items]
     )
@@ -170,7 +191,9 @@ def _cmd_append(args) -> int:
         model_path = args.model or index.model_dir
         fingerprint = md.fingerprint()
         _refuse_mix(index, args.index, fingerprint, model_path)
-        feats = _embed(md, [it.path for it in new], args.batch_size, progress=True)
+        feats = _embed(
+            md, [it.path for it in new], args.batch_size, True, _runtime(args, index), model_path
+        )
         if feats.shape[1] != index.dim:
             raise GalleryError(
                 f"the model gives {feats.shape[1]}-d features, the index {index.dim}"
@@ -247,7 +270,7 @@ def _cmd_query(args) -> int:
         )
     if problem:
         print(f"warning: --allow-model-change: {problem}", file=sys.stderr)
-    feats = _embed(md, args.image, args.batch_size, progress=False)
+    feats = _embed(md, args.image, args.batch_size, False, _runtime(args, index), model_path)
     results = index.query(feats, args.topk, thr)
     if args.json:
         out = [{"image": p, **r.to_dict()} for p, r in zip(args.image, results, strict=True)]
@@ -290,13 +313,22 @@ def _cmd_calibrate(args) -> int:
     problem = model_mismatch(index, args.index, md.fingerprint(), model_path)
     if problem:
         raise GalleryError(f"{problem}. A threshold calibrated with another model means nothing")
-    feats = _embed(md, [it.path for it in items], args.batch_size, progress=True)
+    feats = _embed(
+        md, [it.path for it in items], args.batch_size, True, _runtime(args, index), model_path
+    )
     scores, top1, selfs = calibrate_cmd.top1(index, feats, [it.rel_path for it in items])
     if selfs:
         print(f"note: {selfs} queries are gallery images; their self-matches were skipped")
     precision = None if args.f1 else args.precision
     report = calibrate_cmd.calibrate(
-        index, [it.label for it in items], scores, top1, precision, args.holdout, args.seed
+        index,
+        [it.label for it in items],
+        scores,
+        top1,
+        precision,
+        args.holdout,
+        args.seed,
+        args.confidence,
     )
     report["calibration"]["queries_file"] = os.path.abspath(args.queries)
     js, png = calibrate_cmd.write_report(
@@ -406,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if batch:
             sp.add_argument("--batch-size", type=int, default=32, help="extraction batch size")
+            sp.add_argument(
+                "--runtime",
+                default=None,
+                choices=("jax", "onnx", "int8"),
+                help="run the model with JAX, or its model dir's inference.onnx / "
+                "inference.int8.onnx with onnxruntime (default: build: jax; others: what the "
+                "index was built with)",
+            )
 
     model_help = "model directory or training workdir (default: the index's model)"
     b = sub.add_parser("build", help="create a new index from a list file")
@@ -495,6 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
         "that meets it (default 0.95)",
     )
     rule.add_argument("--f1", action="store_true", help="the threshold with the best F1 instead")
+    c.add_argument(
+        "--confidence",
+        type=float,
+        default=0.9,
+        help="with --precision: the one-sided Wilson lower bound of precision at this "
+        "confidence must meet the target (default 0.9; 0 uses the measured precision itself)",
+    )
     c.add_argument(
         "--holdout",
         type=float,

@@ -122,6 +122,7 @@ class GalleryIndex:
         self.entries: list[Entry] = []
         # the threshold `python -m jaxrec.search calibrate` chose, with how (None: not calibrated)
         self.calibration: dict[str, Any] | None = None
+        self.runtime = "jax"  # what embedded the gallery: jax, onnx (float32) or int8 (ONNX)
         self.features = np.zeros((0, self.dim), np.float32)
 
     # ---- bookkeeping
@@ -134,6 +135,7 @@ class GalleryIndex:
 
     @property
     def config(self) -> dict[str, Any]:
+        runtime = {} if self.runtime == "jax" else {"runtime": self.runtime}  # jax: key absent
         return {
             "dim": self.dim,
             "metric": self.metric,
@@ -142,6 +144,7 @@ class GalleryIndex:
             "delimiter": self.delimiter,
             "ef_search": self.ef_search,
             "nprobe": self.nprobe,
+            **runtime,
         }
 
     def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:

@@ -6,7 +6,8 @@ the wrong type or inconsistent (duplicate ids), so that a hand-edited file gives
 
 Version 2 (written by this jaxrec):
     {"format": "jaxrec-gallery-index", "version": 2,
-     "config": {"dim", "metric", "method", "model_dir", "delimiter", "ef_search", "nprobe"},
+     "config": {"dim", "metric", "method", "model_dir", "delimiter", "ef_search", "nprobe",
+                "runtime" (optional, "jax" when absent)},
      "model_fingerprint": hex str | null, "backend": "faiss" | "exact",
      "files": {"features": "features-000007.npy", "faiss": "vector-000007.index" | null},
      "entries": [{"id", "label", "path", "line"}, ...],
@@ -59,6 +60,7 @@ _CONFIG = {
     "delimiter": (False, lambda v: _str(v) and v != "", "a non-empty string"),
     "ef_search": (False, _opt(_positive_int), "a positive integer or null"),
     "nprobe": (False, _opt(_positive_int), "a positive integer or null"),
+    "runtime": (False, lambda v: v in ("jax", "onnx", "int8"), "'jax', 'onnx' or 'int8'"),
 }
 _ENTRY = {
     "id": (True, lambda v: _is_int(v) and v >= 0, "a non-negative integer"),

@@ -246,6 +246,7 @@ def _load_once(index_dir: str, backend: str, last: bool) -> GalleryIndex:
     )
     index.entries = [Entry(**e) for e in meta["entries"]]
     index.calibration = meta.get("calibration")
+    index.runtime = cfg.get("runtime", "jax")
     feats_path = os.path.join(index_dir, files["features"])
     try:
         index.features = _read_features(
