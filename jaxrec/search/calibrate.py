@@ -28,7 +28,7 @@ import dataclasses
 import math
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -326,8 +326,9 @@ def curve_table(curves: Curves, metric: str) -> list[dict[str, Any]]:
 
 
 def plot_curves(curves: Curves, choice: Choice, metric: str, path: str, title: str = "") -> None:
-    """Draw the curves to a PNG: precision, recall and unknown rejection against the threshold
-    (left), precision against recall (right); the chosen threshold is marked on both."""
+    """Draw the curves to a PNG: precision, recall and unknown rejection against the fraction of
+    queries accepted, labelled with the thresholds (left), precision against recall (right); the
+    chosen threshold is marked on both."""
     from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
 
     font = ImageFont.load_default()
@@ -337,13 +338,18 @@ def plot_curves(curves: Curves, choice: Choice, metric: str, path: str, title: s
     d.text((10, 6), title or f"open-set calibration ({choice.rule})", fill=(0, 0, 0), font=font)
     finite = np.isfinite(curves.thresholds)
     t = np.array([from_confidence(metric, x) for x in curves.thresholds[finite]])
-    lo, hi = (float(t.min()), float(t.max())) if t.size else (0.0, 1.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.01, hi + 0.01
-    chosen = from_confidence(metric, choice.threshold)
+    # x = the fraction of queries accepted: monotone in the threshold, and it spreads out scores
+    # that crowd near 1 (a trained model's top-1 cosines often differ in the 5th decimal)
+    total = max(int(curves.accepted[finite][-1]) if finite.any() else 1, 1)
+    frac = curves.accepted[finite] / total
     colors = {"precision": (0, 90, 220), "recall": (0, 160, 0), "unknown rejection": (220, 0, 0)}
 
-    def frame(x0: int, xlabel: str, xlo: float, xhi: float):
+    def threshold_at(v: float) -> str:
+        if not t.size:
+            return ""
+        return f"{t[min(int(np.searchsorted(frac, v)), t.size - 1)]:.6g}"
+
+    def frame(x0: int, xlabel: str, tick: Callable[[float], str]):
         box = (x0 + pad, 30 + 10, x0 + w - 15, 30 + h - pad)
         d.rectangle(box, outline=(0, 0, 0))
         for k in range(5):
@@ -351,34 +357,34 @@ def plot_curves(curves: Curves, choice: Choice, metric: str, path: str, title: s
             y = box[3] - v * (box[3] - box[1])
             d.line((box[0] - 4, y, box[0], y), fill=(0, 0, 0))
             d.text((box[0] - 30, y - 6), f"{v:.2f}", fill=(0, 0, 0), font=font)
-            xv = xlo + v * (xhi - xlo)
             x = box[0] + v * (box[2] - box[0])
-            d.text((x - 18, box[3] + 6), f"{xv:.4g}", fill=(0, 0, 0), font=font)
-        d.text(((box[0] + box[2]) // 2 - 40, box[3] + 24), xlabel, fill=(0, 0, 0), font=font)
+            d.text((x - 18, box[3] + 6), tick(v), fill=(0, 0, 0), font=font)
+        d.text((box[0] + 10, box[3] + 24), xlabel, fill=(0, 0, 0), font=font)
 
         def xy(xv: float, yv: float) -> tuple[float, float]:
-            fx = (xv - xlo) / (xhi - xlo)
-            return box[0] + fx * (box[2] - box[0]), box[3] - yv * (box[3] - box[1])
+            return box[0] + xv * (box[2] - box[0]), box[3] - yv * (box[3] - box[1])
 
         return xy
 
-    xy = frame(0, f"threshold ({'similarity' if metric == 'IP' else 'squared L2'})", lo, hi)
+    score = "similarity" if metric == "IP" else "squared L2"
+    xy = frame(0, f"fraction of queries accepted; ticks: the threshold ({score})", threshold_at)
     series = {
         "precision": curves.precision[finite],
         "recall": curves.recall[finite],
         "unknown rejection": curves.unknown_rejection[finite],
     }
     for n, (name, ys) in enumerate(series.items()):
-        pts = [xy(x, y) for x, y in zip(t, ys, strict=True) if not math.isnan(y)]
+        pts = [xy(x, y) for x, y in zip(frac, ys, strict=True) if not math.isnan(y)]
         if len(pts) > 1:
             d.line(pts, fill=colors[name], width=2)
         note = "" if pts else " (not measured)"
         d.text((pad + 10, 48 + 14 * n), name + note, fill=colors[name], font=font)
-    x, _ = xy(chosen, 0)
+    x, _ = xy(choice.accepted / total, 0)
     d.line((x, 40, x, 30 + h - pad), fill=(120, 120, 120), width=1)
-    d.text((x + 3, 30 + h - pad - 16), f"{chosen:.4g}", fill=(80, 80, 80), font=font)
+    chosen = from_confidence(metric, choice.threshold)
+    d.text((x + 3, 30 + h - pad - 16), f"{chosen:.6g}", fill=(80, 80, 80), font=font)
 
-    xy2 = frame(w, "recall", 0.0, 1.0)
+    xy2 = frame(w, "recall", lambda v: f"{v:.2f}")
     ok = ~np.isnan(curves.precision)
     pts = [xy2(r, p) for r, p in zip(curves.recall[ok], curves.precision[ok], strict=True)]
     if len(pts) > 1:

@@ -294,7 +294,7 @@ def _cmd_query(args) -> int:
     for p, r in zip(args.image, results, strict=True):
         print(f"{p}: {r.prediction}   (known if {kind} {thr:.6g}, {how})")
         for h in r.hits:
-            print(f"  {h.rank:>2}  {h.label:<24} {h.score:9.4f}  [{h.gallery_label}] {h.path}")
+            print(f"  {h.rank:>2}  {h.label:<24} {h.score:10.6f}  [{h.gallery_label}] {h.path}")
     return 0
 
 
