@@ -170,7 +170,7 @@ def retrieval_metrics(
       query_ids, gallery_ids: optional integer ids (the list's third column). Gallery items with
         the same label *and* id as the query are excluded (similarity 0, never relevant).
       topk: k values for ``recall{k}`` (and ``precision@{k}``).
-      metrics: any of "recall", "mAP", "mINP", "precision"; keys come out in this order.
+      metrics: any of "recall", "mAP", "mINP", "precision", "MAP@R"; keys come out in this order.
       block_weighting: True (default) combines per-``sim_block_size`` query blocks weighted by
         size as PaddleClas does; False pools all valid queries (see `metrics.py`).
       query_block: queries per device step (memory ~ query_block * G * 4 bytes / devices).
