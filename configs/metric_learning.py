@@ -7,7 +7,9 @@ Products; Musgrave et al., "A Metric Learning Reality Check", ECCV 2020, for MAP
 
 * training on one set of classes, evaluation on the disjoint rest;
 * every evaluation image is a query against all the others (query == gallery); the image
-  itself is excluded (the record index is its id; ref §8.3);
+  itself is never relevant (the record index is its id; ref §8.3). As in PaddleClas it keeps
+  a rank slot at similarity 0, so it only differs from pytorch-metric-learning's removal when a
+  relevant item has negative cosine similarity to the query;
 * Recall@1/2/4/8 and MAP@R as the papers and pytorch-metric-learning report them, besides
   PaddleClas's mAP (`Metric.Eval`; recall1 selects the best checkpoint).
 

@@ -253,3 +253,14 @@ def test_protocol_config_trains_and_evaluates_end_to_end(tfds_dir, tmp_path, mon
     # the time; the class colours make that far higher even after one epoch.
     assert m["recall8"] > 0.1
     assert os.path.getsize(res["png"]) > 0
+
+
+def test_paddleclas_yaml_of_a_protocol_config_says_what_paddleclas_needs(tfds_dir, monkeypatch):
+    from jaxrec.config.paddle_out import paddleclas_yaml
+
+    text = paddleclas_yaml(_protocol("cub200", tfds_dir, monkeypatch))
+    notes = [line for line in text.splitlines() if line.startswith("#")]
+    for part in ("Train", "Eval.Query", "Eval.Gallery"):
+        assert any(f"DataLoader.{part}.dataset is a jaxrec TFDSDataset" in n for n in notes), part
+        assert any(f"DataLoader.{part}.dataset.classes: [" in n for n in notes), part
+    assert any("Metric.Eval MAP@R is jaxrec's metric" in n for n in notes)

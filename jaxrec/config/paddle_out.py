@@ -237,6 +237,32 @@ def _note_unrunnable(plain: dict, notes: dict[str, list[str]]) -> None:
             "have: use name ImageNetDataset with the image_root and cls_label_path it was "
             "prepared from (prepared.json: source)"
         )
+    _note_benchmark_keys(plain, notes)
+
+
+def _note_benchmark_keys(plain: dict, notes: dict[str, list[str]]) -> None:
+    """jaxrec's TFDSDataset, `classes` and MAP@R (the benchmark protocols): kept, with what
+    PaddleClas needs instead."""
+    sections = {"DataLoader.Train.dataset": _node(plain, "DataLoader.Train.dataset")}
+    for part in _node(plain, "DataLoader.Eval") or {}:
+        key = f"DataLoader.Eval.{part}.dataset"
+        sections[key] = _node(plain, key)
+    for key, node in sections.items():
+        node = node if isinstance(node, dict) else {}
+        if node.get("name") == "TFDSDataset":
+            notes["DataLoader"].append(
+                f"{key} is a jaxrec TFDSDataset ({node.get('tfds_name')}, split "
+                f"{node.get('split')}), which PaddleClas does not have: write the split as a "
+                "list file and use ImageNetDataset (training) or VeriWild (query/gallery)"
+            )
+        if node.get("classes") is not None:
+            notes["DataLoader"].append(
+                f"{key}.classes: {_inline(node['classes'])} is jaxrec's label range; PaddleClas "
+                "reads every listed image: list only those classes (python -m jaxrec.holdout)"
+            )
+    for entry in (_node(plain, "Metric") or {}).get("Eval") or []:
+        if isinstance(entry, dict) and "MAP@R" in entry:
+            notes["Metric"].append("Metric.Eval MAP@R is jaxrec's metric; PaddleClas has none")
 
 
 def paddleclas_yaml(config: Any) -> str:
