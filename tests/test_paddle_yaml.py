@@ -19,20 +19,13 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 
 import general_v2  # noqa: E402
 
-REFERENCE = os.path.join(
-    os.path.dirname(REPO),
-    "shared",
-    "reference",
-    "paddleclas",
-    "GeneralRecognitionV2_PPLCNetV2_base.yaml",
-)
 
-
-@pytest.mark.parametrize(
-    "path", [os.path.join(FIX, "general_v2_base.yaml"), REFERENCE], ids=["fixture", "paddleclas"]
-)
-def test_yaml_equals_general_v2_key_for_key(path):
-    assert os.path.isfile(path), f"{path} is missing (the reference sits in ../shared, as in CI)"
+@pytest.mark.parametrize("which", ["fixture", "paddleclas"])
+def test_yaml_equals_general_v2_key_for_key(which, request):
+    if which == "fixture":
+        path = os.path.join(FIX, "general_v2_base.yaml")
+    else:
+        path = request.getfixturevalue("reference_yaml")
     cfg = load_yaml(path)
     assert config_diff(to_plain(general_v2.get_config()), to_plain(cfg)) == []
     cfg.Arch.Backbone.pretrained = False
