@@ -31,8 +31,8 @@ import numpy as np
 
 from jaxrec.data import datasets
 from jaxrec.data.protocols import holdout_split
-from jaxrec.data.source_args import add_source_args, source_from_args
 from jaxrec.errors import DatasetError, JaxrecError
+from jaxrec.prepare import add_source_args, source_from_args
 
 TRAIN_LIST = "train_list.txt"
 EVAL_LIST = "query_gallery_list.txt"

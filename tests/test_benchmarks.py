@@ -19,10 +19,9 @@ import pytest
 import tfds_benchmarks_util as mock
 from train_data_util import assert_same_batches, make_tiny_dataset, tiny_config
 
-from jaxrec import holdout
+from jaxrec import holdout, inputs
 from jaxrec import prepare as prepare_cli
 from jaxrec.config import defaults, resolve
-from jaxrec.data import builders
 from jaxrec.errors import ConfigError, DatasetError
 from jaxrec.parallel import make_mesh
 
@@ -100,11 +99,11 @@ def test_protocol_config_selects_classes_and_splits(module, tfds_dir, monkeypatc
     assert run.arch["Head"]["class_num"] == train_cls[1] - train_cls[0] + 1
     assert run.eval.keys == ("recall1", "recall2", "recall4", "recall8", "mAP", "MAP@R")
 
-    train = builders.load_source(t)
-    query, gallery = builders.eval_sources(run.eval.data)
+    train = inputs.load_source(t)
+    query, gallery = inputs.eval_sources(run.eval.data)
     assert query is gallery and (len(train), len(query)) == (n_train, n_eval)
     # The original labels behind the relabelled training set, read straight from tfds.
-    raw = builders.load_source(
+    raw = inputs.load_source(
         type(t)(t.key, t.kind, tfds=t.tfds)  # no classes, no relabel
     )
     kept = raw.labels[(raw.labels >= train_cls[0]) & (raw.labels <= train_cls[1])]
@@ -120,7 +119,7 @@ def test_protocol_config_selects_classes_and_splits(module, tfds_dir, monkeypatc
 def test_missing_tfds_data_is_one_error_line_with_the_command(tmp_path, monkeypatch):
     run = resolve(_protocol("cub200", str(tmp_path / "nowhere"), monkeypatch))
     with pytest.raises(DatasetError) as err:
-        builders.load_source(run.train.dataset)
+        inputs.load_source(run.train.dataset)
     msg = str(err.value)
     assert "\n" not in msg
     assert "'caltech_birds2011'" in msg and str(tmp_path / "nowhere") in msg
@@ -149,8 +148,8 @@ def test_prepared_from_tfds_gives_the_same_batches(tfds_dir, tmp_path, monkeypat
     assert prepared.train.dataset.kind == "PreparedDataset"
     assert prepared.train.dataset.classes == (0, 99)
     mesh = make_mesh(jax.devices()[:2])
-    a = builders.train_loader(direct.train, mesh, seed=3, class_num=100)
-    b = builders.train_loader(prepared.train, mesh, seed=3, class_num=100)
+    a = inputs.train_loader(direct.train, mesh, seed=3, class_num=100)
+    b = inputs.train_loader(prepared.train, mesh, seed=3, class_num=100)
     assert len(a.source) == len(b.source) == 400
     assert_same_batches(a, b, 3)
 
@@ -171,7 +170,7 @@ def test_tfds_dataset_keys_are_honoured_or_rejected(tfds_dir, monkeypatch):
     cfg = _protocol("cub200", tfds_dir, monkeypatch)
     cfg.DataLoader.Train.dataset.classes = (300, 400)
     with pytest.raises(DatasetError, match=r"Train\.dataset\.classes: \[300, 400\] selects no"):
-        builders.load_source(resolve(cfg).train.dataset)
+        inputs.load_source(resolve(cfg).train.dataset)
     cfg = tiny_config({"root": "/d", "train": "/d/t.txt", "eval": "/d/e.txt", "num_classes": 2})
     cfg.DataLoader.Train.dataset.tfds_name = "cars196"
     with pytest.raises(ConfigError, match="tfds_name: is only read with name TFDSDataset"):
@@ -212,8 +211,8 @@ def test_holdout_classes_for_a_list_and_a_folder(tmp_path):
                        "eval": str(out / holdout.EVAL_LIST), "num_classes": 4})  # fmt: skip
     cfg.DataLoader.Train.dataset.relabel = True
     run = resolve(cfg)
-    assert builders.load_source(run.train.dataset).num_classes == 4
-    query, gallery = builders.eval_sources(run.eval.data)
+    assert inputs.load_source(run.train.dataset).num_classes == 4
+    query, gallery = inputs.eval_sources(run.eval.data)
     assert query is gallery and len(set(query.uids.tolist())) == 6
     # A folder, by count; and what cannot be split.
     folder = tmp_path / "folder"
@@ -234,8 +233,8 @@ def test_holdout_classes_for_a_list_and_a_folder(tmp_path):
 
 @pytest.mark.slow
 def test_protocol_config_trains_and_evaluates_end_to_end(tfds_dir, tmp_path, monkeypatch):
-    from jaxrec import trainer
-    from jaxrec.evaluation import evaluate_workdir
+    from jaxrec.evaluate import evaluate_workdir
+    from jaxrec.training import loop as trainer
 
     cfg = _shrink(_protocol("cub200", tfds_dir, monkeypatch), epochs=1)
     cfg.Global.eval_during_train = True
@@ -256,7 +255,7 @@ def test_protocol_config_trains_and_evaluates_end_to_end(tfds_dir, tmp_path, mon
 
 
 def test_paddleclas_yaml_of_a_protocol_config_says_what_paddleclas_needs(tfds_dir, monkeypatch):
-    from jaxrec.config.paddle_out import paddleclas_yaml
+    from jaxrec.paddle.yaml_out import paddleclas_yaml
 
     text = paddleclas_yaml(_protocol("cub200", tfds_dir, monkeypatch))
     notes = [line for line in text.splitlines() if line.startswith("#")]
