@@ -189,12 +189,10 @@ def test_tfds_and_dataset_keys_are_documented():
 def test_holdout_classes_for_a_list_and_a_folder(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, eval_classes=2, per_class=3)
     both = tmp_path / "all.txt"
-    lines = open(data["train"]).read().split() + []
     rows = open(data["train"]).read().splitlines() + [
         " ".join(r.split()[:2]) for r in open(data["eval"]).read().splitlines()
     ]
     both.write_text("\n".join(rows) + "\n")
-    assert lines  # the tiny set has training rows
     out = tmp_path / "split"
     rc = holdout.main(
         ["--list", str(both), "--image-root", data["root"], "--holdout-classes", "0.34",
@@ -263,3 +261,28 @@ def test_paddleclas_yaml_of_a_protocol_config_says_what_paddleclas_needs(tfds_di
         assert any(f"DataLoader.{part}.dataset is a jaxrec TFDSDataset" in n for n in notes), part
         assert any(f"DataLoader.{part}.dataset.classes: [" in n for n in notes), part
     assert any("Metric.Eval MAP@R is jaxrec's metric" in n for n in notes)
+
+
+def test_uid_key_gives_the_third_column_ids(tfds_dir, monkeypatch):
+    cfg = _protocol("sop", tfds_dir, monkeypatch)
+    for part in ("Query", "Gallery"):
+        cfg.DataLoader.Eval[part].dataset.uid_key = "super_class_id/num"
+    run = resolve(cfg)
+    query, gallery = inputs.eval_sources(run.eval.data)
+    assert query is gallery
+    np.testing.assert_array_equal(query.uids, query.labels % 12)  # the stand-in's super class
+
+
+@pytest.mark.slow
+def test_train_py_names_the_missing_dataset_in_one_line(tmp_path):
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "empty"))
+    p = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/sop.py", "--workdir",
+         str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
+    )  # fmt: skip
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: tfds dataset 'stanford_online_products' is not prepared")
+    assert "tfds build stanford_online_products" in lines[-1]
+    assert not (tmp_path / "run").exists()
