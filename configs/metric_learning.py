@@ -7,9 +7,9 @@ Products; Musgrave et al., "A Metric Learning Reality Check", ECCV 2020, for MAP
 
 * training on one set of classes, evaluation on the disjoint rest;
 * every evaluation image is a query against all the others (query == gallery); the image
-  itself is never relevant (the record index is its id; ref §8.3). As in PaddleClas it keeps
-  a rank slot at similarity 0, so it only differs from pytorch-metric-learning's removal when a
-  relevant item has negative cosine similarity to the query;
+  itself leaves its own ranking (the record index is its id, ref §8.3, and
+  `Global.drop_excluded` removes the excluded pair instead of PaddleClas's similarity 0 with a
+  rank slot), as pytorch-metric-learning evaluates;
 * Recall@1/2/4/8 and MAP@R as the papers and pytorch-metric-learning report them, besides
   PaddleClas's mAP (`Metric.Eval`; recall1 selects the best checkpoint).
 
@@ -80,6 +80,7 @@ def protocol_config(
     """general_v2 with the benchmark's train and query == gallery sets (see the module doc)."""
     c = general_v2.get_config(str(size))
     c.Global.epochs = epochs
+    c.Global.drop_excluded = True
     c.Arch.Backbone.pretrained = False
     c.Arch.Head.class_num = class_num
     c.Optimizer.lr.learning_rate = 0.02

@@ -96,6 +96,7 @@ def test_protocol_config_selects_classes_and_splits(module, tfds_dir, monkeypatc
     assert (t.tfds.split, q.tfds.split) == split
     assert t.tfds.data_dir == tfds_dir
     assert run.eval.data.same_lists  # query == gallery
+    assert run.eval.drop_excluded  # each query leaves its own ranking
     assert run.arch["Head"]["class_num"] == train_cls[1] - train_cls[0] + 1
     assert run.eval.keys == ("recall1", "recall2", "recall4", "recall8", "mAP", "MAP@R")
 
@@ -171,6 +172,10 @@ def test_tfds_dataset_keys_are_honoured_or_rejected(tfds_dir, monkeypatch):
     cfg.DataLoader.Train.dataset.classes = (300, 400)
     with pytest.raises(DatasetError, match=r"Train\.dataset\.classes: \[300, 400\] selects no"):
         inputs.load_source(resolve(cfg).train.dataset)
+    cfg = _protocol("cub200", tfds_dir, monkeypatch)
+    cfg.Global.re_ranking = True
+    with pytest.raises(ConfigError, match="drop_excluded: is not implemented with Global.re_"):
+        resolve(cfg)
     cfg = tiny_config({"root": "/d", "train": "/d/t.txt", "eval": "/d/e.txt", "num_classes": 2})
     cfg.DataLoader.Train.dataset.tfds_name = "cars196"
     with pytest.raises(ConfigError, match="tfds_name: is only read with name TFDSDataset"):

@@ -1,7 +1,7 @@
 """Recall@k for the benchmarks' k (2, 4, 8) and MAP@R against a brute-force reference written
 from the definitions, ties and query == gallery exclusion included, on the host metrics and the
 device kernels (1 and 8 devices), with the evaluator's tie rule (lower gallery index first;
-excluded pairs at similarity 0 keep their rank slot)."""
+excluded pairs at similarity 0 keep their rank slot, or leave the ranking with drop_excluded)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,23 @@ from jaxrec.parallel import make_mesh
 TOPK = (1, 2, 4, 8)
 
 
-def brute_force(sim, ql, gl, qi=None, gi=None) -> dict[str, float]:
-    """Pooled Recall@k and MAP@R over queries with a relevant item, one query at a time."""
+def brute_force(sim, ql, gl, qi=None, gi=None, drop=False) -> dict[str, float]:
+    """Pooled Recall@k and MAP@R over queries with a relevant item, one query at a time;
+    ``drop``: excluded gallery items are removed from the query's ranking altogether."""
     recall = {k: [] for k in TOPK}
     map_r = []
     for q in range(sim.shape[0]):
         s = sim[q].astype(np.float64).copy()
         rel = gl == ql[q]
+        excluded = np.zeros_like(rel)
         if qi is not None:
             excluded = rel & (gi == qi[q])
             s[excluded] = 0.0
             rel &= ~excluded
         # Stable ranking: by similarity descending, ties to the lower gallery index.
         order = sorted(range(s.size), key=lambda g: (-s[g], g))
+        if drop:
+            order = [g for g in order if not excluded[g]]
         ranked = rel[order]
         r = int(ranked.sum())
         if r == 0:
@@ -65,7 +69,8 @@ def test_map_at_r_worked_example():
 
 @pytest.mark.parametrize("n_dev", [1, 8])
 @pytest.mark.parametrize("same", [False, True])
-def test_recall_k_and_map_at_r_equal_brute_force_with_ties(n_dev, same):
+@pytest.mark.parametrize("drop", [False, True])
+def test_recall_k_and_map_at_r_equal_brute_force_with_ties(n_dev, same, drop):
     rs = np.random.RandomState(7 + same)
     gf = _tied_features(rs, 90)
     gl = rs.randint(0, 6, size=90)
@@ -74,15 +79,15 @@ def test_recall_k_and_map_at_r_equal_brute_force_with_ties(n_dev, same):
     else:
         qf, ql, qi, gi = _tied_features(rs, 40), rs.randint(0, 8, size=40), None, None
     sim = qf @ gf.T
-    want = brute_force(sim, ql, gl, qi, gi)
+    want = brute_force(sim, ql, gl, qi, gi, drop)
     names = ("recall", "MAP@R")
     host = metrics.retrieval_metrics_from_similarity(
-        sim, ql, gl, qi, gi, topk=TOPK, metrics=names, block_weighting=False
+        sim, ql, gl, qi, gi, topk=TOPK, metrics=names, block_weighting=False, drop_excluded=drop
     )
     mesh = make_mesh(jax.devices()[:n_dev])
     dev = eval_lib.retrieval_metrics(
         qf, ql, gf, gl, qi, gi, topk=TOPK, metrics=names, block_weighting=False,
-        query_block=16, mesh=mesh,
+        query_block=16, mesh=mesh, drop_excluded=drop,
     )  # fmt: skip
     assert list(dev) == ["recall1", "recall2", "recall4", "recall8", "MAP@R"]
     for key, value in want.items():
@@ -90,6 +95,10 @@ def test_recall_k_and_map_at_r_equal_brute_force_with_ties(n_dev, same):
         assert dev[key] == pytest.approx(value, abs=1e-9), key
     # Ties really occur (otherwise the tie rule would be untested).
     assert any(np.unique(row).size < row.size for row in sim)
+    if same:  # negative similarities exist, so keeping the self slot at 0 changes ranks
+        assert (sim < 0).any()
+        kept = brute_force(sim, ql, gl, qi, gi, not drop)
+        assert kept != want
 
 
 def test_map_at_r_is_aggregated_like_map_and_reranking_keeps_it():

@@ -26,6 +26,9 @@ JAXREC_KEYS: dict[str, dict[str, Any]] = {
         "allow_config_change": False,
         # Also evaluate the freshly initialized network (step 0; not used for best selection).
         "eval_before_training": False,
+        # Excluded query/gallery pairs (same label and id) leave the ranking instead of ranking
+        # at similarity 0 (PaddleClas); the benchmarks' query == gallery protocol.
+        "drop_excluded": False,
     },
     "AMP": {
         # Compute dtype when AMP.use_amp (parameters, BNNeck statistics and losses stay float32).

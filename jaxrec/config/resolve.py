@@ -447,9 +447,19 @@ def _eval(r: Reader, compute_dtype: str) -> EvalSpec:
         feature=FeatureSpec(feature_from, bool(r.get("Global.feature_normalize"))),
         re_ranking=bool(r.get("Global.re_ranking")),
         block_size=_pos_int(r, "Global.sim_block_size"),
+        drop_excluded=_drop_excluded(r),
         compute_dtype=compute_dtype if fp16_test else "float32",
         data=_eval_data(r) if has_data else None,
     )
+
+
+def _drop_excluded(r: Reader) -> bool:
+    drop = bool(r.get("Global.drop_excluded"))
+    if drop and bool(r.get("Global.re_ranking")):
+        raise ConfigError(
+            "Global.drop_excluded", "is not implemented with Global.re_ranking; set one False"
+        )
+    return drop
 
 
 def _image_size(r: Reader, train: TrainDataSpec | None, ev: EvalSpec) -> int:

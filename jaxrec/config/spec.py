@@ -92,6 +92,7 @@ class EvalSpec:
     feature: FeatureSpec
     re_ranking: bool
     block_size: int  # PaddleClas sim_block_size (query blocks for block-weighted metrics)
+    drop_excluded: bool  # excluded pairs leave the ranking (else similarity 0, PaddleClas)
     compute_dtype: str
     data: EvalDataSpec | None
 

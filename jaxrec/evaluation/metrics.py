@@ -5,6 +5,9 @@ Vocabulary:
   (cameras / unique ids, the third list column) are given. Excluded pairs get similarity
   **0** (the similarity is multiplied by ``keep``): they still occupy a rank slot but are never
   relevant.
+- ``drop_excluded=True`` (jaxrec's ``Global.drop_excluded``) removes excluded pairs from the
+  ranking instead (similarity -inf), as pytorch-metric-learning and the metric-learning
+  benchmarks do when the query set is its own gallery.
 - Ranking: each gallery row is sorted by similarity, descending. Ties are broken by gallery
   index (lower index first, a stable sort). PaddleClas uses ``paddle.argsort``, whose tie order
   is unspecified (it is not stable on CPU), so tie cases can only be compared with this rule.
@@ -69,10 +72,12 @@ def ranked_relevance(
     query_labels: np.ndarray,
     gallery_labels: np.ndarray,
     keep: np.ndarray | None = None,
+    drop_excluded: bool = False,
 ) -> np.ndarray:
     """[Q, G] bool: is the r-th ranked gallery item relevant (same label and kept)?
 
-    ``similarity`` is the raw similarity; when ``keep`` is given it is multiplied in first.
+    ``similarity`` is the raw similarity; when ``keep`` is given it is multiplied in first
+    (``drop_excluded``: excluded pairs get -inf instead, so they rank below everything).
     """
     sim = np.asarray(similarity)
     ql, gl = _flat(query_labels), _flat(gallery_labels)
@@ -80,7 +85,7 @@ def ranked_relevance(
         raise ValueError(f"similarity shape {sim.shape} != (num_query, num_gallery)")
     rel = ql[:, None] == gl[None, :]
     if keep is not None:
-        sim = sim * keep
+        sim = np.where(keep, sim, -np.inf) if drop_excluded else sim * keep
         rel &= keep
     order = np.argsort(-sim, axis=1, kind="stable")
     return np.take_along_axis(rel, order, axis=1)
@@ -245,12 +250,13 @@ def retrieval_metrics_from_similarity(
     block_size: int = SIM_BLOCK_SIZE,
     block_weighting: bool = True,
     minp_reference_quirk: bool = False,
+    drop_excluded: bool = False,
 ) -> dict[str, float]:
     """Metrics from a full [Q, G] similarity matrix (brute force; `retrieval.py` for big sets)."""
     sim = np.asarray(similarity)
     topk = _check_topk(topk, sim.shape[1])
     keep = keep_mask(query_labels, gallery_labels, query_ids, gallery_ids)
-    rel = ranked_relevance(sim, query_labels, gallery_labels, keep)
+    rel = ranked_relevance(sim, query_labels, gallery_labels, keep, drop_excluded)
     stats = PerQuery.from_relevance(rel, topk)
     return aggregate(stats, topk, metrics, block_size, block_weighting, minp_reference_quirk)
 

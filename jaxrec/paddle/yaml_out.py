@@ -15,8 +15,9 @@ saying what to change.
 Round trip: `resolve(load_yaml(written))` equals `resolve(config)` except for the dropped
 jaxrec keys, which fall back to their defaults: `Global.checkpoint_every_steps`,
 `keep_checkpoints`, `eval_batch_size_per_device`, `allow_config_change`,
-`eval_before_training`, `AMP.dtype` and `DataLoader.Train.augment_on_device` (and dropped
-backbone size keys leave `Run.arch`, though the model is the same). The seed survives.
+`eval_before_training`, `drop_excluded`, `AMP.dtype` and `DataLoader.Train.augment_on_device`
+(and dropped backbone size keys leave `Run.arch`, though the model is the same). The seed
+survives.
 (`Global.sync_bn: True` comes back only once the YAML reader honours `Arch.use_sync_bn`.)
 
 `inference_rec_yaml(preprocess)` writes PP-ShiTu's `deploy/configs/inference_rec.yaml` for a
@@ -58,6 +59,7 @@ DROPPED: dict[str, str] = {
     "Global.allow_config_change": "jaxrec's resume check; PaddleClas resumes from "
     "Global.checkpoints",
     "Global.eval_before_training": "PaddleClas evaluates after training epochs only",
+    "Global.drop_excluded": "PaddleClas ranks excluded pairs (same label and id) at similarity 0",
     "AMP.dtype": "PaddleClas's AMP computes in float16, with AMP.scale_loss loss scaling",
     "DataLoader.Train.augment_on_device": "PaddleClas augments on the host (same distributions)",
     "DataLoader.Train.dataset.prepared_dir": "jaxrec's prepared set (python -m jaxrec.prepare); "
