@@ -49,8 +49,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from jaxrec import parallel, trainer
+    from jaxrec import parallel
     from jaxrec.errors import JaxrecError
+    from jaxrec.training import loop as trainer
 
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jaxrec.errors import GalleryError
+from jaxrec.evaluation import threshold as C
 from jaxrec.search import GalleryIndex, calibrate_cmd, store
-from jaxrec.search import calibrate as C
 
 
 def brute_force(conf, correct, known, t):

@@ -1,6 +1,6 @@
 """Open-set figures for `evaluate.py` when the query list holds classes absent from the gallery.
 
-The same computation as `python -m jaxrec.search calibrate` (`jaxrec.search.calibrate`): each
+The same computation as `python -m jaxrec.search calibrate` (`jaxrec.evaluation.threshold`): each
 query's top-1 gallery item (PaddleClas's self-match exclusion by unique id applies), the
 precision/recall of accepted answers and the rejection rate of unknown queries over all
 thresholds; reported at the best-F1 threshold and at the thresholds for precision 0.9 / 0.95
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxrec.errors import GalleryError
-from jaxrec.search import calibrate as C
+from jaxrec.evaluation import threshold as C
 
 TARGETS = (0.9, 0.95)
 

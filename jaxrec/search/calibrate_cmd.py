@@ -2,7 +2,7 @@
 
 Embeds a labelled query list with the index's model, takes each query's top-1 gallery hit (a
 gallery image with the query's own path is its self-match and is skipped), computes the open-set
-curves (`jaxrec.search.calibrate`), picks the threshold, stores it in index.json (so `query`
+curves (`jaxrec.evaluation.threshold`), picks the threshold, stores it in index.json (so `query`
 uses it by default and `info` shows it) and writes OUT/calibration.json (curves, per-class and
 per-score-bucket error counts) and OUT/calibration.png.
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxrec.errors import GalleryError
-from jaxrec.search import calibrate as C
+from jaxrec.evaluation import threshold as C
 from jaxrec.search.index import GalleryIndex, check_threshold
 
 

@@ -15,12 +15,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrec.checkpoint import restore_variables
 from jaxrec.evaluation.evaluator import RetrievalEvaluator
 from jaxrec.evaluation.open_set import open_set_report
 from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
 from jaxrec.parallel import make_mesh
+from jaxrec.training.checkpoint import restore_variables
+from jaxrec.training.workdir import Workdir
 
 
 def evaluate_workdir(
@@ -39,14 +40,14 @@ def evaluate_workdir(
     run, variables, n, desc = restore_variables(workdir, which, step)
     mesh = make_mesh()
     model = build_model(run.model_arch(training=False))
-    evaluator = RetrievalEvaluator(run.eval, model, mesh)
+    evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]
     q, g = evaluator.query, evaluator.gallery
     open_set = open_set_report(
         res["query_features"], q.labels, res["gallery_features"], g.labels, q.uids, g.uids, mesh
     )  # None unless the query list holds classes absent from the gallery
-    out_dir = output or os.path.join(workdir, "eval")
+    out_dir = output or str(Workdir(workdir).eval)
     result = {"step": n, "metrics": metrics, "json": None, "png": None, "source": desc}
     result["open_set"] = open_set
     if jax.process_index() == 0:
