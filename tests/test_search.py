@@ -479,3 +479,31 @@ def test_concurrent_cli_appends_keep_every_image(tmp_path, gallery, run):
     idx = GalleryIndex.load(str(index))
     assert len(idx) == 9 and idx.backend.ntotal == 9
     assert sorted(e.path for e in idx.entries) == sorted(f"{g}/{li.split()[0]}" for li in lines)
+
+
+def test_cli_calibrate_stores_the_threshold_that_query_and_info_use(tmp_path, gallery, run):
+    model, g, q = gallery["models"][0], gallery["g"], gallery["q"]
+    index = tmp_path / "index"
+    assert run("build", "--model", model, "--images", g / "first.txt", "--index", index,
+               "--method", "Flat")[0] == 0  # fmt: skip
+    # queries: the gallery's red and green images (self-matches skipped) and the unknown blue ones
+    rc, out = run("calibrate", "--index", index, "--queries", g / "all.txt", "--f1",
+                  "--out", tmp_path / "rep")  # fmt: skip
+    assert rc == 0, out.err
+    assert "6 queries are gallery images" in out.out and "3 of classes absent" in out.out
+    cal = _meta(index)["calibration"]
+    assert cal["rule"] == "best-f1" and cal["unknown_queries"] == 3 and cal["gallery_size"] == 6
+    assert (tmp_path / "rep" / "calibration.png").is_file()
+    rc, out = run("query", "--index", index, "--image", q / "blue.jpg", "--topk", "1", "--json")
+    assert rc == 0
+    hit = json.loads(out.out)[0]["hits"][0]
+    assert hit["label"] == ("unknown" if hit["score"] < cal["threshold"] else hit["gallery_label"])
+    rc, out = run("query", "--index", index, "--image", q / "red.jpg", "--topk", "1")
+    assert f"known if similarity >= {cal['threshold']:.6g}, calibrated, best-f1" in out.out
+    rc, out = run("info", "--index", index)
+    assert json.loads(out.out)["threshold"] == cal["threshold"]
+    # with no unknown queries the rejection side is reported as not measured
+    rc, out = run("calibrate", "--index", index, "--queries", g / "first.txt", "--f1", "--dry-run",
+                  "--out", tmp_path / "rep2")  # fmt: skip
+    assert rc == 0 and "unknown rejection NOT MEASURED" in out.out
+    assert _meta(index)["calibration"] == cal  # --dry-run stores nothing
