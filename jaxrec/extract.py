@@ -47,12 +47,13 @@ def load_model(path: str | os.PathLike) -> ModelDir:
             f"{path} is not a directory: give a jaxrec model directory (`python -m jaxrec.export` "
             "or `python -m jaxrec.convert` output) or a training workdir"
         )
+    from jaxrec.config import resolve_arch  # noqa: PLC0415
     from jaxrec.models import load_model_dir  # noqa: PLC0415
     from jaxrec.training.checkpoint import is_workdir, restore_model  # noqa: PLC0415
 
     if is_workdir(path):
         return restore_model(path, which="best")
-    return load_model_dir(path)
+    return load_model_dir(path, resolve_arch)
 
 
 # ---- the forward function ---------------------------------------------------------------------
@@ -327,14 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fused(md: ModelDir) -> ModelDir:
-    from jaxrec import models  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
 
-    if md.arch.get("deploy", False):
+    from jaxrec import models  # noqa: PLC0415
+    from jaxrec.config import resolve_arch  # noqa: PLC0415
+
+    if md.deploy:
         return md
-    arch = {**md.arch, "deploy": True}
-    return dataclasses.replace(
-        md, model=models.build_model(arch), variables=models.reparameterize(md.variables), arch=arch
-    )
+    dtype = jnp.dtype(md.model.backbone.dtype).name
+    model = models.build_model(resolve_arch(md.arch), deploy=True, dtype=dtype)
+    return dataclasses.replace(md, model=model, variables=models.reparameterize(md.variables))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

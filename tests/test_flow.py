@@ -48,7 +48,7 @@ def run_dir():
     cfg.Global.eval_during_train = True
     _custom_normalize(cfg)
     wd = os.path.join(tmp.name, "w")
-    trainer.train(cfg, wd)
+    trainer.train(resolve(cfg), wd)
     yield cfg, wd, tmp.name
     tmp.cleanup()
 
@@ -71,7 +71,9 @@ def test_training_and_evaluation_use_the_configured_normalization(run_dir):
     assert run.preprocess.input_size == (SIZE, SIZE) and run.preprocess.std == STD
     md = restore_model(wd)
     assert md.preprocess == run.preprocess
-    evaluator = RetrievalEvaluator(run.eval, build_model(run.model_arch(False)), make_mesh())
+    evaluator = RetrievalEvaluator(
+        run.eval, build_model(run.arch, **run.model_options(training=False)), make_mesh()
+    )
     feats = evaluator.features(md.variables, "query")
     want = _manual_features(md, evaluator.query.paths)
     np.testing.assert_allclose(feats, want, atol=2e-5)
@@ -100,7 +102,9 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     assert rec["Global"]["rec_inference_model_dir"] == str(out)
     assert resolve(load_yaml(out / PADDLECLAS_YAML)).preprocess == run.preprocess
 
-    evaluator = RetrievalEvaluator(run.eval, build_model(run.model_arch(False)), make_mesh())
+    evaluator = RetrievalEvaluator(
+        run.eval, build_model(run.arch, **run.model_options(training=False)), make_mesh()
+    )
     eval_feats = evaluator.features(restore_model(wd).variables, "query")
     paths = list(evaluator.query.paths)
     for model_dir in (load_model_dir(out), restore_model(wd)):

@@ -245,16 +245,16 @@ ARCH = {
     },
     "BackboneStopLayer": {"name": "flatten"},
     "Neck": {"name": "BNNeck", "num_features": 32},
-    "deploy": True,
 }
 
 
 def _tiny_model_dir(path, seed=0, overwrite=False):
     """A random tiny model fed at 48 px (its own preprocessing, not the old 224 default)."""
     import jax
+    from model_testutil import build
 
     from jaxrec.data.preprocess import Preprocess
-    from jaxrec.models import abstract_variables, build_model, save_model_dir
+    from jaxrec.models import abstract_variables, save_model_dir
 
     rng = np.random.default_rng(seed)
 
@@ -266,9 +266,10 @@ def _tiny_model_dir(path, seed=0, overwrite=False):
             return rng.uniform(0.5, 1.5, s.shape).astype("f")
         return rng.normal(0, 0.1, s.shape).astype("f")
 
-    variables = jax.tree_util.tree_map_with_path(f, abstract_variables(build_model(ARCH)))
+    model = build(ARCH, deploy=True)
+    variables = jax.tree_util.tree_map_with_path(f, abstract_variables(model))
     pre = Preprocess(resize=(48, 48))
-    save_model_dir(path, ARCH, variables, preprocess=pre, overwrite=overwrite)
+    save_model_dir(path, ARCH, model, variables, preprocess=pre, overwrite=overwrite)
     return str(path)
 
 

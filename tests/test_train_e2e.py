@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec.config import config_diff, from_plain, to_plain
+from jaxrec.config import config_diff, from_plain, resolve, to_plain
 from jaxrec.errors import CheckpointMismatchError, ConfigChangedError, TrainingDivergedError
 from jaxrec.evaluate import evaluate_workdir
 from jaxrec.training import loop as trainer
@@ -36,7 +36,7 @@ def trained():
     cfg.Global.eval_during_train = True
     cfg.Global.eval_interval = 2
     workdir = os.path.join(tmp.name, "run")
-    metrics = trainer.train(cfg, workdir)
+    metrics = trainer.train(resolve(cfg), workdir)
     yield data, cfg, workdir, metrics
     tmp.cleanup()
 
@@ -79,12 +79,12 @@ def test_checkpoints_config_and_best(trained):
 
 def test_rerun_finished_run_is_a_noop_and_config_change_is_an_error(trained):
     _, cfg, workdir, metrics = trained
-    again = trainer.train(cfg, workdir)  # resumes at the end: nothing to do
+    again = trainer.train(resolve(cfg), workdir)  # resumes at the end: nothing to do
     assert again == metrics
     other = from_plain(to_plain(cfg))
     other.Optimizer.lr.learning_rate = 0.5
     with pytest.raises(ConfigChangedError, match="Optimizer.lr.learning_rate"):
-        trainer.train(other, workdir)
+        trainer.train(resolve(other), workdir)
 
 
 def test_mismatched_checkpoint_is_a_clear_error(trained):
@@ -96,7 +96,7 @@ def test_mismatched_checkpoint_is_a_clear_error(trained):
     other.Global.allow_config_change = True
     with pytest.warns(UserWarning, match="changed config"):
         with pytest.raises(CheckpointMismatchError, match="does not match the model"):
-            trainer.train(other, workdir)
+            trainer.train(resolve(other), workdir)
 
 
 def test_evaluate_workdir(trained, tmp_path):
@@ -139,7 +139,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     cfg.Optimizer.lr.learning_rate = 1e6
     wd = str(tmp_path / "w")
     with pytest.raises(TrainingDivergedError, match=r"NaN/inf at step (\d+)") as err:
-        trainer.train(cfg, wd)
+        trainer.train(resolve(cfg), wd)
     msg = str(err.value)
     bad = int(msg.split("NaN/inf at step ")[1].split()[0])
     # The log counts steps the same way: the last logged step is the one before.
@@ -166,7 +166,7 @@ def test_two_runs_with_several_loader_threads_are_bitwise_equal(tmp_path):
         cfg = tiny_config(data, epochs=2)
         cfg.DataLoader.Train.loader.num_workers = 4
         cfg.Global.checkpoint_every_steps = 0
-        trainer.train(cfg, str(tmp_path / name))
+        trainer.train(resolve(cfg), str(tmp_path / name))
         step, state, meta = read_checkpoint(str(tmp_path / name))
         states.append((step, state, meta["loader"]))
     (s1, a, la), (s2, b, lb) = states
@@ -193,7 +193,7 @@ def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
     cfg.DataLoader.Train.dataset.prepared_dir = prep
     cfg.DataLoader.Train.augment_on_device = True
     ref = str(tmp_path / "ref")
-    trainer.train(cfg, ref)
+    trainer.train(resolve(cfg), ref)
     cut = str(tmp_path / "cut")
     shutil.copytree(ref, cut)
     ck = os.path.join(cut, "checkpoints")
@@ -202,7 +202,7 @@ def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
         if d.isdigit() and int(d) > first:
             shutil.rmtree(os.path.join(ck, d))  # as if killed right after the first checkpoint
     shutil.rmtree(os.path.join(cut, "best"), ignore_errors=True)
-    trainer.train(cfg, cut)
+    trainer.train(resolve(cfg), cut)
     (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(cut)
     assert s1 == s2 > first
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -215,11 +215,11 @@ def test_restore_step_moves_later_checkpoints_aside_and_resumes(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
     cfg = tiny_config(data, epochs=2)
     ref = str(tmp_path / "ref")
-    trainer.train(cfg, ref)
+    trainer.train(resolve(cfg), ref)
     wd = str(tmp_path / "again")
     shutil.copytree(ref, wd)
     steps = Checkpoints(wd).steps("latest")
-    trainer.train(cfg, wd, restore_step=steps[0])
+    trainer.train(resolve(cfg), wd, restore_step=steps[0])
     ck = os.path.join(wd, "checkpoints")
     assert all(os.path.isdir(os.path.join(ck, f"{s}.discarded")) for s in steps[1:])
     (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(wd)
@@ -227,4 +227,4 @@ def test_restore_step_moves_later_checkpoints_aside_and_resumes(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(CheckpointMismatchError, match="--restore_step 999: no such checkpoint"):
-        trainer.train(cfg, wd, restore_step=999)
+        trainer.train(resolve(cfg), wd, restore_step=999)

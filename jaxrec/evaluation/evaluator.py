@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxrec import inputs
 from jaxrec.config.spec import EvalSpec
+from jaxrec.errors import ConfigError
 from jaxrec.evaluation.retrieval import retrieval_metrics
 from jaxrec.ops import l2_normalize
 from jaxrec.parallel import data_sharding, host_array, replicated
@@ -28,7 +29,10 @@ class RetrievalEvaluator:
 
     def __init__(self, spec: EvalSpec, model: Any, mesh: Any) -> None:
         if spec.data is None:
-            raise ValueError("the config has no DataLoader.Eval section to evaluate on")
+            raise ConfigError(
+                "DataLoader.Eval",
+                "is required to evaluate: add Query and Gallery sections (or one) to the config",
+            )
         self.spec, self.model, self.mesh = spec, model, mesh
         self.data = spec.data
         self.query, self.gallery = inputs.eval_sources(self.data)

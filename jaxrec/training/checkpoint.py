@@ -254,7 +254,7 @@ def restore_variables(
         candidates += [("latest", s) for s in reversed(steps_in(wd, "latest"))]
     if not candidates:
         raise CheckpointMismatchError(f"no checkpoint found in {wd}/{LATEST} or {wd}/{BEST}")
-    model = build_model(run.model_arch(training=False))
+    model = build_model(run.arch, **run.model_options(training=False))
     want = abstract_variables(model)
     problems = []
     if step is None and which == "best" and not steps_in(wd, "best"):
@@ -293,11 +293,10 @@ def restore_model(workdir: str | os.PathLike, which: str = "best", step: int | N
     from jaxrec.models import ModelDir, build_model
 
     run, variables, _, desc = restore_variables(workdir, which, step)
-    arch = run.model_arch(training=False)
     return ModelDir(
-        model=build_model(arch),
+        model=build_model(run.arch, **run.model_options(training=False)),
         variables=variables,
-        arch=arch,
+        arch=run.arch_section,
         preprocess=run.preprocess,
         features=run.eval.feature,
         source=desc,
