@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec.config import resolve
+from jaxrec.config import resolve, resolve_arch
 from jaxrec.data.image import decode_image
 from jaxrec.evaluation import RetrievalEvaluator
 from jaxrec.extract import extract_features
@@ -107,14 +107,14 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     )
     eval_feats = evaluator.features(restore_model(wd).variables, "query")
     paths = list(evaluator.query.paths)
-    for model_dir in (load_model_dir(out), restore_model(wd)):
+    for model_dir in (load_model_dir(out, resolve_arch), restore_model(wd)):
         feats, kept = extract_features(model_dir, paths)
         assert kept == paths
         np.testing.assert_allclose(feats, eval_feats, atol=1e-5)
     # Not vacuous: ImageNet normalization at the same size gives other features.
     from dataclasses import replace
 
-    md = load_model_dir(out)
+    md = load_model_dir(out, resolve_arch)
     other = replace(md.preprocess, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     feats, _ = extract_features(md, paths, preprocess=other)
     assert np.max(np.abs(feats - eval_feats)) > 1e-3

@@ -13,7 +13,6 @@ from jaxrec.errors import ArchError
 from jaxrec.models import abstract_variables, count_params, init_variables
 from jaxrec.models.lcnetv2 import block_specs
 
-
 FULL = {
     "name": "RecModel",
     "infer_output_key": "features",

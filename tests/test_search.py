@@ -327,6 +327,7 @@ def _snapshot(d):
 
 
 def test_cli_build_append_remove_query_on_images(tmp_path, gallery, run):
+    from jaxrec.config import resolve_arch
     from jaxrec.extract import extract_features
     from jaxrec.models import load_model_dir
 
@@ -336,7 +337,7 @@ def test_cli_build_append_remove_query_on_images(tmp_path, gallery, run):
                 "--method", "Flat")  # fmt: skip
     assert rc == 0
     # The gallery holds the model's own features: 48 px preprocessing, normalized.
-    md = load_model_dir(model)
+    md = load_model_dir(model, resolve_arch)
     want, _ = extract_features(md, [str(g / n.split("\t")[0]) for n in lines[:6]])
     np.testing.assert_allclose(GalleryIndex.load(str(index)).features, want, atol=1e-6)
     assert _meta(index)["model_fingerprint"] == md.fingerprint()

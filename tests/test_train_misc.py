@@ -113,3 +113,30 @@ def test_distributed_flags_must_come_together():
     with pytest.raises(JaxrecError, match="--process_id"):
         parallel.maybe_initialize_distributed("127.0.0.1:1234", 2, None)
     assert parallel.maybe_initialize_distributed() is False  # plain single-machine run
+
+
+def test_user_errors_are_jaxrec_errors_naming_what_to_fix():
+    """Errors a user can cause are JaxrecErrors, which every command prints as one `error:`
+    line: a run without DataLoader.Eval given to the evaluator, a bad Arch (with its key), a
+    sampler setting the data cannot satisfy, an undecodable image."""
+    from jaxrec.config import resolve_arch
+    from jaxrec.data.image import decode_image
+    from jaxrec.data.sampler import PKSampler
+    from jaxrec.errors import ArchError, ConfigError, ImageDecodeError, SamplerConfigError
+    from jaxrec.evaluation import RetrievalEvaluator
+
+    cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
+    del cfg.DataLoader["Eval"]
+    with pytest.raises(ConfigError) as err:
+        RetrievalEvaluator(resolve(cfg).eval, model=None, mesh=None)
+    assert err.value.key == "DataLoader.Eval" and isinstance(err.value, JaxrecError)
+    arch = {"name": "RecModel", "Backbone": {"name": "PPLCNetV2_base"}, "Head": {"name": "FC"}}
+    with pytest.raises(ArchError) as err:
+        resolve_arch(arch)
+    assert err.value.key == "Arch.Head.embedding_size" and isinstance(err.value, ConfigError)
+    with pytest.raises(SamplerConfigError) as err:
+        PKSampler(np.repeat(np.arange(4), 2), 4, 2, id_list=[0, 1])
+    assert isinstance(err.value, JaxrecError) and "ratio" in str(err.value)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(b"not an image", name="x.jpg")
+    assert isinstance(err.value, JaxrecError) and "x.jpg" in str(err.value)

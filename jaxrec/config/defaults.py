@@ -152,6 +152,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "image_root": None,
     "delimiter": " ",
     "relabel": False,
+    "prepared_dir": None,  # read only with name PreparedDataset (a jaxrec key for Train)
 }
 TRAIN_SAMPLER_DEFAULTS: dict[str, Any] = {
     "sample_method": "sample_avg_prob",
@@ -198,7 +199,7 @@ OP_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _NO_DEFAULT = object()
-_OP_ARG = re.compile(r"\.transform_ops\[\d+\]\.(\w+)\.(\w+)$")
+_OP_ARG = re.compile(r"\[\d+\]\.(\w+)\.(\w+)$")  # ...transform_ops[i].Op.arg
 _DATA = re.compile(r"^DataLoader\.(Train|Eval\.\w+)\.(dataset|sampler|loader)\.(\w+)$")
 _TOPK = re.compile(r"^Metric\.Eval\[\d+\]\.(Recallk|Precisionk)\.topk$")
 
@@ -215,8 +216,10 @@ def key_default(key: str) -> Any:
     if key in KEY_DEFAULTS:
         return KEY_DEFAULTS[key]
     value: Any = _NO_DEFAULT
-    if m := _OP_ARG.search(key):
-        value = OP_DEFAULTS.get(m.group(1), {}).get(m.group(2), _NO_DEFAULT)
+    if _TOPK.match(key):
+        value = list(METRIC_TOPK)
+    elif (m := _OP_ARG.search(key)) and m.group(1) in OP_DEFAULTS:
+        value = OP_DEFAULTS[m.group(1)].get(m.group(2), _NO_DEFAULT)
     elif m := _DATA.match(key):
         which, part, arg = m.groups()
         if part == "sampler":
@@ -224,8 +227,6 @@ def key_default(key: str) -> Any:
         else:
             table = DATASET_DEFAULTS if part == "dataset" else LOADER_DEFAULTS
         value = table.get(arg, _NO_DEFAULT)
-    elif _TOPK.match(key):
-        value = list(METRIC_TOPK)
     if value is _NO_DEFAULT:
         raise KeyError(key)
     return value

@@ -297,7 +297,7 @@ def _train_data(r: Reader) -> TrainDataSpec:
     )
 
 
-def _eval_data(r: Reader) -> EvalDataSpec:
+def _eval_data(r: Reader, batch_size_per_device: int) -> EvalDataSpec:
     base = "DataLoader.Eval"
     parts = list(r.peek(base, {}))
     if "Query" in parts and "Gallery" in parts and len(parts) == 2:
@@ -336,7 +336,7 @@ def _eval_data(r: Reader) -> EvalDataSpec:
         same_lists=same,
         preprocess=chains["query"],
         sampler_batch_size=_pos_int(r, f"{q}.sampler.batch_size"),
-        batch_size_per_device=int(r.get("Global.eval_batch_size_per_device")),
+        batch_size_per_device=batch_size_per_device,
         num_workers=_workers(r, f"{q}.loader.num_workers"),
     )
 
@@ -373,6 +373,8 @@ def _eval(r: Reader, compute_dtype: str) -> EvalSpec:
     if enabled and not has_data:
         raise ConfigError("Global.eval_during_train", "is True but there is no DataLoader.Eval")
     names, topk, keys = _metrics(r)
+    # Read (so accounted for) also without eval data: defaults.fill adds it to every Global.
+    per_device = int(r.get("Global.eval_batch_size_per_device"))
     feature_from = r.get("Global.retrieval_feature_from")
     if feature_from not in ("features", "backbone"):
         raise ConfigError(
@@ -391,7 +393,7 @@ def _eval(r: Reader, compute_dtype: str) -> EvalSpec:
         re_ranking=bool(r.get("Global.re_ranking")),
         block_size=_pos_int(r, "Global.sim_block_size"),
         compute_dtype=compute_dtype if fp16_test else "float32",
-        data=_eval_data(r) if has_data else None,
+        data=_eval_data(r, per_device) if has_data else None,
     )
 
 

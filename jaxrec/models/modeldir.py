@@ -226,12 +226,13 @@ def read_arch(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, bool]]
     return arch, form
 
 
-def read_specs(path: str | os.PathLike) -> tuple[Preprocess, FeatureSpec, bool]:
-    """(preprocess, feature spec, legacy) of a model directory; legacy dirs get LEGACY."""
+def read_specs(path: str | os.PathLike) -> tuple[Preprocess, FeatureSpec | None, bool]:
+    """(preprocess, feature spec, legacy) of a model directory. Version-1 dirs (legacy) get
+    LEGACY and no feature spec: their feature is the Arch's `infer_output_key`, L2-normalized."""
     cfg = read_config(path)
     cfg_file = Path(path) / CONFIG_FILE
     if "preprocess" not in cfg:
-        return LEGACY, FeatureSpec(cfg["Arch"].get("infer_output_key", "features")), True
+        return LEGACY, None, True
     try:
         return (
             Preprocess.from_json(cfg["preprocess"]),
@@ -249,9 +250,12 @@ def load_model_dir(path: str | os.PathLike, resolve_arch: ArchResolver) -> Model
     arch, form = read_arch(path)
     preprocess, features, legacy = read_specs(path)
     try:
-        model = build_model(resolve_arch(arch, "Arch"), **form)
+        resolved = resolve_arch(arch, "Arch")
+        model = build_model(resolved, **form)
     except ValueError as e:
         raise ModelDirError(f"{path / CONFIG_FILE}: {e}") from None
+    if features is None:
+        features = FeatureSpec(resolved.infer_output_key, True)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
