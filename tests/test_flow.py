@@ -71,7 +71,7 @@ def test_training_and_evaluation_use_the_configured_normalization(run_dir):
     assert run.preprocess.input_size == (SIZE, SIZE) and run.preprocess.std == STD
     md = restore_model(wd)
     assert md.preprocess == run.preprocess
-    evaluator = RetrievalEvaluator(
+    evaluator = RetrievalEvaluator.for_model(
         run.eval, build_model(run.arch, **run.model_options(training=False)), make_mesh()
     )
     feats = evaluator.features(md.variables, "query")
@@ -102,7 +102,7 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     assert rec["Global"]["rec_inference_model_dir"] == str(out)
     assert resolve(load_yaml(out / PADDLECLAS_YAML)).preprocess == run.preprocess
 
-    evaluator = RetrievalEvaluator(
+    evaluator = RetrievalEvaluator.for_model(
         run.eval, build_model(run.arch, **run.model_options(training=False)), make_mesh()
     )
     eval_feats = evaluator.features(restore_model(wd).variables, "query")

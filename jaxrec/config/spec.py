@@ -19,15 +19,30 @@ from jaxrec.models.arch import Arch
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DatasetSpec:
-    """One labelled image list (or a prepared dataset), and where in the config it came from."""
+    """One labelled image list (or a prepared or tfds dataset), and where in the config it came
+    from."""
 
     key: str  # e.g. "DataLoader.Train.dataset", for messages
-    kind: str  # "ImageNetDataset" | "VeriWild" | "PreparedDataset"
+    kind: str  # "ImageNetDataset" | "VeriWild" | "PreparedDataset" | "TFDSDataset"
     label_path: str | None
     image_root: str | None
     delimiter: str | None  # None: any whitespace (VeriWild)
     relabel: bool
     prepared_dir: str | None
+    classes: tuple[int, int] | None  # inclusive label range kept (a protocol's classes)
+    tfds: TFDSSpec | None  # with kind TFDSDataset
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TFDSSpec:
+    """A tensorflow-datasets split read offline from a prepared ``data_dir``."""
+
+    name: str
+    split: str
+    data_dir: str | None  # None: tfds's default (~/tensorflow_datasets)
+    image_key: str
+    label_key: str
+    uid_key: str | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +96,7 @@ class EvalSpec:
     feature: FeatureSpec
     re_ranking: bool
     block_size: int  # PaddleClas sim_block_size (query blocks for block-weighted metrics)
+    drop_excluded: bool  # excluded pairs leave the ranking (else similarity 0, PaddleClas)
     compute_dtype: str
     data: EvalDataSpec | None
 
