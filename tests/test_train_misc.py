@@ -128,7 +128,7 @@ def test_user_errors_are_jaxrec_errors_naming_what_to_fix():
     cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
     del cfg.DataLoader["Eval"]
     with pytest.raises(ConfigError) as err:
-        RetrievalEvaluator(resolve(cfg).eval, model=None, mesh=None)
+        RetrievalEvaluator(resolve(cfg).eval, features=None, mesh=None)
     assert err.value.key == "DataLoader.Eval" and isinstance(err.value, JaxrecError)
     arch = {"name": "RecModel", "Backbone": {"name": "PPLCNetV2_base"}, "Head": {"name": "FC"}}
     with pytest.raises(ArchError) as err:
