@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
     from absl import logging
 
     from jaxrec import parallel
+    from jaxrec.config import resolve
     from jaxrec.errors import JaxrecError
     from jaxrec.training import loop as trainer
 
@@ -60,7 +61,8 @@ def main(argv: list[str]) -> None:
 
     try:
         parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-        trainer.train(_CONFIG.value, _WORKDIR.value, restore_step=_RESTORE.value)
+        run = resolve(_CONFIG.value)  # the only reading of the config; run.config keeps it
+        trainer.train(run, _WORKDIR.value, restore_step=_RESTORE.value)
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

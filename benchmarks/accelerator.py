@@ -135,8 +135,8 @@ def run(args: argparse.Namespace, p: dict) -> dict:
     run_ = resolve(_config(p["size"], p["classes"], p["per_device"]))
     b = p["per_device"] * ndev
     res: dict = {"devices": ndev, "device_kind": jax.devices()[0].device_kind, "batch": b}
-    model = build_model(run_.model_arch(training=True, axis_name=AXIS))
-    loss = build_loss(list(run_.loss))
+    model = build_model(run_.arch, **run_.model_options(training=True, axis_name=AXIS))
+    loss = build_loss(run_.loss)
     s = p["size"]
     params, stats = init_params(model, loss, (s, s, 3), jax.random.key(0))
     res["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -218,9 +218,7 @@ def run(args: argparse.Namespace, p: dict) -> dict:
         res["train_loader_device_aug"] = {"compile_s": compile_s, **rate(dt)}
 
     # 5. Inference (eval mode, features), bfloat16.
-    arch = run_.model_arch(training=False)
-    arch["dtype"] = "bfloat16"
-    eval_model = build_model(arch)
+    eval_model = build_model(run_.arch, dtype="bfloat16")
     pixel = run_.train.pixel
 
     def features(variables, images):

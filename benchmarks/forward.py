@@ -52,19 +52,20 @@ def jax_side(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from jaxrec import models
+    from jaxrec.config import resolve_arch
 
     results = {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
     }
-    model = models.build_model(ARCH)
+    model = models.build_model(resolve_arch(ARCH))
     variables = models.init_variables(model, seed=0, image_size=224)
     forms = {"train_form": (model, variables)}
-    deploy_model = models.build_model({**ARCH, "deploy": True})
+    deploy_model = models.build_model(resolve_arch(ARCH), deploy=True)
     forms["deploy_form"] = (deploy_model, models.reparameterize(variables))
     forms["folded_form"] = (
-        models.build_model(models.folded_arch(ARCH)),
+        models.build_model(resolve_arch(ARCH), deploy=True, fold_bn=True),
         models.fold_variables(variables),
     )
     rng = np.random.default_rng(0)
@@ -143,9 +144,10 @@ def depthwise_lowerings(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from jaxrec import models
+    from jaxrec.config import resolve_arch
     from jaxrec.ops.depthwise import forced_lowering
 
-    model = models.build_model(ARCH)
+    model = models.build_model(resolve_arch(ARCH))
     variables = models.init_variables(model, seed=0, image_size=224)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((32, 224, 224, 3), dtype=np.float32))
     fns, outs = {}, {}

@@ -373,12 +373,14 @@ def engine_bench(args: argparse.Namespace, summary: dict) -> None:
     if os.path.exists(pd):
         _run([py, "-m", "jaxrec.convert", "--pdparams", pd, "--out", model_dir, "--overwrite"])
     else:  # no paddle: a random full-size model, fed as a converted PaddleClas model
+        from jaxrec.config import resolve_arch
         from jaxrec.data.preprocess import INFERENCE_REC
         from jaxrec.models import build_model, init_variables, save_model_dir
 
         arch = arch_config()
-        variables = init_variables(build_model(arch))
-        save_model_dir(model_dir, arch, variables, preprocess=INFERENCE_REC, overwrite=True)
+        model = build_model(resolve_arch(arch))
+        variables = init_variables(model)
+        save_model_dir(model_dir, arch, model, variables, preprocess=INFERENCE_REC, overwrite=True)
     t = time.perf_counter()
     _run([py, "-m", "jaxrec.export", "--model", model_dir, "--out", out, "--overwrite"])
     summary["export_seconds"] = round(time.perf_counter() - t, 1)

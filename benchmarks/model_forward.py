@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jaxrec import models
+from jaxrec.config import resolve_arch
 from jaxrec.models import build_model, count_params, init_variables
 from jaxrec.paddle.convert import convert_pdparams
 from jaxrec.paddle.naming import to_paddle_state_dict
@@ -50,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, dtype {args.dtype}")
     arch = dict(ARCH, dtype=args.dtype)
-    model = build_model(arch)
+    model = build_model(resolve_arch(arch))
     t = time.perf_counter()
     v = jax.block_until_ready(init_variables(model))
     print(f"init_variables: {time.perf_counter() - t:.2f} s ({count_params(v['params']):,} params)")
@@ -60,8 +61,8 @@ def main() -> None:
     t = time.perf_counter()
     fv = models.fold_variables(v)
     print(f"fold_variables: {time.perf_counter() - t:.3f} s ({count_params(fv):,} params)")
-    dmodel = build_model(dict(arch, deploy=True))
-    fmodel = build_model(models.folded_arch(arch))
+    dmodel = build_model(resolve_arch(arch), deploy=True)
+    fmodel = build_model(resolve_arch(arch), deploy=True, fold_bn=True)
     f_train_form = jax.jit(lambda v, x: model.apply(v, x)["features"])
     f_fused = jax.jit(lambda v, x: dmodel.apply(v, x)["features"])
     f_folded = jax.jit(lambda v, x: fmodel.apply(v, x)["features"])

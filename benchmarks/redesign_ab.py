@@ -83,7 +83,10 @@ def child_step(steps: int) -> dict:
 
         run = resolve(cfg)
         mesh = make_mesh(jax.devices()[:1])
-        model, loss = build_model(run.model_arch(training=True)), build_loss(list(run.loss))
+        model, loss = (
+            build_model(run.arch, **run.model_options(training=True)),
+            build_loss(run.loss),
+        )
         params, stats = step_lib.init_params(model, loss, (224, 224, 3), jax.random.PRNGKey(0))
         tx, sched = optim.build_optimizer(run.optim, 1000, run.loop.epochs, params, stats)
         state = step_lib.create_state(params, stats, tx, mesh)
@@ -131,7 +134,7 @@ def child_eval() -> dict:
 
         run = resolve(cfg)
         mesh = make_mesh()
-        model = build_model(run.model_arch(training=False))
+        model = build_model(run.arch, **run.model_options(training=False))
         variables = init_variables(model, seed=0, image_size=48)
         evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
 

@@ -80,8 +80,8 @@ def jaxrec_step(steps: int, bs: int, classes: int) -> dict:
     cfg.Arch.Head.class_num = classes
     run = resolve(cfg)
     mesh = make_mesh(jax.devices()[:1])
-    model = build_model(run.model_arch(training=True))
-    loss = build_loss(list(run.loss))
+    model = build_model(run.arch, **run.model_options(training=True))
+    loss = build_loss(run.loss)
     t0 = time.perf_counter()
     params, stats = step_lib.init_params(model, loss, (224, 224, 3), jax.random.PRNGKey(0))
     tx, schedule = optim.build_optimizer(run.optim, 1000, run.loop.epochs, params, stats)

@@ -24,9 +24,10 @@ import json
 import sys
 from pathlib import Path
 
+from jaxrec.config import resolve_arch
 from jaxrec.data.preprocess import INFERENCE_REC
 from jaxrec.errors import JaxrecError
-from jaxrec.models import FeatureSpec, save_model_dir
+from jaxrec.models import FeatureSpec, build_model, save_model_dir
 from jaxrec.paddle.convert import convert_pdparams, export_pdparams, paddleclas_notes
 from jaxrec.paddle.naming import is_fusion_target
 from jaxrec.paddle.pdparams import PdparamsError
@@ -136,9 +137,16 @@ def _from_pdparams(args: argparse.Namespace) -> int:
         seed=args.seed or 0,
     )
     # A converted PaddleClas model is fed as PaddleClas's deploy inference_rec.yaml feeds it.
-    features = FeatureSpec(arch.get("infer_output_key", "features"))
+    features = FeatureSpec(resolve_arch(arch).infer_output_key)
+    model = build_model(resolve_arch(arch), deploy=args.deploy)
     save_model_dir(
-        out, arch, variables, preprocess=INFERENCE_REC, features=features, overwrite=args.overwrite
+        out,
+        arch,
+        model,
+        variables,
+        preprocess=INFERENCE_REC,
+        features=features,
+        overwrite=args.overwrite,
     )
     (out / "conversion_report.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
     print(report.summary())

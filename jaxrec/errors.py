@@ -20,6 +20,19 @@ class ConfigError(JaxrecError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
+class ArchError(ConfigError):
+    """An Arch (config section or a model directory's record) that jaxrec cannot build; `key`
+    names the Arch key, e.g. `Arch.Head.name`."""
+
+
+class SamplerConfigError(JaxrecError):
+    """The PKSampler settings cannot work with this dataset; the message says how to fix them."""
+
+
+class ImageDecodeError(JaxrecError):
+    """An image file could not be read or decoded; the message names the file."""
+
+
 class CheckpointMismatchError(JaxrecError):
     """A checkpoint does not fit the model/optimizer the config builds, or cannot be read."""
 

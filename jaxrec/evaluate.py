@@ -39,7 +39,7 @@ def evaluate_workdir(
     workdir = os.path.abspath(workdir)
     run, variables, n, desc = restore_variables(workdir, which, step)
     mesh = make_mesh()
-    model = build_model(run.model_arch(training=False))
+    model = build_model(run.arch, **run.model_options(training=False))
     evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config import resolve_arch
 from jaxrec.data import image as image_lib
 from jaxrec.data.lists import resolve_images
 from jaxrec.data.preprocess import FeatureSpec, Preprocess
@@ -309,12 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fused(md: ModelDir) -> ModelDir:
-    if md.arch.get("deploy", False):
+    if md.deploy:
         return md
-    arch = {**md.arch, "deploy": True}
-    return dataclasses.replace(
-        md, model=build_model(arch), variables=reparameterize(md.variables), arch=arch
-    )
+    dtype = jnp.dtype(md.model.backbone.dtype).name
+    model = build_model(resolve_arch(md.arch), deploy=True, dtype=dtype)
+    return dataclasses.replace(md, model=model, variables=reparameterize(md.variables))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

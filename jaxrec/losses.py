@@ -2,8 +2,9 @@
 
 Every loss is a small object with a ``name`` (the PaddleClas class name, which is also the logged
 key), ``init(rng) -> params`` (learnable state; empty for all but CenterLoss) and
-``__call__(params, outputs, labels) -> scalar``. ``build_loss`` combines a config list of
-``{Name: {weight: w, **kwargs}}`` entries into a :class:`CombinedLoss`.
+``__call__(params, outputs, labels) -> scalar``. ``build_loss`` combines resolved
+:class:`LossSpec`s (``jaxrec.config.resolve_losses`` reads them from ``Loss.Train``, with every
+argument explicit) into a :class:`CombinedLoss`.
 
 All maths runs in float32, whatever the input dtype (bf16 logits/features are upcast first).
 
@@ -15,6 +16,7 @@ does per GPU (per-GPU triplet mining, ref §13.26). The caller averages the per-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -78,7 +80,7 @@ class CELoss:
 
     name = "CELoss"
 
-    def __init__(self, epsilon: float | None = None, reduction: str = "mean") -> None:
+    def __init__(self, *, epsilon: float | None, reduction: str) -> None:
         if epsilon is not None and not 0.0 < float(epsilon) < 1.0:
             epsilon = None
         self.epsilon = None if epsilon is None else float(epsilon)
@@ -140,14 +142,15 @@ class TripletAngularMarginLoss:
 
     def __init__(
         self,
-        margin: float = 0.5,
-        normalize_feature: bool = True,
-        reduction: str = "mean",
-        add_absolute: bool = False,
-        absolute_loss_weight: float = 1.0,
-        ap_value: float = 0.9,
-        an_value: float = 0.5,
-        feature_from: str = "features",
+        *,
+        margin: float,
+        normalize_feature: bool,
+        reduction: str,
+        add_absolute: bool,
+        absolute_loss_weight: float,
+        ap_value: float,
+        an_value: float,
+        feature_from: str,
     ) -> None:
         self.margin = float(margin)
         self.normalize_feature = bool(normalize_feature)
@@ -203,9 +206,7 @@ class TripletLossV2:
 
     name = "TripletLossV2"
 
-    def __init__(
-        self, margin: float = 0.5, normalize_feature: bool = True, feature_from: str = "features"
-    ) -> None:
+    def __init__(self, *, margin: float, normalize_feature: bool, feature_from: str) -> None:
         self.margin = float(margin)
         self.normalize_feature = bool(normalize_feature)
         self.feature_from = feature_from
@@ -231,7 +232,7 @@ class TripletLoss(TripletLossV2):
 
     name = "TripletLoss"
 
-    def __init__(self, margin: float = 1.0) -> None:
+    def __init__(self, *, margin: float) -> None:
         super().__init__(margin=margin, normalize_feature=False, feature_from="features")
 
 
@@ -246,7 +247,7 @@ class CenterLoss:
 
     name = "CenterLoss"
 
-    def __init__(self, num_classes: int, feat_dim: int, feature_from: str = "features") -> None:
+    def __init__(self, *, num_classes: int, feat_dim: int, feature_from: str) -> None:
         self.num_classes = int(num_classes)
         self.feat_dim = int(feat_dim)
         self.feature_from = feature_from
@@ -321,40 +322,17 @@ class CombinedLoss:
         return total, terms
 
 
-def build_loss(cfg_list: Sequence[Mapping[str, Mapping[str, Any]]] | None) -> CombinedLoss | None:
-    """Build a :class:`CombinedLoss` from the YAML-style ``Loss.Train`` list.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossSpec:
+    """One resolved `Loss.Train` entry: the loss class name, its weight and every constructor
+    argument."""
 
-    Each entry is a one-key mapping ``{Name: {weight: w, ...kwargs}}`` (a dict or an
-    ``ml_collections.ConfigDict``); ``weight`` is required as in PaddleClas. ``None`` gives
-    ``None`` (no loss configured).
-    """
-    if cfg_list is None:
-        return None
-    if isinstance(cfg_list, Mapping) or not isinstance(cfg_list, Sequence):
-        raise TypeError(
-            "the Loss config must be a list of {Name: {weight: w, ...}} entries, "
-            f"got {type(cfg_list).__name__}"
-        )
-    losses, weights = [], []
-    for i, entry in enumerate(cfg_list):
-        if hasattr(entry, "to_dict"):  # ml_collections.ConfigDict entries
-            entry = entry.to_dict()
-        if not isinstance(entry, Mapping) or len(entry) != 1:
-            raise ValueError(
-                f"Loss entry {i} must be a one-key mapping {{Name: {{weight: w, ...}}}}, "
-                f"got {entry!r}"
-            )
-        ((name, kwargs),) = entry.items()
-        kwargs = dict(kwargs or {})
-        if name not in LOSSES:
-            raise ValueError(f"Loss entry {i}: unknown loss {name!r}; known: {sorted(LOSSES)}")
-        if "weight" not in kwargs:
-            raise ValueError(f"Loss entry {i} ({name}) needs a 'weight', got keys {sorted(kwargs)}")
-        weights.append(kwargs.pop("weight"))
-        try:
-            losses.append(LOSSES[name](**kwargs))
-        except TypeError as err:
-            raise ValueError(
-                f"Loss entry {i} ({name}): bad arguments {sorted(kwargs)}: {err}"
-            ) from err
-    return CombinedLoss(losses, weights)
+    name: str
+    weight: float
+    args: Mapping[str, Any]
+
+
+def build_loss(specs: Sequence[LossSpec]) -> CombinedLoss:
+    """The :class:`CombinedLoss` of resolved loss specs (in config order)."""
+    losses = [LOSSES[spec.name](**spec.args) for spec in specs]
+    return CombinedLoss(losses, [spec.weight for spec in specs])

@@ -388,7 +388,14 @@ def source_from_args(args: argparse.Namespace) -> datasets.Source:
         source = datasets.load_list(args.list, args.image_root, delimiter=args.delimiter)
     elif getattr(args, "tfds", None):
         source = tfds_source(
-            TFDSSpec(args.tfds, args.split, args.data_dir, args.image_key, args.label_key)
+            TFDSSpec(
+                name=args.tfds,
+                split=args.split,
+                data_dir=args.data_dir,
+                image_key=args.image_key,
+                label_key=args.label_key,
+                uid_key=None,
+            )
         )
     else:
         source = datasets.load_image_folder(args.folder)

@@ -8,6 +8,7 @@ $TFDS_DATA_DIR) and the model size changed."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -97,16 +98,14 @@ def test_protocol_config_selects_classes_and_splits(module, tfds_dir, monkeypatc
     assert t.tfds.data_dir == tfds_dir
     assert run.eval.data.same_lists  # query == gallery
     assert run.eval.drop_excluded  # each query leaves its own ranking
-    assert run.arch["Head"]["class_num"] == train_cls[1] - train_cls[0] + 1
+    assert run.class_num == train_cls[1] - train_cls[0] + 1
     assert run.eval.keys == ("recall1", "recall2", "recall4", "recall8", "mAP", "MAP@R")
 
     train = inputs.load_source(t)
     query, gallery = inputs.eval_sources(run.eval.data)
     assert query is gallery and (len(train), len(query)) == (n_train, n_eval)
     # The original labels behind the relabelled training set, read straight from tfds.
-    raw = inputs.load_source(
-        type(t)(t.key, t.kind, tfds=t.tfds)  # no classes, no relabel
-    )
+    raw = inputs.load_source(dataclasses.replace(t, classes=None, relabel=False))
     kept = raw.labels[(raw.labels >= train_cls[0]) & (raw.labels <= train_cls[1])]
     np.testing.assert_array_equal(np.unique(train.labels), np.arange(np.unique(kept).size))
     assert np.unique(train.labels).size == {"sop": 6}.get(module, train_cls[1] + 1)
@@ -242,7 +241,7 @@ def test_protocol_config_trains_and_evaluates_end_to_end(tfds_dir, tmp_path, mon
     cfg = _shrink(_protocol("cub200", tfds_dir, monkeypatch), epochs=1)
     cfg.Global.eval_during_train = True
     workdir = str(tmp_path / "run")
-    metrics = trainer.train(cfg, workdir)
+    metrics = trainer.train(resolve(cfg), workdir)
     keys = ["recall1", "recall2", "recall4", "recall8", "mAP", "MAP@R"]
     assert list(metrics) == keys  # the evaluation at the end of the epoch
     res = evaluate_workdir(workdir, which="latest", output=str(tmp_path / "eval"), num_visualize=2)

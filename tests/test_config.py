@@ -258,6 +258,10 @@ def _error(mutate) -> ConfigError:
             ),
             "DataLoader.Train.dataset.transform_ops[1].AutoAugment",
         ),
+        (
+            lambda c: setattr(c.DataLoader.Train.sampler, "ratio", ()),
+            "DataLoader.Train.sampler.id_list",
+        ),
     ],
 )
 def test_unsupported_mirrored_keys_are_errors_naming_the_key(mutate, key):
@@ -297,5 +301,5 @@ def test_paddleclas_sync_bn_switch_is_honoured():
     assert not resolve(c).sync_bn
     c.Arch.use_sync_bn = True  # PaddleClas's key; Global.sync_bn is jaxrec's
     run = resolve(c)
-    assert run.sync_bn and "use_sync_bn" not in run.arch
-    assert run.model_arch(training=True, axis_name="data")["bn_axis_name"] == "data"
+    assert run.sync_bn and "use_sync_bn" not in run.arch_section
+    assert run.model_options(training=True, axis_name="data")["bn_axis_name"] == "data"

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testutil import build
 
 from jaxrec import convert as convert_cli
+from jaxrec.config import resolve, resolve_arch
 from jaxrec.data.preprocess import INFERENCE_REC, Preprocess
 from jaxrec.errors import ModelDirError
 from jaxrec.models import (
     abstract_variables,
-    build_model,
     load_model_dir,
     read_arch,
     reparameterize,
@@ -231,8 +232,8 @@ def test_margin_head_checkpoint(shitu_state, shitu_arch):
 
 def test_deploy_conversion(shitu_state):
     arch, v, _ = convert_pdparams(SHITU, deploy=True, no_head=True)
-    assert arch["deploy"] is True and "Head" not in arch
-    want = abstract_variables(build_model(arch))
+    assert "deploy" not in arch and "Head" not in arch
+    want = abstract_variables(build(arch, deploy=True))
     assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(want)
 
 
@@ -245,8 +246,9 @@ def test_cli_writes_a_loadable_model_dir(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "loaded 135 tensors" in printed and str(out) in printed
     assert (out / "config.json").is_file() and (out / "conversion_report.json").is_file()
-    md = load_model_dir(out)
-    assert md.arch == read_arch(out) and md.arch["Head"]["class_num"] == 10
+    md = load_model_dir(out, resolve_arch)
+    assert (md.arch, {"deploy": False, "fold_bn": False}) == read_arch(out)
+    assert md.arch["Head"]["class_num"] == 10 and not md.deploy
     # converted PaddleClas models are fed like PaddleClas's deploy inference_rec.yaml
     assert md.preprocess == INFERENCE_REC and not md.legacy
     assert md.features.output_key == "features"
@@ -278,8 +280,12 @@ def test_cli_arch_json_and_deploy(tmp_path):
         ["--pdparams", str(SHITU), "--out", str(out), "--arch-json", str(aj), "--deploy"]
     )
     assert rc == 0
-    md = load_model_dir(out)
-    assert md.arch["deploy"] is True
+    md = load_model_dir(out, resolve_arch)
+    assert md.deploy and not md.fold_bn and "deploy" not in md.arch
+    assert json.loads((out / "config.json").read_text())["form"] == {
+        "deploy": True,
+        "fold_bn": False,
+    }
     assert "dw_conv" in md.variables["params"]["backbone"]["stages_3_1"]
     report = json.loads((out / "conversion_report.json").read_text())
     assert "head.fc.weight" in report["unexpected"]
@@ -296,30 +302,56 @@ def test_model_dir_round_trip_and_errors(tmp_path):
         },
         "BackboneStopLayer": {"name": "flatten"},
         "Neck": {"name": "BNNeck", "num_features": 8},
-        "dtype": "bfloat16",
     }
-    av = abstract_variables(build_model(arch))
+    model = build(arch, dtype="bfloat16")  # the compute dtype is not recorded: params are f32
+    av = abstract_variables(model)
     rng = np.random.default_rng(0)
     v = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32), av)
     pre = Preprocess(resize=(48, 48))
-    d = save_model_dir(tmp_path / "m", arch, v, preprocess=pre)
-    md = load_model_dir(d)
-    assert md.arch == arch and md.model.backbone.dtype == jnp.bfloat16 and md.preprocess == pre
+    d = save_model_dir(tmp_path / "m", arch, model, v, preprocess=pre)
+    md = load_model_dir(d, resolve_arch)
+    assert md.arch == arch and md.model.backbone.dtype == jnp.float32 and md.preprocess == pre
+    assert not md.deploy and not md.fold_bn
     for a, b in zip(
         jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(md.variables), strict=True
     ):
         np.testing.assert_array_equal(a, np.asarray(b))
     with pytest.raises(FileExistsError):
-        save_model_dir(tmp_path / "m", arch, v, preprocess=pre)
-    save_model_dir(tmp_path / "m", arch, v, preprocess=pre, overwrite=True)
-    with pytest.raises(ModelDirError, match="deploy"):
-        save_model_dir(tmp_path / "m2", {**arch, "deploy": True}, v, preprocess=pre)
+        save_model_dir(tmp_path / "m", arch, model, v, preprocess=pre)
+    save_model_dir(tmp_path / "m", arch, model, v, preprocess=pre, overwrite=True)
+    with pytest.raises(ModelDirError, match="deploy"):  # variables of the training form
+        save_model_dir(tmp_path / "m2", arch, build(arch, deploy=True), v, preprocess=pre)
+    with pytest.raises(ModelDirError, match="Arch.deploy is not an Arch key"):
+        save_model_dir(tmp_path / "m2", {**arch, "deploy": True}, model, v, preprocess=pre)
+    with pytest.raises(ModelDirError, match="Arch.Neck.num_features"):
+        bad = {**arch, "Neck": {"name": "BNNeck"}}
+        (tmp_path / "m3").mkdir()
+        cfg = json.loads((d / "config.json").read_text())
+        (tmp_path / "m3" / "config.json").write_text(json.dumps({**cfg, "Arch": bad}))
+        load_model_dir(tmp_path / "m3", resolve_arch)
     with pytest.raises(ModelDirError, match="not a jaxrec model directory"):
-        load_model_dir(tmp_path)
+        load_model_dir(tmp_path, resolve_arch)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{\n  oops\n")
     with pytest.raises(ModelDirError, match="line 2"):
-        load_model_dir(tmp_path / "bad")
+        load_model_dir(tmp_path / "bad", resolve_arch)
+
+
+def test_version_2_model_dirs_with_the_form_inside_arch_still_load(tmp_path):
+    """Before version 3 the form (and sometimes a dtype) sat inside Arch; such a directory loads
+    in its form, float32, with the same fingerprint as the version-3 record of the model."""
+    arch = convert.infer_arch(read_pdparams(SHITU), no_head=True)
+    _, v, _ = convert_pdparams(SHITU, deploy=True, no_head=True)
+    d = save_model_dir(tmp_path / "v3", arch, build(arch, deploy=True), v, preprocess=INFERENCE_REC)
+    new = load_model_dir(d, resolve_arch)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["form"]
+    cfg.update(version=2, Arch={**arch, "deploy": True, "dtype": "bfloat16"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    old = load_model_dir(d, resolve_arch)
+    assert old.deploy and not old.fold_bn and old.arch == arch == new.arch
+    assert old.model.backbone.dtype == jnp.float32
+    assert old.fingerprint() == new.fingerprint()
 
 
 def test_load_pdparams_variables_matches_the_model_mapping(shitu_state, shitu_arch):
@@ -423,7 +455,7 @@ def test_full_size_key_list():
     arch["Backbone"] = {"name": "PPLCNetV2_base_ShiTu", "class_expand": 512}
     arch["Neck"]["num_features"] = 512
     arch["Head"].update(embedding_size=512, class_num=7)
-    av = abstract_variables(build_model(arch))
+    av = abstract_variables(build(arch))
     v = jax.tree_util.tree_map(lambda s: np.ones(s.shape, np.float32), av)
     out = convert.paddle_state_dict(v)
     assert len(out) == 287 and sum(a.size for a in out.values()) == 4_778_880 + 512 * 7
@@ -554,7 +586,7 @@ def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
     cfg = tiny_config(data, epochs=1, size=24)
     cfg.Optimizer.lr.warmup_epoch = 0
     workdir = str(tmp_path / "run")
-    trainer.train(cfg, workdir)
+    trainer.train(resolve(cfg), workdir)
     capsys.readouterr()
     f = tmp_path / "run.pdparams"
     assert convert_cli.main(["--to-pdparams", "--workdir", workdir, "--out", str(f)]) == 0

@@ -39,7 +39,7 @@ def test_two_evaluations_compile_once_and_match_the_kernel(tmp_path, no_persiste
     cfg.DataLoader.Eval.Query.sampler.batch_size = 8
     run = resolve(cfg)
     mesh = make_mesh(jax.devices()[:2])
-    model = build_model(run.model_arch(training=False))
+    model = build_model(run.arch, **run.model_options(training=False))
     v1 = init_variables(model, seed=0, image_size=32)
     v2 = init_variables(model, seed=1, image_size=32)
     evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)

@@ -10,11 +10,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+from model_testutil import build
 from PIL import Image
 
 from jaxrec import export as E
+from jaxrec.config import resolve_arch
 from jaxrec.data.preprocess import Preprocess
-from jaxrec.models import abstract_variables, build_model, load_model_dir, save_model_dir
+from jaxrec.models import abstract_variables, build_model, save_model_dir
+from jaxrec.models import load_model_dir as _load_model_dir
 
 SIZE = 32  # tiny images keep the tests fast; the network is fully convolutional
 # The source model's own feeding: not the 224 px default, not ImageNet's mean/std.
@@ -62,9 +65,14 @@ def random_variables(model, seed):
     return jax.tree_util.tree_map_with_path(f, abstract_variables(model, image_size=SIZE))
 
 
+def load_model_dir(path):
+    return _load_model_dir(path, resolve_arch)
+
+
 def make_model_dir(path, seed):
     arch = tiny_arch()
-    save_model_dir(path, arch, random_variables(build_model(arch), seed), preprocess=OWN)
+    model = build(arch)
+    save_model_dir(path, arch, model, random_variables(model, seed), preprocess=OWN)
     return str(path)
 
 
@@ -104,9 +112,8 @@ def test_export_writes_artifacts_and_passes_check(exported):
     assert "[b, 32, 32, 3] NHWC" in rep["artifacts"][E.JAX_EXPORT_FILE]
     # The model dir is the deploy form without the head, fed like the source model.
     md = load_model_dir(out)
-    assert (
-        md.arch["deploy"] is True and "Head" not in md.arch and "head" not in md.variables["params"]
-    )
+    assert md.deploy and not md.fold_bn and "Head" not in md.arch
+    assert "head" not in md.variables["params"]
     assert md.preprocess == OWN and md.features.output_key == "features" and not md.legacy
     bb = md.variables["params"]["backbone"]
     assert "dw_conv" in bb["stages_2_1"]
@@ -166,7 +173,7 @@ def test_onnx_graph_and_runtime(tmp_path):
     import onnx
 
     arch = tiny_arch()
-    v = random_variables(build_model(arch), 0)
+    v = random_variables(build(arch), 0)
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
     proto, _ = E.build_onnx(model, fv, "features", (SIZE, SIZE))
     inp = proto.graph.input[0].type.tensor_type.shape.dim
@@ -182,7 +189,7 @@ def test_onnx_graph_and_runtime(tmp_path):
     assert any(a.name == "group" and a.i > 1 for n in proto.graph.node for a in n.attribute)
     onnx.save(proto, str(tmp_path / "m.onnx"))
     images = E.load_check_images(None, OWN)
-    ref = E.reference_features(build_model(arch), v, images, "features")
+    ref = E.reference_features(build(arch), v, images, "features")
     sess = E.onnx_session(str(tmp_path / "m.onnx"))
     got = np.concatenate(
         [
@@ -215,7 +222,7 @@ def test_jaxpr_to_onnx_is_generic(tmp_path):
     import jax.numpy as jnp
 
     arch = tiny_arch(head=False)
-    v = random_variables(build_model(arch), 2)
+    v = random_variables(build(arch), 2)
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
     x = np.random.default_rng(0).normal(size=(3, SIZE, SIZE, 3)).astype(np.float32)
     fn = lambda a: model.apply(fv, a)["features"]  # noqa: E731
@@ -238,7 +245,7 @@ def test_onnx_tail_is_last_conv_dropout_and_bnneck_in_one_gemm():
     from onnx import numpy_helper
 
     arch = tiny_arch(head=False)
-    v = random_variables(build_model(arch), 3)
+    v = random_variables(build(arch), 3)
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
     proto, _ = E.build_onnx(model, fv, "features", (SIZE, SIZE))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -262,7 +269,7 @@ def test_full_size_onnx_has_the_folded_parameter_count():
         "Head": {"name": "FC", "embedding_size": 512, "class_num": 10},
     }
     ones = jax.tree_util.tree_map(
-        lambda s: np.ones(s.shape, s.dtype), abstract_variables(build_model(arch))
+        lambda s: np.ones(s.shape, s.dtype), abstract_variables(build(arch))
     )
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(ones))
     _, graph = E.build_onnx(model, fv, "features", (224, 224))
@@ -293,7 +300,9 @@ def test_check_fails_for_corrupted_deploy_param_and_onnx(exported, tmp_path, cap
     md = load_model_dir(out)
     v = jax.tree_util.tree_map(np.array, md.variables)  # writable copies
     v["batch_stats"]["backbone"]["stages_3_1"]["pw_conv"]["bn"]["var"][3] *= 1.3
-    save_model_dir(out, md.arch, v, preprocess=md.preprocess, features=md.features, overwrite=True)
+    save_model_dir(
+        out, md.arch, md.model, v, preprocess=md.preprocess, features=md.features, overwrite=True
+    )
     # A corrupted ONNX weight: one depthwise tap changed.
     proto = onnx.load(os.path.join(exported["out"], E.ONNX_FILE))
     init = next(
@@ -424,13 +433,14 @@ def test_export_from_workdir(tmp_path, capsys):
 
     data = make_tiny_dataset(str(tmp_path / "data"), per_class=2)
     cfg = tiny_config(data, size=40)
-    arch = resolve(cfg).model_arch(training=False)
+    run = resolve(cfg)
+    model = build_model(run.arch, **run.model_options(training=False))
     wd = tmp_path / "run"
     save_config(cfg, wd)
     ck = Checkpoints(str(wd))
     variables = {}
     for step, seed in ((3, 4), (7, 5)):
-        variables[step] = random_variables(build_model(arch), seed)
+        variables[step] = random_variables(model, seed)
         params = {"model": variables[step]["params"], "loss": {}}
         state = TrainState(
             step=np.asarray(step, np.int32),

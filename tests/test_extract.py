@@ -14,8 +14,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from model_testutil import build
 
 from jaxrec import extract, models
+from jaxrec.config import resolve, resolve_arch
 from jaxrec.data import image
 from jaxrec.data.preprocess import Preprocess
 from jaxrec.errors import DatasetError
@@ -33,7 +35,7 @@ TINY_ARCH = {
     "BackboneStopLayer": {"name": "flatten"},
     "Neck": {"name": "BNNeck", "num_features": 16},
 }
-TINY_MODEL = models.build_model(TINY_ARCH)
+TINY_MODEL = build(TINY_ARCH)
 # What the tiny model "was trained with": 48 px, its own mean/std, the deploy pixel scale.
 OWN = Preprocess(resize=(48, 48), scale=image.SCALE_DEPLOY, mean=(0.5, 0.4, 0.3), std=(0.2,) * 3)
 
@@ -54,7 +56,7 @@ def tiny_model(tmp_path_factory):
     stats = jax.tree_util.tree_map_with_path(stat, variables["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": stats}
     d = tmp_path_factory.mktemp("model") / "tiny"
-    models.save_model_dir(d, TINY_ARCH, variables, preprocess=OWN)
+    models.save_model_dir(d, TINY_ARCH, TINY_MODEL, variables, preprocess=OWN)
     return str(d), model, variables
 
 
@@ -243,7 +245,7 @@ def test_input_errors(tiny_model, tmp_path, capsys):
 
 def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree):
     mdir, _, variables = tiny_model
-    md = models.load_model_dir(mdir)
+    md = models.load_model_dir(mdir, resolve_arch)
     assert md.preprocess == OWN
     paths = [str(image_tree / n) for n in ("gray.jpg", "b/rocket.jpg", "a/cat.jpg")]
     errors = {}
@@ -288,7 +290,7 @@ def test_training_workdir_as_model(tmp_path, capsys):
     cfg = tiny_config(data, epochs=1, size=24)
     cfg.Optimizer.lr.warmup_epoch = 0
     workdir = str(tmp_path / "run")
-    trainer.train(cfg, workdir)
+    trainer.train(resolve(cfg), workdir)
     out = tmp_path / "w.npy"
     images = str(tmp_path / "data" / "images")
     capsys.readouterr()

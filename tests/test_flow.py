@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec.config import resolve
+from jaxrec.config import resolve, resolve_arch
 from jaxrec.data.image import decode_image
 from jaxrec.evaluation import RetrievalEvaluator
 from jaxrec.extract import extract_features
@@ -48,7 +48,7 @@ def run_dir():
     cfg.Global.eval_during_train = True
     _custom_normalize(cfg)
     wd = os.path.join(tmp.name, "w")
-    trainer.train(cfg, wd)
+    trainer.train(resolve(cfg), wd)
     yield cfg, wd, tmp.name
     tmp.cleanup()
 
@@ -72,7 +72,7 @@ def test_training_and_evaluation_use_the_configured_normalization(run_dir):
     md = restore_model(wd)
     assert md.preprocess == run.preprocess
     evaluator = RetrievalEvaluator.for_model(
-        run.eval, build_model(run.model_arch(False)), make_mesh()
+        run.eval, build_model(run.arch, **run.model_options(training=False)), make_mesh()
     )
     feats = evaluator.features(md.variables, "query")
     want = _manual_features(md, evaluator.query.paths)
@@ -103,18 +103,18 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     assert resolve(load_yaml(out / PADDLECLAS_YAML)).preprocess == run.preprocess
 
     evaluator = RetrievalEvaluator.for_model(
-        run.eval, build_model(run.model_arch(False)), make_mesh()
+        run.eval, build_model(run.arch, **run.model_options(training=False)), make_mesh()
     )
     eval_feats = evaluator.features(restore_model(wd).variables, "query")
     paths = list(evaluator.query.paths)
-    for model_dir in (load_model_dir(out), restore_model(wd)):
+    for model_dir in (load_model_dir(out, resolve_arch), restore_model(wd)):
         feats, kept = extract_features(model_dir, paths)
         assert kept == paths
         np.testing.assert_allclose(feats, eval_feats, atol=1e-5)
     # Not vacuous: ImageNet normalization at the same size gives other features.
     from dataclasses import replace
 
-    md = load_model_dir(out)
+    md = load_model_dir(out, resolve_arch)
     other = replace(md.preprocess, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     feats, _ = extract_features(md, paths, preprocess=other)
     assert np.max(np.abs(feats - eval_feats)) > 1e-3

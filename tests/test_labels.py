@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
+from jaxrec.config import resolve
 from jaxrec.errors import LabelError
 from jaxrec.training import loop as trainer
 
@@ -27,7 +28,7 @@ def test_label_outside_the_head_fails_before_training(tmp_path, label):
     data, cfg = _with_label(tmp_path, 3, label)
     wd = tmp_path / "w"
     with pytest.raises(LabelError) as err:
-        trainer.train(cfg, str(wd))
+        trainer.train(resolve(cfg), str(wd))
     msg = str(err.value)
     assert f"{data['train']} line 3" in msg
     assert f"label {label} " in msg and "4 classes [0, 3]" in msg
@@ -41,5 +42,5 @@ def test_relabel_maps_any_labels_into_the_head(tmp_path):
     cfg.DataLoader.Train.dataset.relabel = True
     cfg.Arch.Head.class_num = 3  # the list has 5 distinct labels after the edit
     with pytest.raises(LabelError, match="label 3 .*3 classes.*5 distinct labels"):
-        trainer.train(cfg, str(tmp_path / "w"))
+        trainer.train(resolve(cfg), str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()  # nothing was trained or written

@@ -11,12 +11,24 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxrec import losses
+from jaxrec.config import resolve_losses
+from jaxrec.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "loss_golden.npz"
 GOLDEN = np.load(FIXTURE)
 META = json.loads(str(GOLDEN["meta_json"]))
 
 PPSHITU = META["ppshitu_0"]["config"]
+
+
+def _build(entries):
+    """The CombinedLoss of a Loss.Train list, resolved as a config's is."""
+    return losses.build_loss(resolve_losses(entries))
+
+
+def _one(name, **args):
+    """One loss object with PaddleClas's defaults for the arguments not given."""
+    return _build([{name: {"weight": 1.0, **args}}]).losses[0]
 
 
 def _case(key):
@@ -45,7 +57,7 @@ def _loss_and_grads(loss, key):
 def test_matches_paddleclas(key):
     cfg = META[key]["config"]
     expected = META[key]["values"]
-    loss = losses.build_loss(cfg)
+    loss = _build(cfg)
     value, terms, (g_feat, g_logit, g_params) = _loss_and_grads(loss, key)
     assert set(terms) == set(expected)
     for name, ref in expected.items():
@@ -63,7 +75,7 @@ def test_matches_paddleclas(key):
 
 def test_spec_53_worked_example():
     """Spec 5.3 numbers: triplet 0.335, CE 0.6521370, total 0.9871370 (and paddle's grads)."""
-    loss = losses.build_loss(PPSHITU)
+    loss = _build(PPSHITU)
     value, terms, (g_feat, g_logit, _) = _loss_and_grads(loss, "spec53")
     np.testing.assert_allclose(float(terms["TripletAngularMarginLoss"]), 0.335, rtol=1e-6)
     np.testing.assert_allclose(float(terms["CELoss"]), 0.6521370, rtol=1e-6)
@@ -85,17 +97,17 @@ def test_ce_label_smoothing_formula():
     for eps in (0.1, 0.5):
         q = (1 - eps) * np.eye(7)[labels] + eps / 7
         expected = -(q * logp).sum(-1).mean()
-        got = losses.CELoss(epsilon=eps)({}, {"logits": logits}, labels)
+        got = _one("CELoss", epsilon=eps)({}, {"logits": logits}, labels)
         np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     plain = -logp[np.arange(5), labels].mean()
     for eps in (None, 0.0, 1.0, 1.5, -0.1):
-        got = losses.CELoss(epsilon=eps)({}, {"logits": logits}, labels[:, None])
+        got = _one("CELoss", epsilon=eps)({}, {"logits": logits}, labels[:, None])
         np.testing.assert_allclose(float(got), plain, rtol=1e-6)
 
 
 def test_bf16_inputs_give_finite_float32_grads():
     feats, logits, labels = _case("ppshitu_0")
-    loss = losses.build_loss(PPSHITU)
+    loss = _build(PPSHITU)
 
     def total(f, z):
         return loss({}, {"features": f, "logits": z}, labels)[0]
@@ -112,7 +124,7 @@ def test_bf16_inputs_give_finite_float32_grads():
 
 def test_triplet_rows_without_negatives_or_unequal_positives():
     """Degenerate batches stay finite; unequal positives give the per-row answer."""
-    tam = losses.TripletAngularMarginLoss(add_absolute=True, absolute_loss_weight=0.1)
+    tam = _one("TripletAngularMarginLoss", add_absolute=True, absolute_loss_weight=0.1)
     f = jnp.asarray(np.random.default_rng(1).standard_normal((4, 8)), jnp.float32)
     same = jnp.zeros((4,), jnp.int32)
     value, grad = jax.value_and_grad(lambda x: tam({}, {"features": x}, same))(f)
@@ -129,7 +141,7 @@ def test_triplet_rows_without_negatives_or_unequal_positives():
     s_ap = np.array([sim[i, labels == labels[i]].min() for i in range(6)])
     s_an = np.array([sim[i, labels != labels[i]].max() for i in range(6)])
     expected = np.maximum(s_an - s_ap + 0.5, 0).mean()
-    got = losses.TripletAngularMarginLoss()({}, {"features": f}, labels)
+    got = _one("TripletAngularMarginLoss")({}, {"features": f}, labels)
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
@@ -137,7 +149,7 @@ def test_shard_map_per_device_mean_then_pmean():
     """Each device mines its own sub-batch (as per-GPU PaddleClas); pmean of the device means."""
     n_dev = 8
     assert jax.device_count() >= n_dev
-    loss = losses.build_loss(PPSHITU)
+    loss = _build(PPSHITU)
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(16), 4).reshape(n_dev, 8)  # 2 ids x 4 per device
     feats = rng.standard_normal((n_dev * 8, 16)).astype(np.float32)
@@ -173,28 +185,34 @@ def test_shard_map_per_device_mean_then_pmean():
 def test_build_loss_errors_and_single_loss_weight_ignored():
     logits = np.random.default_rng(4).standard_normal((3, 5)).astype(np.float32)
     labels = np.array([0, 1, 2])
-    one = losses.build_loss([{"CELoss": {"weight": 7.0}}])
-    two = losses.build_loss([{"CELoss": {"weight": 7.0}}, {"TripletLossV2": {"weight": 0.0}}])
+    one = _build([{"CELoss": {"weight": 7.0}}])
+    two = _build([{"CELoss": {"weight": 7.0}}, {"TripletLossV2": {"weight": 0.0}}])
     feats = np.eye(3, 4, dtype=np.float32)
     v1, t1 = one({}, {"logits": logits, "features": feats}, labels)
     v2, t2 = two({}, {"logits": logits, "features": feats}, labels)
     np.testing.assert_allclose(float(v1) * 7.0, float(v2), rtol=1e-6)
     assert set(t2) == {"CELoss", "TripletLossV2", "loss"}
-    assert losses.build_loss(None) is None
-    with pytest.raises(ValueError, match="weight"):
-        losses.build_loss([{"CELoss": {"epsilon": 0.1}}])
-    with pytest.raises(ValueError, match="unknown loss"):
-        losses.build_loss([{"FooLoss": {"weight": 1.0}}])
-    with pytest.raises(ValueError, match="bad arguments"):
-        losses.build_loss([{"CELoss": {"weight": 1.0, "epsilom": 0.1}}])
+    for entries, key in [
+        (None, "Loss.Train"),
+        ([], "Loss.Train"),
+        ([{"CELoss": {"epsilon": 0.1}}], "Loss.Train[0].CELoss.weight"),
+        ([{"FooLoss": {"weight": 1.0}}], "Loss.Train[0].FooLoss"),
+        ([{"CELoss": {"weight": 1.0, "epsilom": 0.1}}], "Loss.Train[0].CELoss.epsilom"),
+        ([{"CenterLoss": {"weight": 1.0, "num_classes": 5}}], "Loss.Train[0].CenterLoss.feat_dim"),
+        ([{"CELoss": {"weight": 1.0, "reduction": "max"}}], "Loss.Train"),
+        ([{"CELoss": {"weight": 1.0}}, {"CELoss": {"weight": 1.0}}], "Loss.Train"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            resolve_losses(entries)
+        assert err.value.key == key, (entries, str(err.value))
     with pytest.raises(KeyError, match="feature_from"):
-        losses.build_loss([{"TripletLossV2": {"weight": 1.0, "feature_from": "backbone"}}])(
+        _build([{"TripletLossV2": {"weight": 1.0, "feature_from": "backbone"}}])(
             {}, {"features": feats}, labels
         )
 
 
 def test_center_loss_init_and_clip():
-    loss = losses.build_loss([{"CenterLoss": {"weight": 1.0, "num_classes": 5, "feat_dim": 3}}])
+    loss = _build([{"CenterLoss": {"weight": 1.0, "num_classes": 5, "feat_dim": 3}}])
     params = loss.init(jax.random.key(1))
     centers = params["CenterLoss"]["centers"]
     assert centers.shape == (5, 3)
@@ -205,11 +223,19 @@ def test_center_loss_init_and_clip():
 
 
 def test_build_loss_from_the_project_config():
-    """configs/general_v2.py holds the Loss list as ConfigDict entries."""
-    import ml_collections
+    """configs/general_v2.py's Loss.Train, resolved with the whole config, is PP-ShiTuV2's."""
+    import sys
 
-    entries = [ml_collections.ConfigDict(e) for e in PPSHITU]
-    loss = losses.build_loss(entries)
+    from jaxrec.config import resolve
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+    import general_v2
+
+    cfg = general_v2.get_config()
+    cfg.Arch.Backbone.pretrained = False  # no ImageNet weights to point Global.pretrained_model at
+    specs = resolve(cfg).loss
+    assert specs == resolve_losses(PPSHITU)
+    loss = losses.build_loss(specs)
     assert loss.names == ["CELoss", "TripletAngularMarginLoss"]
     value, _, _ = _loss_and_grads(loss, "spec53")
     np.testing.assert_allclose(float(value), 0.9871370, rtol=1e-6)

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testutil import build, build_head
 
-from jaxrec.models import build_model, reparameterize
+from jaxrec.models import reparameterize
 from jaxrec.paddle.convert import convert_pdparams
 from jaxrec.paddle.naming import paddle_key
 
@@ -52,7 +53,7 @@ def test_shitu_arch_inferred_from_checkpoint(shitu):
 
 def test_shitu_eval_matches_paddle(shitu):
     gold, arch, variables, _, x = shitu
-    model = build_model(arch)
+    model = build(arch)
     out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     assert set(out) == {"backbone", "neck", "features", "logits"}
     for key in ("backbone", "neck", "features", "logits"):
@@ -65,7 +66,7 @@ def test_shitu_train_mode_matches_paddle(shitu):
     sides (see tools/golden_model.py)."""
     gold, arch, variables, _, x = shitu
     arch = dict(arch, Backbone=dict(arch["Backbone"], dropout_prob=0.0))
-    model = build_model(arch)
+    model = build(arch)
     labels = jnp.asarray(gold["label"])  # [N, 1] as the Paddle engine passes them
     out, updates = jax.jit(
         lambda v, x, y: model.apply(v, x, labels=y, train=True, mutable=["batch_stats"])
@@ -85,7 +86,7 @@ def test_shitu_train_gradients_match_paddle(shitu):
     from jaxrec.paddle.naming import jaxrec_path, to_paddle_layout
 
     arch = dict(arch, Backbone=dict(arch["Backbone"], dropout_prob=0.0))
-    model = build_model(arch)
+    model = build(arch)
     r1, r2 = jnp.asarray(gold["grad_r_logits"]), jnp.asarray(gold["grad_r_features"])
 
     def scalar(params):
@@ -114,7 +115,7 @@ def test_shitu_train_gradients_match_paddle(shitu):
 
 def test_shitu_deploy_matches_paddle_reparameterized(shitu):
     gold, arch, variables, _, x = shitu
-    model = build_model(dict(arch, deploy=True))
+    model = build(arch, deploy=True)
     out = jax.jit(lambda v, x: model.apply(v, x))(reparameterize(variables), x)
     for key in ("backbone", "features", "logits"):
         assert rel_err(out[key], gold[f"deploy_{key}"]) < 1e-4, key
@@ -141,10 +142,10 @@ def test_imagenet_classifier_matches_paddle():
         FIX / "model_imagenet.pdparams", target="imagenet", strict=True
     )
     assert arch["name"] == "PPLCNetV2" and arch["class_num"] == 7 and arch["class_expand"] == 48
-    model = build_model(arch)
+    model = build(arch)
     out = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
     assert rel_err(out["logits"], gold["eval_logits"]) < 1e-4
-    model0 = build_model(dict(arch, dropout_prob=0.0))
+    model0 = build(dict(arch, dropout_prob=0.0))
     out, _ = jax.jit(lambda v, x: model0.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables, x
     )
@@ -161,12 +162,10 @@ def test_imagenet_classifier_matches_paddle():
     ],
 )
 def test_margin_heads_match_paddle(name, cfg):
-    from jaxrec.models.recmodel import _build_head
-
     gold = np.load(FIX / "model_heads.npz")
     feats, label = jnp.asarray(gold["features"]), jnp.asarray(gold["label"])
     w = gold[f"{name}_weight"]
-    head = _build_head({**cfg, "embedding_size": w.shape[0], "class_num": w.shape[1]}, jnp.float32)
+    head = build_head({**cfg, "embedding_size": w.shape[0], "class_num": w.shape[1]})
     params = {"params": {"weight": jnp.asarray(w)}}
     ev = head.apply(params, feats, label, train=False)
     assert rel_err(ev, gold[f"{name}_eval"]) < 1e-5

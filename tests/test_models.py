@@ -7,16 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testutil import build, build_head
 
-from jaxrec.models import (
-    ArchError,
-    abstract_variables,
-    build_model,
-    count_params,
-    init_variables,
-)
+from jaxrec.errors import ArchError
+from jaxrec.models import abstract_variables, count_params, init_variables
 from jaxrec.models.lcnetv2 import block_specs
-from jaxrec.models.recmodel import _build_head
 
 FULL = {
     "name": "RecModel",
@@ -67,7 +62,7 @@ def tiny(head=None, **top):
 
 
 def test_full_size_parameter_counts_match_spec():
-    av = abstract_variables(build_model(FULL))
+    av = abstract_variables(build(FULL))
     p = av["params"]
     assert count_params(p) == 103_240_192
     assert count_params({k: v for k, v in p.items() if k != "head"}) == 4_622_848
@@ -90,7 +85,7 @@ def test_full_size_parameter_counts_match_spec():
 
 def test_full_size_deploy_counts_match_spec():
     arch = {k: v for k, v in FULL.items() if k != "Head"}
-    av = abstract_variables(build_model({**arch, "deploy": True}))
+    av = abstract_variables(build(arch, deploy=True))
     assert count_params(av["params"]) == 4_558_336
     assert count_params(av["batch_stats"]) == 17_280
 
@@ -98,15 +93,15 @@ def test_full_size_deploy_counts_match_spec():
 def test_full_size_imagenet_counts():
     # Reference (Paddle 3.3.1, PPLCNetV2_base()): 6,841,192 state-dict numbers, of which
     # 40,832 BN running stats and 113,152 unused rep fusion targets -> 6,687,208 learnable.
-    av = abstract_variables(build_model({"name": "PPLCNetV2_base"}))
+    av = abstract_variables(build({"name": "PPLCNetV2_base"}))
     assert count_params(av["params"]) == 6_687_208
     assert count_params(av["batch_stats"]) == 40_832
-    dv = abstract_variables(build_model({"name": "PPLCNetV2_base", "deploy": True}))
+    dv = abstract_variables(build({"name": "PPLCNetV2_base"}, deploy=True))
     assert count_params(dv["params"]) + count_params(dv["batch_stats"]) == 6_640_488  # "6.64 M"
 
 
 def test_full_size_layer_shapes():
-    p = abstract_variables(build_model(FULL))["params"]["backbone"]
+    p = abstract_variables(build(FULL))["params"]["backbone"]
     assert p["stem_0"]["conv"]["kernel"].shape == (3, 3, 3, 32)
     assert p["stem_1"]["dw_conv"]["conv"]["kernel"].shape == (3, 3, 1, 32)
     # stride-2 rep block: 5x5 and 3x3 branches only; stride-1 blocks also have the 1x1 branch
@@ -121,7 +116,7 @@ def test_full_size_layer_shapes():
     assert p["stages_2_0"]["pw_conv_1"]["conv"]["kernel"].shape == (1, 1, 256, 256)
     assert p["last_conv"]["kernel"].shape == (1, 1, 1024, 512)
     assert p["last_conv"]["bias"].shape == (512,)
-    imnet = abstract_variables(build_model({"name": "PPLCNetV2_base"}))["params"]["backbone"]
+    imnet = abstract_variables(build({"name": "PPLCNetV2_base"}))["params"]["backbone"]
     assert "dw_conv_list_2" not in imnet["stages_3_0"]
     assert "bias" not in imnet["last_conv"]
     assert imnet["fc"]["kernel"].shape == (1280, 1000)
@@ -173,7 +168,7 @@ def shapes(model, train=False, labels=True):
 )
 @pytest.mark.parametrize("train", [False, True])
 def test_output_shapes_every_head(head, train):
-    got = shapes(build_model(tiny(head)), train=train)
+    got = shapes(build(tiny(head)), train=train)
     want = {"backbone": (3, 16), "neck": (3, 16), "features": (3, 16)}
     if head is not None:
         want["logits"] = (3, 5)
@@ -182,15 +177,15 @@ def test_output_shapes_every_head(head, train):
 
 def test_imagenet_classifier_shapes():
     arch = {"name": "PPLCNetV2", "scale": 0.125, "depths": [1, 1, 2, 2], "class_num": 7}
-    assert shapes(build_model(arch))["logits"] == (3, 7)
-    assert shapes(build_model(arch), train=True)["backbone"] == (3, 7)
+    assert shapes(build(arch))["logits"] == (3, 7)
+    assert shapes(build(arch), train=True)["backbone"] == (3, 7)
     # PPLCNetV2_base also accepts the reduced-size keys
-    m2 = build_model({"name": "PPLCNetV2_base", "scale": 0.125, "depths": [1, 1, 1, 1]})
+    m2 = build({"name": "PPLCNetV2_base", "scale": 0.125, "depths": [1, 1, 1, 1]})
     assert shapes(m2)["logits"] == (3, 1000)
 
 
 def test_deploy_form_shapes():
-    model = build_model(tiny({"name": "FC"}, deploy=True))
+    model = build(tiny({"name": "FC"}), deploy=True)
     bb = abstract_variables(model)["params"]["backbone"]
     assert set(bb["stages_3_1"]["dw_conv"]) == {"kernel", "bias"}
     assert bb["stages_3_1"]["dw_conv"]["kernel"].shape == (5, 5, 1, 128)
@@ -210,7 +205,7 @@ SHARED = tiny(
 @pytest.fixture(scope="module")
 def shared():
     """(model, variables, x, eval outputs) of one tiny ShiTu RecModel, computed once."""
-    model = build_model(SHARED)
+    model = build(SHARED)
     v = init_variables(model, seed=1)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
     out = jax.jit(lambda v, x: model.apply(v, x))(v, x)
@@ -219,7 +214,7 @@ def shared():
 
 def test_bf16_compute_keeps_fp32_params(shared):
     model, v, x, ref = shared
-    m16 = build_model(dict(SHARED, dtype="bfloat16"))
+    m16 = build(SHARED, dtype="bfloat16")
     assert {a.dtype for a in jax.tree_util.tree_leaves(v)} == {jnp.dtype(jnp.float32)}
     out = jax.jit(lambda v, x: m16.apply(v, x))(v, x)
     assert out["features"].dtype == jnp.bfloat16
@@ -247,7 +242,7 @@ def test_labels_n_and_n1_agree():
 def test_dropout_in_backbone(shared):
     """Eval: last_conv output x 0.8; train: masked, unscaled; needs the "dropout" rng."""
     model, v, x, out = shared
-    m0 = build_model(dict(SHARED, Backbone=dict(SHARED["Backbone"], dropout_prob=0.0)))
+    m0 = build(dict(SHARED, Backbone=dict(SHARED["Backbone"], dropout_prob=0.0)))
     b0 = np.asarray(jax.jit(lambda v, x: m0.apply(v, x)["backbone"])(v, x))
     np.testing.assert_allclose(np.asarray(out["backbone"]), b0 * np.float32(0.8), rtol=1e-6)
 
@@ -272,7 +267,7 @@ COS = np.array([[1.0, 0.0, R], [0.0, 1.0, R]])
 
 
 def _head(cfg):
-    return _build_head({**cfg, "embedding_size": 2, "class_num": 3}, jnp.float32)
+    return build_head({**cfg, "embedding_size": 2, "class_num": 3})
 
 
 @pytest.mark.parametrize(
@@ -377,7 +372,7 @@ def test_initializers_follow_spec(shared):
     assert not np.asarray(st["mean"]).any() and (np.asarray(st["var"]) == 1).all()
     neck = v["params"]["neck"]["feat_bn"]
     assert (np.asarray(neck["scale"]) == 1).all() and not np.asarray(neck["bias"]).any()
-    arc = _build_head({"name": "ArcMargin", "embedding_size": 16, "class_num": 2000}, jnp.float32)
+    arc = build_head({"name": "ArcMargin", "embedding_size": 16, "class_num": 2000})
     w = np.asarray(arc.init(jax.random.key(0), jnp.ones((1, 16)))["params"]["weight"])
     assert std(w) == pytest.approx(math.sqrt(2 / (16 + 2000)), rel=0.05)  # XavierNormal
 
@@ -395,7 +390,8 @@ def test_initializers_follow_spec(shared):
         (tiny({"name": "CircleMargin", "margin": 0.2}), "scale"),
         ({**tiny(), "Neck": {"name": "BNNeck"}}, "num_features"),
         ({**tiny(), "Neck": {"name": "BNNeck", "num_features": 16, "momentum": 0.1}}, "momentum"),
-        ({**tiny(), "dtype": "float64"}, "dtype"),
+        ({**tiny(), "dtype": "float32"}, "dtype"),
+        ({**tiny(), "deploy": True}, "deploy"),
         ({**tiny(), "BackboneStopLayer": {"name": "stages"}}, "stages"),
         ({**tiny(), "Backbone": {"name": "ResNet50"}}, "ResNet50"),
         ({"name": "DistillationModel"}, "DistillationModel"),
@@ -407,24 +403,25 @@ def test_initializers_follow_spec(shared):
     ],
 )
 def test_arch_errors_name_the_problem(arch, needle):
-    with pytest.raises(ArchError, match=needle):
-        build_model(arch)
+    with pytest.raises(ArchError, match=needle) as err:
+        build(arch)
+    assert err.value.key.startswith("Arch") and needle in str(err.value)
 
 
 def test_neck_width_mismatch_is_reported():
     arch = tiny()
     arch["Neck"] = {"name": "BNNeck", "num_features": 32}
     with pytest.raises(ValueError, match="num_features=32"):
-        abstract_variables(build_model(arch))
+        abstract_variables(build(arch))
 
 
 def test_init_keys_are_accepted():
-    m = build_model(FULL)
+    m = build(FULL)
     assert m.head.class_num == 192612 and m.backbone.shitu and m.backbone.class_expand == 512
 
 
 def test_bn_axis_name_synchronizes_batch_statistics():
-    """Arch key bn_axis_name: per-device BN under shard_map then equals full-batch BN."""
+    """build(bn_axis_name=...): per-device BN under shard_map then equals full-batch BN."""
     from jax.sharding import PartitionSpec as P
 
     from jaxrec.models import BNNeck
@@ -448,10 +445,11 @@ def test_bn_axis_name_synchronizes_batch_statistics():
         np.asarray(ref_upd["batch_stats"]["feat_bn"]["var"]),
         rtol=1e-5,
     )
-    arch = tiny(bn_axis_name="data")
-    assert build_model(arch).backbone.bn_axis_name == "data"
-    with pytest.raises(ArchError, match="bn_axis_name"):
-        build_model(tiny(bn_axis_name=3))
+    assert build(tiny(), bn_axis_name="data").backbone.bn_axis_name == "data"
+    with pytest.raises(ValueError, match="bn_axis_name"):
+        build(tiny(), bn_axis_name=3)
+    with pytest.raises(ValueError, match="dtype"):
+        build(tiny(), dtype="float64")
 
 
 @pytest.mark.parametrize("k,stride,size", [(5, 1, 7), (3, 2, 8)])

@@ -155,9 +155,10 @@ def test_backbone_size_keys_paddleclas_builds_in_are_dropped(tmp_path):
     assert "Arch.Backbone.scale: 1.0 dropped" in text and "size extension" not in text
     back = resolve(load_yaml(_written(tmp_path, c)))
     want = resolve(_reset_dropped(c))
-    assert back.arch["Backbone"] == {
-        k: v for k, v in want.arch["Backbone"].items() if k not in ("scale", "depths")
+    assert back.arch_section["Backbone"] == {
+        k: v for k, v in want.arch_section["Backbone"].items() if k not in ("scale", "depths")
     }
+    assert back.arch == want.arch  # the same resolved Arch: PaddleClas's base sizes
     assert build_model(back.arch) == build_model(want.arch)  # the same model
 
 

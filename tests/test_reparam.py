@@ -7,14 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_testutil import build
 
 from jaxrec.models import (
-    ArchError,
     abstract_variables,
-    build_model,
     count_params,
     fold_variables,
-    folded_arch,
     init_variables,
     reparameterize,
 )
@@ -65,7 +63,7 @@ ARCHS = {
 @pytest.mark.parametrize("which", sorted(ARCHS))
 def test_fused_model_matches_multi_branch(which):
     arch = ARCHS[which]
-    model, dmodel = build_model(arch), build_model({**arch, "deploy": True})
+    model, dmodel = build(arch), build(arch, deploy=True)
     v = randomize(init_variables(model), seed=3)
     before = copy.deepcopy(jax.tree_util.tree_map(np.asarray, v))
     dv = reparameterize(v)
@@ -136,7 +134,7 @@ def test_reparameterize_without_rep_blocks_is_identity():
 def test_folded_model_matches_training_form(which):
     """fold_variables: no BatchNorm left, every output key equal in eval, deploy form in too."""
     arch = ARCHS[which]
-    model, fmodel = build_model(arch), build_model(folded_arch(arch))
+    model, fmodel = build(arch), build(arch, deploy=True, fold_bn=True)
     v = randomize(init_variables(model), seed=5)
     fv = fold_variables(v)
     want = abstract_variables(fmodel)
@@ -156,8 +154,8 @@ def test_folded_model_matches_training_form(which):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="cannot train"):
         fmodel.apply(fv, x, train=True)
-    with pytest.raises(ArchError, match="fold_bn"):
-        build_model({**arch, "fold_bn": True})
+    with pytest.raises(ValueError, match="fold_bn"):
+        build(arch, fold_bn=True)
 
 
 def test_full_size_folded_count():
@@ -170,10 +168,10 @@ def test_full_size_folded_count():
         "BackboneStopLayer": {"name": "flatten"},
         "Neck": {"name": "BNNeck", "num_features": 512},
     }
-    folded = abstract_variables(build_model(folded_arch(arch)))
+    folded = abstract_variables(build(arch, deploy=True, fold_bn=True))
     assert count_params(folded) == 4_549_184 + 2 * 512
     ones = jax.tree_util.tree_map(
-        lambda s: np.ones(s.shape, s.dtype), abstract_variables(build_model(arch))
+        lambda s: np.ones(s.shape, s.dtype), abstract_variables(build(arch))
     )
     fv = fold_variables(ones)
     assert jax.tree_util.tree_structure(fv) == jax.tree_util.tree_structure(folded)

@@ -132,6 +132,8 @@ def test_first_appearance_positions():
         (dict(batch_size=8, sample_per_id=4, id_list=[3, 1], ratio=[2.0]), "start <= end"),
         (dict(batch_size=8, sample_per_id=4, id_list=[9, 12], ratio=[2.0]), "beyond the 5 ids"),
         (dict(batch_size=12, sample_per_id=4, id_list=[0, 2], ratio=[0.0]), "non-zero"),
+        (dict(batch_size=8, sample_per_id=4, id_list=[0, 2]), "go together"),
+        (dict(batch_size=8, sample_per_id=4, ratio=[2.0]), "go together"),
     ],
 )
 def test_preconditions(kwargs, match):

@@ -245,16 +245,16 @@ ARCH = {
     },
     "BackboneStopLayer": {"name": "flatten"},
     "Neck": {"name": "BNNeck", "num_features": 32},
-    "deploy": True,
 }
 
 
 def _tiny_model_dir(path, seed=0, overwrite=False):
     """A random tiny model fed at 48 px (its own preprocessing, not the old 224 default)."""
     import jax
+    from model_testutil import build
 
     from jaxrec.data.preprocess import Preprocess
-    from jaxrec.models import abstract_variables, build_model, save_model_dir
+    from jaxrec.models import abstract_variables, save_model_dir
 
     rng = np.random.default_rng(seed)
 
@@ -266,9 +266,10 @@ def _tiny_model_dir(path, seed=0, overwrite=False):
             return rng.uniform(0.5, 1.5, s.shape).astype("f")
         return rng.normal(0, 0.1, s.shape).astype("f")
 
-    variables = jax.tree_util.tree_map_with_path(f, abstract_variables(build_model(ARCH)))
+    model = build(ARCH, deploy=True)
+    variables = jax.tree_util.tree_map_with_path(f, abstract_variables(model))
     pre = Preprocess(resize=(48, 48))
-    save_model_dir(path, ARCH, variables, preprocess=pre, overwrite=overwrite)
+    save_model_dir(path, ARCH, model, variables, preprocess=pre, overwrite=overwrite)
     return str(path)
 
 
@@ -326,6 +327,7 @@ def _snapshot(d):
 
 
 def test_cli_build_append_remove_query_on_images(tmp_path, gallery, run):
+    from jaxrec.config import resolve_arch
     from jaxrec.extract import extract_features
     from jaxrec.models import load_model_dir
 
@@ -335,7 +337,7 @@ def test_cli_build_append_remove_query_on_images(tmp_path, gallery, run):
                 "--method", "Flat")  # fmt: skip
     assert rc == 0
     # The gallery holds the model's own features: 48 px preprocessing, normalized.
-    md = load_model_dir(model)
+    md = load_model_dir(model, resolve_arch)
     want, _ = extract_features(md, [str(g / n.split("\t")[0]) for n in lines[:6]])
     np.testing.assert_allclose(GalleryIndex.load(str(index)).features, want, atol=1e-6)
     assert _meta(index)["model_fingerprint"] == md.fingerprint()

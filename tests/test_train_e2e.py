@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec.config import config_diff, from_plain, to_plain
+from jaxrec.config import config_diff, from_plain, resolve, to_plain
 from jaxrec.errors import CheckpointMismatchError, ConfigChangedError, TrainingDivergedError
 from jaxrec.evaluate import evaluate_workdir
 from jaxrec.training import loop as trainer
@@ -37,7 +37,7 @@ def trained():
     cfg.Global.eval_during_train = True
     cfg.Global.eval_interval = 2
     workdir = os.path.join(tmp.name, "run")
-    metrics = trainer.train(cfg, workdir)
+    metrics = trainer.train(resolve(cfg), workdir)
     yield data, cfg, workdir, metrics
     tmp.cleanup()
 
@@ -80,12 +80,12 @@ def test_checkpoints_config_and_best(trained):
 
 def test_rerun_finished_run_is_a_noop_and_config_change_is_an_error(trained):
     _, cfg, workdir, metrics = trained
-    again = trainer.train(cfg, workdir)  # resumes at the end: nothing to do
+    again = trainer.train(resolve(cfg), workdir)  # resumes at the end: nothing to do
     assert again == metrics
     other = from_plain(to_plain(cfg))
     other.Optimizer.lr.learning_rate = 0.5
     with pytest.raises(ConfigChangedError, match="Optimizer.lr.learning_rate"):
-        trainer.train(other, workdir)
+        trainer.train(resolve(other), workdir)
 
 
 def test_mismatched_checkpoint_is_a_clear_error(trained):
@@ -97,7 +97,7 @@ def test_mismatched_checkpoint_is_a_clear_error(trained):
     other.Global.allow_config_change = True
     with pytest.warns(UserWarning, match="changed config"):
         with pytest.raises(CheckpointMismatchError, match="does not match the model"):
-            trainer.train(other, workdir)
+            trainer.train(resolve(other), workdir)
 
 
 def test_evaluate_workdir(trained, tmp_path):
@@ -140,7 +140,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     cfg.Optimizer.lr.learning_rate = 1e6
     wd = str(tmp_path / "w")
     with pytest.raises(TrainingDivergedError, match=r"NaN/inf at step (\d+)") as err:
-        trainer.train(cfg, wd)
+        trainer.train(resolve(cfg), wd)
     msg = str(err.value)
     bad = int(msg.split("NaN/inf at step ")[1].split()[0])
     # The log counts steps the same way: the last logged step is the one before.
@@ -167,7 +167,7 @@ def test_two_runs_with_several_loader_threads_are_bitwise_equal(tmp_path):
         cfg = tiny_config(data, epochs=2)
         cfg.DataLoader.Train.loader.num_workers = 4
         cfg.Global.checkpoint_every_steps = 0
-        trainer.train(cfg, str(tmp_path / name))
+        trainer.train(resolve(cfg), str(tmp_path / name))
         step, state, meta = read_checkpoint(str(tmp_path / name))
         states.append((step, state, meta["loader"]))
     (s1, a, la), (s2, b, lb) = states
@@ -194,7 +194,7 @@ def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
     cfg.DataLoader.Train.dataset.prepared_dir = prep
     cfg.DataLoader.Train.augment_on_device = True
     ref = str(tmp_path / "ref")
-    trainer.train(cfg, ref)
+    trainer.train(resolve(cfg), ref)
     cut = str(tmp_path / "cut")
     shutil.copytree(ref, cut)
     ck = str(Workdir(cut).checkpoints("latest"))
@@ -203,7 +203,7 @@ def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
         if d.isdigit() and int(d) > first:
             shutil.rmtree(os.path.join(ck, d))  # as if killed right after the first checkpoint
     shutil.rmtree(Workdir(cut).checkpoints("best"), ignore_errors=True)
-    trainer.train(cfg, cut)
+    trainer.train(resolve(cfg), cut)
     (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(cut)
     assert s1 == s2 > first
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -216,11 +216,11 @@ def test_restore_step_moves_later_checkpoints_aside_and_resumes(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "d"), train_classes=4, per_class=8)
     cfg = tiny_config(data, epochs=2)
     ref = str(tmp_path / "ref")
-    trainer.train(cfg, ref)
+    trainer.train(resolve(cfg), ref)
     wd = str(tmp_path / "again")
     shutil.copytree(ref, wd)
     steps = Checkpoints(wd).steps("latest")
-    trainer.train(cfg, wd, restore_step=steps[0])
+    trainer.train(resolve(cfg), wd, restore_step=steps[0])
     ck = str(Workdir(wd).checkpoints("latest"))
     assert all(os.path.isdir(os.path.join(ck, f"{s}.discarded")) for s in steps[1:])
     (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(wd)
@@ -228,4 +228,4 @@ def test_restore_step_moves_later_checkpoints_aside_and_resumes(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(CheckpointMismatchError, match="--restore_step 999: no such checkpoint"):
-        trainer.train(cfg, wd, restore_step=999)
+        trainer.train(resolve(cfg), wd, restore_step=999)

@@ -57,8 +57,8 @@ def _bn_stats_after_one_step(sync_bn: bool):
     cfg.Global.sync_bn = sync_bn
     run = resolve(cfg)
     mesh = parallel.make_mesh(jax.devices()[:8])
-    model = build_model(run.model_arch(training=True, axis_name=parallel.AXIS))
-    loss = build_loss(list(run.loss))
+    model = build_model(run.arch, **run.model_options(training=True, axis_name=parallel.AXIS))
+    loss = build_loss(run.loss)
     params, stats = step_lib.init_params(model, loss, (16, 16, 3), jax.random.PRNGKey(0))
     labels = optim.param_labels(params, stats)
     tx = optim.make_optimizer(optax.constant_schedule(0.1), labels, momentum=0.9)
@@ -75,7 +75,8 @@ def _bn_stats_after_one_step(sync_bn: bool):
 
     plain_cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4}, size=16)
     plain_cfg.Arch.Backbone.dropout_prob = 0.0
-    plain = build_model(resolve(plain_cfg).model_arch(training=True))
+    plain_run = resolve(plain_cfg)
+    plain = build_model(plain_run.arch, **plain_run.model_options(training=True))
     _, mut = plain.apply(
         {"params": params0, "batch_stats": stats0},
         step_lib.to_model_input(jnp.asarray(batch["image"]), PixelNorm(), jnp.float32),
@@ -95,10 +96,10 @@ def _max_abs_diff(a, b) -> float:
 @pytest.mark.slow
 def test_sync_bn_step_matches_global_batch_statistics():
     cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
-    assert "bn_axis_name" not in resolve(cfg).model_arch(training=True, axis_name="data")
+    assert resolve(cfg).model_options(training=True, axis_name="data")["bn_axis_name"] is None
     cfg.Global.sync_bn = True
-    assert resolve(cfg).model_arch(training=True, axis_name="data")["bn_axis_name"] == "data"
-    assert "bn_axis_name" not in resolve(cfg).model_arch(training=False)  # eval model
+    assert resolve(cfg).model_options(training=True, axis_name="data")["bn_axis_name"] == "data"
+    assert resolve(cfg).model_options(training=False)["bn_axis_name"] is None  # eval model
 
     synced, full = _bn_stats_after_one_step(sync_bn=True)
     assert _max_abs_diff(synced, full) < 1e-4
@@ -112,3 +113,30 @@ def test_distributed_flags_must_come_together():
     with pytest.raises(JaxrecError, match="--process_id"):
         parallel.maybe_initialize_distributed("127.0.0.1:1234", 2, None)
     assert parallel.maybe_initialize_distributed() is False  # plain single-machine run
+
+
+def test_user_errors_are_jaxrec_errors_naming_what_to_fix():
+    """Errors a user can cause are JaxrecErrors, which every command prints as one `error:`
+    line: a run without DataLoader.Eval given to the evaluator, a bad Arch (with its key), a
+    sampler setting the data cannot satisfy, an undecodable image."""
+    from jaxrec.config import resolve_arch
+    from jaxrec.data.image import decode_image
+    from jaxrec.data.sampler import PKSampler
+    from jaxrec.errors import ArchError, ConfigError, ImageDecodeError, SamplerConfigError
+    from jaxrec.evaluation import RetrievalEvaluator
+
+    cfg = tiny_config({"root": ".", "train": "", "eval": "", "num_classes": 4})
+    del cfg.DataLoader["Eval"]
+    with pytest.raises(ConfigError) as err:
+        RetrievalEvaluator(resolve(cfg).eval, features=None, mesh=None)
+    assert err.value.key == "DataLoader.Eval" and isinstance(err.value, JaxrecError)
+    arch = {"name": "RecModel", "Backbone": {"name": "PPLCNetV2_base"}, "Head": {"name": "FC"}}
+    with pytest.raises(ArchError) as err:
+        resolve_arch(arch)
+    assert err.value.key == "Arch.Head.embedding_size" and isinstance(err.value, ConfigError)
+    with pytest.raises(SamplerConfigError) as err:
+        PKSampler(np.repeat(np.arange(4), 2), 4, 2, id_list=[0, 1])
+    assert isinstance(err.value, JaxrecError) and "ratio" in str(err.value)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(b"not an image", name="x.jpg")
+    assert isinstance(err.value, JaxrecError) and "x.jpg" in str(err.value)

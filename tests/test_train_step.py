@@ -156,8 +156,8 @@ def test_bf16_mixed_precision_step_keeps_float32_params():
     run = resolve(cfg)
     assert run.compute_dtype == "bfloat16" and run.eval.compute_dtype == "float32"
     mesh = make_mesh(jax.devices()[:2])
-    model = build_model(run.model_arch(training=True, axis_name=AXIS))
-    loss = build_loss(list(run.loss))
+    model = build_model(run.arch, **run.model_options(training=True, axis_name=AXIS))
+    loss = build_loss(run.loss)
     params, stats = step_lib.init_params(model, loss, (32, 32, 3), jax.random.PRNGKey(0))
     tx, sched = optim.build_optimizer(run.optim, 10, run.loop.epochs, params, stats)
     state = step_lib.create_state(params, stats, tx, mesh)

@@ -158,12 +158,13 @@ def jaxrec_side(args: argparse.Namespace) -> dict:
 
 def _export_side(export: str, images: list[str], w: str) -> dict:
     """inference_rec.yaml (ONNX) of a jaxrec export and jaxrec's features of the photos."""
+    from jaxrec.config import resolve_arch
     from jaxrec.extract import extract_features
     from jaxrec.models import load_model_dir
     from jaxrec.paddle.yaml_out import inference_rec_yaml
 
     export = os.path.abspath(export)
-    md = load_model_dir(export)
+    md = load_model_dir(export, resolve_arch)
     path = os.path.join(w, "deploy", "export_onnx.yaml")
     with open(path, "w") as f:
         f.write(inference_rec_yaml(md.preprocess, model_dir_name=export, use_onnx=True))

@@ -372,9 +372,10 @@ def main() -> None:
         source, md = ["--workdir", args.workdir], restore_model(args.workdir)
         model_arg = args.workdir
     else:
+        from jaxrec.config import resolve_arch
         from jaxrec.models import load_model_dir
 
-        source, md = ["--model", args.model], load_model_dir(args.model)
+        source, md = ["--model", args.model], load_model_dir(args.model, resolve_arch)
         model_arg = args.model
     _run([py, "-m", "jaxrec.convert", "--to-pdparams", *source,
           "--out", os.path.join(w, "model.pdparams"), "--overwrite"])  # fmt: skip

@@ -1,9 +1,12 @@
 """Configs: the PaddleClas-mirroring ConfigDict in, a frozen resolved `Run` out.
 
-`resolve(config)` is the only reader of config keys (see `resolve.py`); `keys.INERT` lists the
-keys that are accepted but change nothing; `defaults.py` holds every default.
+`resolve(config)` is the only reader of config keys (see `resolve.py`; the Arch and Loss.Train
+sections are read by `resolve_arch` / `resolve_losses` in `arch.py`, which model directories use
+too); `keys.INERT` lists the keys that are accepted but change nothing; `defaults.py` holds every
+default.
 """
 
+from jaxrec.config.arch import resolve_arch, resolve_losses
 from jaxrec.config.plain import config_diff, from_plain, to_plain
 from jaxrec.config.resolve import resolve
 from jaxrec.config.spec import (
@@ -33,5 +36,7 @@ __all__ = [
     "config_diff",
     "from_plain",
     "resolve",
+    "resolve_arch",
+    "resolve_losses",
     "to_plain",
 ]

@@ -14,7 +14,6 @@ import re
 from typing import Any
 
 from jaxrec.config.keys import Reader
-from jaxrec.data import image as image_lib
 from jaxrec.data.preprocess import PixelNorm, Preprocess
 from jaxrec.data.transforms import RandomErasingConfig, TrainTransform
 from jaxrec.errors import ConfigError
@@ -94,8 +93,8 @@ def _size(r: Reader, key: str) -> tuple[int, int]:
     raise ConfigError(key, f"must be an int or [width, height], got {v!r}")
 
 
-def _expect(r: Reader, key: str, allowed: tuple, default: Any, what: str = "") -> Any:
-    v = r.get(key, default)
+def _expect(r: Reader, key: str, allowed: tuple, what: str = "") -> Any:
+    v = r.get(key)
     if v not in allowed:
         raise ConfigError(
             key, f"{v!r} is not supported{what}; use {' or '.join(map(repr, allowed))}"
@@ -104,14 +103,14 @@ def _expect(r: Reader, key: str, allowed: tuple, default: Any, what: str = "") -
 
 
 def _decode(r: Reader, op: Op) -> None:
-    _expect(r, f"{op.key}.to_rgb", (True,), True, " (jaxrec decodes to RGB)")
-    _expect(r, f"{op.key}.channel_first", (False,), False, " (images stay HWC until the model)")
-    _expect(r, f"{op.key}.backend", ("cv2",), "cv2")
+    _expect(r, f"{op.key}.to_rgb", (True,), " (jaxrec decodes to RGB)")
+    _expect(r, f"{op.key}.channel_first", (False,), " (images stay HWC until the model)")
+    _expect(r, f"{op.key}.backend", ("cv2",))
 
 
 def _resize(r: Reader, op: Op, allow_short: bool) -> tuple[tuple[int, int] | None, int | None]:
-    _expect(r, f"{op.key}.interpolation", ("bilinear", None), None, " (cv2 INTER_LINEAR only)")
-    _expect(r, f"{op.key}.backend", ("cv2",), "cv2")
+    _expect(r, f"{op.key}.interpolation", ("bilinear", None), " (cv2 INTER_LINEAR only)")
+    _expect(r, f"{op.key}.backend", ("cv2",))
     has_size, has_short = r.has(f"{op.key}.size"), r.has(f"{op.key}.resize_short")
     if has_size == has_short:
         raise ConfigError(op.key, "give exactly one of size or resize_short")
@@ -126,7 +125,7 @@ _SCALE = re.compile(r"^\s*([0-9.eE+-]+)\s*(?:/\s*([0-9.eE+-]+)\s*)?$")
 
 
 def _scale(r: Reader, key: str) -> float:
-    v = r.get(key, 1.0 / 255.0)
+    v = r.get(key)
     if isinstance(v, int | float) and not isinstance(v, bool):
         return float(v)
     m = _SCALE.match(str(v))
@@ -136,22 +135,22 @@ def _scale(r: Reader, key: str) -> float:
     return num / den
 
 
-def _triple(r: Reader, key: str, default: tuple[float, ...]) -> tuple[float, float, float]:
-    v = r.get(key, default)
+def _triple(r: Reader, key: str) -> tuple[float, float, float]:
+    v = r.get(key)
     if not isinstance(v, list | tuple) or len(v) != 3:
         raise ConfigError(key, f"needs 3 values (RGB), got {v!r}")
     return tuple(float(x) for x in v)  # type: ignore[return-value]
 
 
 def _normalize(r: Reader, op: Op) -> PixelNorm:
-    _expect(r, f"{op.key}.order", ("hwc", ""), "hwc")
-    _expect(r, f"{op.key}.output_fp16", (False,), False)
-    _expect(r, f"{op.key}.channel_num", (3,), 3)
+    _expect(r, f"{op.key}.order", ("hwc", ""))
+    _expect(r, f"{op.key}.output_fp16", (False,))
+    _expect(r, f"{op.key}.channel_num", (3,))
     try:
         return PixelNorm(
             _scale(r, f"{op.key}.scale"),
-            _triple(r, f"{op.key}.mean", image_lib.IMAGENET_MEAN),
-            _triple(r, f"{op.key}.std", image_lib.IMAGENET_STD),
+            _triple(r, f"{op.key}.mean"),
+            _triple(r, f"{op.key}.std"),
         )
     except ValueError as e:
         raise ConfigError(op.key, str(e)) from None
@@ -159,16 +158,16 @@ def _normalize(r: Reader, op: Op) -> PixelNorm:
 
 def _erasing(r: Reader, op: Op, pixel: PixelNorm) -> RandomErasingConfig:
     k = op.key
-    _expect(r, f"{k}.mode", ("const",), "const", " (jaxrec fills erased boxes with one colour)")
-    mean = _triple(r, f"{k}.mean", (0.0, 0.0, 0.0))
+    _expect(r, f"{k}.mode", ("const",), " (jaxrec fills erased boxes with one colour)")
+    mean = _triple(r, f"{k}.mean")
     cfg = RandomErasingConfig(
-        prob=float(r.get(f"{k}.EPSILON", 0.5)),
-        sl=float(r.get(f"{k}.sl", 0.02)),
-        sh=float(r.get(f"{k}.sh", 0.4)),
-        r1=float(r.get(f"{k}.r1", 0.3)),
+        prob=float(r.get(f"{k}.EPSILON")),
+        sl=float(r.get(f"{k}.sl")),
+        sh=float(r.get(f"{k}.sh")),
+        r1=float(r.get(f"{k}.r1")),
         mean=mean,
-        attempt=int(r.get(f"{k}.attempt", 100)),
-        use_log_aspect=bool(r.get(f"{k}.use_log_aspect", False)),
+        attempt=int(r.get(f"{k}.attempt")),
+        use_log_aspect=bool(r.get(f"{k}.use_log_aspect")),
     )
     if "fill" in {f.name for f in dataclasses.fields(RandomErasingConfig)}:
         fill = tuple(
@@ -196,28 +195,28 @@ def train_chain(r: Reader, key: str) -> tuple[TrainTransform, PixelNorm]:
         elif op.name == "ResizeImage":
             resizes.append((op, _resize(r, op, allow_short=False)[0]))
         elif op.name == "RandFlipImage":
-            _expect(r, f"{k}.flip_code", (1,), 1, " (horizontal flips only)")
+            _expect(r, f"{k}.flip_code", (1,), " (horizontal flips only)")
             kw["flip"] = True
         elif op.name == "Pad":
             kw["pad"] = int(r.get(f"{k}.padding"))
-            _expect(r, f"{k}.fill", (0,), 0, " (black padding only)")
-            _expect(r, f"{k}.padding_mode", ("constant",), "constant")
-            _expect(r, f"{k}.backend", ("cv2", "pil"), "cv2")
+            _expect(r, f"{k}.fill", (0,), " (black padding only)")
+            _expect(r, f"{k}.padding_mode", ("constant",))
+            _expect(r, f"{k}.backend", ("cv2", "pil"))
         elif op.name == "RandCropImageV2":
             kw["crop"] = True
             resizes.append((op, _size(r, f"{k}.size")))
         elif op.name == "RandomRotation":
-            kw["rotate_prob"] = float(r.get(f"{k}.prob", 0.5))
+            kw["rotate_prob"] = float(r.get(f"{k}.prob"))
             degrees = r.get(f"{k}.degrees")
             if not isinstance(degrees, int | float):
                 raise ConfigError(
                     f"{k}.degrees", f"must be one number (+-degrees), got {degrees!r}"
                 )
             kw["degrees"] = float(degrees)
-            _expect(r, f"{k}.interpolation", ("bilinear",), "bilinear")
-            _expect(r, f"{k}.expand", (False,), False)
-            _expect(r, f"{k}.center", (None,), None)
-            _expect(r, f"{k}.fill", (0,), 0)
+            _expect(r, f"{k}.interpolation", ("bilinear",))
+            _expect(r, f"{k}.expand", (False,))
+            _expect(r, f"{k}.center", (None,))
+            _expect(r, f"{k}.fill", (0,))
         elif op.name == "NormalizeImage":
             pixel = _normalize(r, op)
         elif op.name == "RandomErasing":

@@ -7,7 +7,10 @@ the same tables to whatever still lacks them, so every route resolves to the sam
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from jaxrec.data import image as image_lib
 
 #: Keys that jaxrec adds to the PaddleClas sections, with their defaults and meaning.
 JAXREC_KEYS: dict[str, dict[str, Any]] = {
@@ -79,6 +82,184 @@ PADDLE_DEFAULTS: dict[str, Any] = {
     "Global.retrieval_feature_from": "features",
     "Global.eval_interval": 1,
 }
+
+#: Arch backbones by PaddleClas class name: the width, stage depths, dropout and PP-ShiTu form
+#: that the name fixes (`scale` / `depths` / `dropout_prob` in the section override them;
+#: "PPLCNetV2" has no preset, so the section must give `scale` and `depths`).
+BACKBONE_VARIANTS: dict[str, dict[str, Any]] = {
+    "PPLCNetV2": {"scale": None, "depths": None, "dropout_prob": 0.0, "shitu": False},
+    "PPLCNetV2_small": {"scale": 0.75, "depths": (2, 2, 4, 2), "dropout_prob": 0.2, "shitu": False},
+    "PPLCNetV2_base": {"scale": 1.0, "depths": (2, 2, 6, 2), "dropout_prob": 0.2, "shitu": False},
+    "PPLCNetV2_large": {"scale": 1.25, "depths": (2, 2, 8, 2), "dropout_prob": 0.2, "shitu": False},
+    "PPLCNetV2_base_ShiTu": {
+        "scale": 1.0,
+        "depths": (2, 2, 6, 2),
+        "dropout_prob": 0.2,
+        "shitu": True,
+    },
+}
+
+#: Arch keys PaddleClas's classes give defaults to (the backbone's keys also apply to a bare
+#: backbone, whose keys sit at the top of the section).
+ARCH_DEFAULTS: dict[str, Any] = {
+    "head_feature_from": "neck",
+    "infer_output_key": "features",
+    "Backbone.class_num": 1000,
+    "Backbone.use_last_conv": True,
+    "Backbone.class_expand": 1280,
+    "Backbone.act": "relu",
+}
+
+#: Head arguments by head name when the section omits them. `weight_attr` is the initializer
+#: of the head's weight (FC: jaxrec's N(0, 0.001); the margin heads: XavierNormal, as
+#: PaddleClas); FC's `bias_attr` False means no bias (the GeneralRecognitionV2 config).
+HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "FC": {"weight_attr": {"name": "Normal", "mean": 0.0, "std": 0.001}, "bias_attr": False},
+    "ArcMargin": {
+        "weight_attr": {"name": "XavierNormal"},
+        "margin": 0.5,
+        "scale": 80.0,
+        "easy_margin": False,
+    },
+    "CosMargin": {"weight_attr": {"name": "XavierNormal"}, "margin": 0.35, "scale": 64.0},
+    # CircleMargin's margin and scale have no default in PaddleClas: the section must give them.
+    "CircleMargin": {"weight_attr": {"name": "XavierNormal"}},
+}
+
+#: Arguments of Paddle initializers (`weight_attr.initializer`) that the section may omit.
+INITIALIZER_DEFAULTS: dict[str, float] = {"mean": 0.0, "std": 1.0, "value": 0.0}
+
+#: Loss.Train arguments by loss name, as PaddleClas's loss classes default them (`weight` has
+#: none: every entry must give it).
+LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CELoss": {"epsilon": None, "reduction": "mean"},
+    "TripletAngularMarginLoss": {
+        "margin": 0.5,
+        "normalize_feature": True,
+        "reduction": "mean",
+        "add_absolute": False,
+        "absolute_loss_weight": 1.0,
+        "ap_value": 0.9,
+        "an_value": 0.5,
+        "feature_from": "features",
+    },
+    "TripletLossV2": {"margin": 0.5, "normalize_feature": True, "feature_from": "features"},
+    "TripletLoss": {"margin": 1.0},
+    "CenterLoss": {"feature_from": "features"},  # num_classes and feat_dim are required
+}
+
+#: PaddleClas keys the resolver reads with a fallback when a config omits them (or sets them
+#: to null): the values PaddleClas's code uses then. None means "optional, unset".
+KEY_DEFAULTS: dict[str, Any] = {
+    "Global.print_batch_step": 10,
+    "Global.pretrained_model": None,
+    "Global.checkpoints": None,
+    "Global.use_dali": False,
+    "Global.feature_binarize": None,
+    "Global.update_freq": 1,
+    "Global.eval_during_train": False,
+    "Global.image_shape": [3, 224, 224],
+    "AMP.use_amp": False,
+    "AMP.level": "O1",
+    "AMP.use_fp16_test": False,
+    "Arch.use_sync_bn": False,
+    "Arch.Backbone.pretrained": False,
+    "Arch.Neck.bias_attr.learning_rate": 1.0,
+    "Optimizer.lr.by_epoch": False,
+    "Optimizer.lr.last_epoch": -1,
+    "Optimizer.lr.warmup_epoch": 0.0,
+    "Optimizer.lr.eta_min": 0.0,
+    "Optimizer.lr.warmup_start_lr": 0.0,
+    # Without a Metric section PaddleClas's retrieval evaluation reports recall1/5 and mAP.
+    "Metric.Eval": [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}],
+}
+
+#: Keys of any DataLoader dataset / sampler / loader section (Train and the Eval sets).
+DATASET_DEFAULTS: dict[str, Any] = {
+    "cls_label_path": None,  # required except with name PreparedDataset
+    "image_root": None,
+    "delimiter": " ",
+    "relabel": False,
+    "prepared_dir": None,  # read only with name PreparedDataset (a jaxrec key for Train)
+}
+TRAIN_SAMPLER_DEFAULTS: dict[str, Any] = {
+    "sample_method": "sample_avg_prob",
+    "id_list": None,
+    "ratio": None,
+    "shuffle": True,
+}
+EVAL_SAMPLER_DEFAULTS: dict[str, Any] = {"name": "DistributedBatchSampler", "drop_last": False}
+LOADER_DEFAULTS: dict[str, Any] = {"num_workers": 0}  # 0: jaxrec picks the thread count
+#: `topk` of the Recallk / Precisionk metrics.
+METRIC_TOPK: tuple[int, ...] = (1, 5)
+
+#: Arguments of the `transform_ops` jaxrec implements, as PaddleClas's operators default them.
+OP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DecodeImage": {"to_rgb": True, "channel_first": False, "backend": "cv2"},
+    "ResizeImage": {"interpolation": None, "backend": "cv2"},
+    "RandFlipImage": {"flip_code": 1},
+    "Pad": {"fill": 0, "padding_mode": "constant", "backend": "cv2"},
+    "RandomRotation": {
+        "prob": 0.5,
+        "interpolation": "bilinear",
+        "expand": False,
+        "center": None,
+        "fill": 0,
+    },
+    "NormalizeImage": {
+        "scale": image_lib.SCALE_TRAIN,
+        "mean": image_lib.IMAGENET_MEAN,
+        "std": image_lib.IMAGENET_STD,
+        "order": "hwc",
+        "output_fp16": False,
+        "channel_num": 3,
+    },
+    "RandomErasing": {
+        "EPSILON": 0.5,
+        "sl": 0.02,
+        "sh": 0.4,
+        "r1": 0.3,
+        "mean": (0.0, 0.0, 0.0),
+        "attempt": 100,
+        "use_log_aspect": False,
+        "mode": "const",
+    },
+}
+
+_NO_DEFAULT = object()
+_OP_ARG = re.compile(r"\[\d+\]\.(\w+)\.(\w+)$")  # ...transform_ops[i].Op.arg
+_DATA = re.compile(r"^DataLoader\.(Train|Eval\.\w+)\.(dataset|sampler|loader)\.(\w+)$")
+_TOPK = re.compile(r"^Metric\.Eval\[\d+\]\.(Recallk|Precisionk)\.topk$")
+
+
+def key_default(key: str) -> Any:
+    """The default of a dotted config key (e.g. `Optimizer.lr.eta_min`,
+    `DataLoader.Eval.Query.sampler.name`, `...transform_ops[3].RandomErasing.sl`); raises
+    KeyError when the key has none (it is then required)."""
+    section, _, name = key.rpartition(".")
+    if key in PADDLE_DEFAULTS:
+        return PADDLE_DEFAULTS[key]
+    if name in JAXREC_KEYS.get(section, {}):
+        return JAXREC_KEYS[section][name]
+    if key in KEY_DEFAULTS:
+        return KEY_DEFAULTS[key]
+    value: Any = _NO_DEFAULT
+    if _TOPK.match(key):
+        value = list(METRIC_TOPK)
+    elif (m := _OP_ARG.search(key)) and m.group(1) in OP_DEFAULTS:
+        value = OP_DEFAULTS[m.group(1)].get(m.group(2), _NO_DEFAULT)
+    elif m := _DATA.match(key):
+        which, part, arg = m.groups()
+        if part == "sampler":
+            table = TRAIN_SAMPLER_DEFAULTS if which == "Train" else EVAL_SAMPLER_DEFAULTS
+        elif part == "dataset":
+            table = {**DATASET_DEFAULTS, **DATASET_KEYS, **TFDS_KEYS}
+        else:
+            table = LOADER_DEFAULTS
+        value = table.get(arg, _NO_DEFAULT)
+    if value is _NO_DEFAULT:
+        raise KeyError(key)
+    return value
 
 
 def _sections(tree: Any, dotted: str, create: bool) -> Any:

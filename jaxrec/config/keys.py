@@ -8,10 +8,12 @@ that are accepted but change nothing in jaxrec, with the reason; docs/CONFIG.md 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterator
 from typing import Any
 
+from jaxrec.config import defaults
 from jaxrec.errors import ConfigError
 
 #: Keys accepted with any value that have no effect in jaxrec, and why. `*` matches one key or
@@ -102,14 +104,19 @@ class Reader:
         value = self._lookup(key)
         return default if value is _MISSING or value is None else value
 
-    def get(self, key: str, default: Any = _MISSING) -> Any:
-        """The value at `key` (None counts as absent when a default is given)."""
+    def get(self, key: str) -> Any:
+        """The value at `key`, or its default from `defaults.py` when the key is absent or null
+        (`defaults.key_default`); a key without a default is required."""
         value = self._lookup(key)
         self.mark(key)
+        try:
+            default = defaults.key_default(key)
+        except KeyError:
+            default = _MISSING
         if value is _MISSING or (value is None and default is not _MISSING):
             if default is _MISSING:
                 raise ConfigError(key, "is required")
-            return default
+            return copy.deepcopy(default)
         return value
 
     def mark(self, key: str) -> None:

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from jaxrec.config import defaults
+from jaxrec.config.arch import resolve_arch, resolve_losses
 from jaxrec.config.chains import eval_chain, train_chain
 from jaxrec.config.keys import Reader
 from jaxrec.config.plain import to_plain
@@ -30,6 +31,8 @@ from jaxrec.config.spec import (
 )
 from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ConfigError
+from jaxrec.losses import LossSpec
+from jaxrec.models.arch import Arch
 
 _AMP_DTYPES = ("bfloat16", "float32")
 # PaddleClas's Metric.Eval names, plus jaxrec's MAP@R (the metric-learning benchmarks' metric).
@@ -53,7 +56,7 @@ def resolve(config: Any) -> Run:
             raise ConfigError(section, "section is required")
     _global_checks(r)
     compute_dtype = _amp(r)
-    arch = _arch(r)
+    arch_section, arch = _arch(r)
     loss = _loss(r)
     optim = _optimizer(r)
     train = _train_data(r) if r.has("DataLoader.Train") else None
@@ -61,16 +64,17 @@ def resolve(config: Any) -> Run:
     image_size = _image_size(r, train, eval_spec)
     loop = LoopSpec(
         epochs=_pos_int(r, "Global.epochs"),
-        print_every=max(1, int(r.get("Global.print_batch_step", 10))),
+        print_every=max(1, int(r.get("Global.print_batch_step"))),
         checkpoint_every_steps=int(r.get("Global.checkpoint_every_steps")),
         keep_checkpoints=_pos_int(r, "Global.keep_checkpoints"),
-        pretrained_model=r.get("Global.pretrained_model", None) or None,
+        pretrained_model=r.get("Global.pretrained_model") or None,
         allow_config_change=bool(r.get("Global.allow_config_change")),
     )
     _pretrained_backbone(r, loop)
     run = Run(
         config=plain,
         arch=arch,
+        arch_section=arch_section,
         loss=loss,
         optim=optim,
         train=train,
@@ -79,7 +83,7 @@ def resolve(config: Any) -> Run:
         seed=int(r.get("Global.seed")),
         compute_dtype=compute_dtype,
         # PaddleClas's own switch is Arch.use_sync_bn; either turns synchronized BN on.
-        sync_bn=bool(r.get("Global.sync_bn")) or bool(r.get("Arch.use_sync_bn", False)),
+        sync_bn=bool(r.get("Global.sync_bn")) or bool(r.get("Arch.use_sync_bn")),
         image_size=image_size,
     )
     r.check_all_used()
@@ -94,7 +98,7 @@ def _pos_int(r: Reader, key: str) -> int:
 
 
 def _global_checks(r: Reader) -> None:
-    if r.get("Global.checkpoints", None):
+    if r.get("Global.checkpoints"):
         raise ConfigError(
             "Global.checkpoints",
             "is not used by jaxrec: training resumes automatically from --workdir; point "
@@ -103,11 +107,11 @@ def _global_checks(r: Reader) -> None:
     mode = r.get("Global.eval_mode")
     if mode != "retrieval":
         raise ConfigError("Global.eval_mode", f"{mode!r}: jaxrec evaluates retrieval only")
-    if r.get("Global.use_dali", False):
+    if r.get("Global.use_dali"):
         raise ConfigError("Global.use_dali", "DALI is not used by jaxrec; set it to False")
-    if r.get("Global.feature_binarize", None):
+    if r.get("Global.feature_binarize"):
         raise ConfigError("Global.feature_binarize", "binary features are not supported")
-    if int(r.get("Global.update_freq", 1)) != 1:
+    if int(r.get("Global.update_freq")) != 1:
         raise ConfigError("Global.update_freq", "gradient accumulation is not supported; use 1")
     if int(r.get("Global.checkpoint_every_steps")) < 0:
         raise ConfigError("Global.checkpoint_every_steps", "must be >= 0 (0: epoch ends only)")
@@ -116,27 +120,22 @@ def _global_checks(r: Reader) -> None:
 def _amp(r: Reader) -> str:
     if not r.has("AMP"):
         return "float32"
-    use = bool(r.get("AMP.use_amp", False))
-    dtype = r.get("AMP.dtype", "bfloat16")
+    use = bool(r.get("AMP.use_amp"))
+    dtype = r.get("AMP.dtype")
     if dtype not in _AMP_DTYPES:
         raise ConfigError(
             "AMP.dtype",
             f"{dtype!r}: use bfloat16 (float16 would need loss scaling, which jaxrec does not do)",
         )
-    level = r.get("AMP.level", "O1")
+    level = r.get("AMP.level")
     if level != "O1":
         raise ConfigError("AMP.level", f"{level!r}: jaxrec keeps float32 parameters (O1) only")
-    r.get("AMP.use_fp16_test", False)
+    r.get("AMP.use_fp16_test")
     return dtype if use else "float32"
 
 
-def _arch(r: Reader) -> dict[str, Any]:
-    from jaxrec.models import build_model
-
+def _arch(r: Reader) -> tuple[dict[str, Any], Arch]:
     arch = {k: v for k, v in r.get("Arch").items() if k != "use_sync_bn"}
-    for key in ("dtype", "deploy", "bn_axis_name", "fold_bn"):
-        if key in arch:
-            raise ConfigError(f"Arch.{key}", "is set by jaxrec itself; remove it from the config")
     neck = arch.get("Neck") or {}
     for attr, value in (("weight_attr", 1.0), ("bias_attr", 0.0)):
         init = ((neck.get(attr) or {}).get("initializer")) or {}
@@ -160,19 +159,13 @@ def _arch(r: Reader) -> dict[str, Any]:
                 "is not supported (per-parameter learning rates and regularizers apply only to "
                 "the BNNeck bias)",
             )
-    try:
-        build_model(arch)
-    except ValueError as e:
-        key, _, msg = str(e).partition(": ")
-        if key.startswith("Arch") and msg:
-            raise ConfigError(key, msg) from None
-        raise ConfigError("Arch", str(e)) from None
-    r.mark("Arch")  # validated whole by build_model above
-    return arch
+    resolved = resolve_arch(arch)
+    r.mark("Arch")  # read whole by resolve_arch above
+    return arch, resolved
 
 
 def _pretrained_backbone(r: Reader, loop: LoopSpec) -> None:
-    if r.get("Arch.Backbone.pretrained", False) and not loop.pretrained_model:
+    if r.get("Arch.Backbone.pretrained") and not loop.pretrained_model:
         raise ConfigError(
             "Arch.Backbone.pretrained",
             "asks for ImageNet initialization, which jaxrec does not download: convert "
@@ -182,16 +175,10 @@ def _pretrained_backbone(r: Reader, loop: LoopSpec) -> None:
         )
 
 
-def _loss(r: Reader) -> tuple[dict[str, Any], ...]:
-    from jaxrec.losses import build_loss
-
-    entries = r.get("Loss.Train")
-    try:
-        build_loss(entries)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError("Loss.Train", str(e)) from None
+def _loss(r: Reader) -> tuple[LossSpec, ...]:
+    specs = resolve_losses(r.get("Loss.Train"), "Loss.Train")
     r.mark("Loss.Train")
-    return tuple(entries)
+    return specs
 
 
 def _optimizer(r: Reader) -> OptimSpec:
@@ -201,15 +188,15 @@ def _optimizer(r: Reader) -> OptimSpec:
     lr_name = r.get("Optimizer.lr.name")
     if lr_name != "Cosine":
         raise ConfigError("Optimizer.lr.name", f"{lr_name!r}: only Cosine is implemented")
-    if r.get("Optimizer.lr.by_epoch", False):
+    if r.get("Optimizer.lr.by_epoch"):
         raise ConfigError("Optimizer.lr.by_epoch", "only per-iteration schedules are implemented")
-    if int(r.get("Optimizer.lr.last_epoch", -1)) != -1:
+    if int(r.get("Optimizer.lr.last_epoch")) != -1:
         raise ConfigError("Optimizer.lr.last_epoch", "resume from --workdir instead")
     lr = LRSpec(
         learning_rate=float(r.get("Optimizer.lr.learning_rate")),
-        warmup_epoch=float(r.get("Optimizer.lr.warmup_epoch", 0.0)),
-        eta_min=float(r.get("Optimizer.lr.eta_min", 0.0)),
-        warmup_start_lr=float(r.get("Optimizer.lr.warmup_start_lr", 0.0)),
+        warmup_epoch=float(r.get("Optimizer.lr.warmup_epoch")),
+        eta_min=float(r.get("Optimizer.lr.eta_min")),
+        warmup_start_lr=float(r.get("Optimizer.lr.warmup_start_lr")),
     )
     epochs = float(r.get("Global.epochs"))
     if lr.warmup_epoch >= epochs:
@@ -223,7 +210,7 @@ def _optimizer(r: Reader) -> OptimSpec:
         if reg != "L2":
             raise ConfigError("Optimizer.regularizer.name", f"{reg!r}: only L2 is implemented")
         wd = float(r.get("Optimizer.regularizer.coeff"))
-    lr_mult = float(r.get("Arch.Neck.bias_attr.learning_rate", 1.0))
+    lr_mult = float(r.get("Arch.Neck.bias_attr.learning_rate"))
     if not (lr_mult == 1.0 or lr_mult < 1e-8):
         raise ConfigError(
             "Arch.Neck.bias_attr.learning_rate",
@@ -247,38 +234,44 @@ def _dataset(r: Reader, key: str, allowed: tuple[str, ...]) -> DatasetSpec:
     stray = [k for k in defaults.TFDS_KEYS if r.peek(f"{key}.{k}") is not None]
     if stray:
         raise ConfigError(f"{key}.{stray[0]}", f"is only read with name TFDSDataset, not {kind}")
-    prepared = r.get(f"{key}.prepared_dir", None)
+    prepared = r.get(f"{key}.prepared_dir")
     if kind == "PreparedDataset":
         if not prepared:
             raise ConfigError(f"{key}.prepared_dir", "is required with name PreparedDataset")
         # The list keys, when given, say which list the prepared set must come from.
         return DatasetSpec(
-            key,
-            kind,
-            label_path=r.get(f"{key}.cls_label_path", None),
-            image_root=r.get(f"{key}.image_root", None),
-            delimiter=r.get(f"{key}.delimiter", " "),
-            relabel=bool(r.get(f"{key}.relabel", False)),
+            key=key,
+            kind=kind,
+            label_path=r.get(f"{key}.cls_label_path"),
+            image_root=r.get(f"{key}.image_root"),
+            delimiter=r.get(f"{key}.delimiter"),
+            relabel=bool(r.get(f"{key}.relabel")),
             prepared_dir=str(prepared),
             classes=classes,
+            tfds=None,
         )
     if prepared:
         raise ConfigError(
             f"{key}.prepared_dir", f"is only read with name PreparedDataset, not {kind}"
         )
+    label_path = r.get(f"{key}.cls_label_path")
+    if label_path is None:
+        raise ConfigError(f"{key}.cls_label_path", f"is required with name {kind}")
     return DatasetSpec(
-        key,
-        kind,
-        label_path=str(r.get(f"{key}.cls_label_path")),
-        image_root=r.get(f"{key}.image_root", None),
-        delimiter=r.get(f"{key}.delimiter", " ") if kind == "ImageNetDataset" else None,
-        relabel=bool(r.get(f"{key}.relabel", False)),
+        key=key,
+        kind=kind,
+        label_path=str(label_path),
+        image_root=r.get(f"{key}.image_root"),
+        delimiter=r.get(f"{key}.delimiter") if kind == "ImageNetDataset" else None,
+        relabel=bool(r.get(f"{key}.relabel")),
+        prepared_dir=None,
         classes=classes,
+        tfds=None,
     )
 
 
 def _classes(r: Reader, key: str) -> tuple[int, int] | None:
-    value = r.get(key, defaults.DATASET_KEYS["classes"])
+    value = r.get(key)
     if value is None:
         return None
     pair = list(value) if isinstance(value, list | tuple) else None
@@ -297,14 +290,18 @@ def _tfds_dataset(r: Reader, key: str, classes: tuple[int, int] | None) -> Datas
         if r.peek(f"{key}.{other}") is not None:
             raise ConfigError(f"{key}.{other}", "is not read with name TFDSDataset; remove it")
         r.mark(f"{key}.{other}")
-    values = {k: r.get(f"{key}.{k}", v) for k, v in defaults.TFDS_KEYS.items()}
+    values = {k: r.get(f"{key}.{k}") for k in defaults.TFDS_KEYS}
     for required in ("tfds_name", "split"):
         if not values[required] or not isinstance(values[required], str):
             raise ConfigError(f"{key}.{required}", "is required (a string) with name TFDSDataset")
     return DatasetSpec(
-        key,
-        "TFDSDataset",
-        relabel=bool(r.get(f"{key}.relabel", False)),
+        key=key,
+        kind="TFDSDataset",
+        label_path=None,
+        image_root=None,
+        delimiter=" ",  # unused with tfds (DatasetSpec's value when it had defaults)
+        relabel=bool(r.get(f"{key}.relabel")),
+        prepared_dir=None,
         classes=classes,
         tfds=TFDSSpec(
             name=values["tfds_name"],
@@ -318,7 +315,7 @@ def _tfds_dataset(r: Reader, key: str, classes: tuple[int, int] | None) -> Datas
 
 
 def _workers(r: Reader, key: str) -> int | None:
-    n = int(r.get(key, 0) or 0)
+    n = int(r.get(key))
     return n if n > 0 else None
 
 
@@ -329,17 +326,24 @@ def _train_data(r: Reader) -> TrainDataSpec:
     s = f"{base}.sampler"
     if r.get(f"{s}.name") != "PKSampler":
         raise ConfigError(f"{s}.name", f"{r.get(f'{s}.name')!r}: only PKSampler is supported")
-    method = r.get(f"{s}.sample_method", "sample_avg_prob")
+    method = r.get(f"{s}.sample_method")
     if method not in ("sample_avg_prob", "id_avg_prob"):
         raise ConfigError(f"{s}.sample_method", f"{method!r}: use sample_avg_prob or id_avg_prob")
     sampler = SamplerSpec(
         batch_size=_pos_int(r, f"{s}.batch_size"),
         sample_per_id=_pos_int(r, f"{s}.sample_per_id"),
         sample_method=method,
-        id_list=tuple(int(v) for v in (r.get(f"{s}.id_list", ()) or ())),
-        ratio=tuple(float(v) for v in (r.get(f"{s}.ratio", ()) or ())),
-        shuffle=bool(r.get(f"{s}.shuffle", True)),
+        id_list=tuple(int(v) for v in (r.get(f"{s}.id_list") or ())),
+        ratio=tuple(float(v) for v in (r.get(f"{s}.ratio") or ())),
+        shuffle=bool(r.get(f"{s}.shuffle")),
     )
+    if bool(sampler.id_list) != bool(sampler.ratio):
+        given, missing = ("id_list", "ratio") if sampler.id_list else ("ratio", "id_list")
+        raise ConfigError(
+            f"{s}.{given}",
+            f"is set without {s}.{missing}: PaddleClas then ignores both; set {missing} (one "
+            "ratio per (start, end) range of id_list) or remove it",
+        )
     if sampler.batch_size % sampler.sample_per_id:
         raise ConfigError(
             f"{s}.batch_size",
@@ -351,11 +355,11 @@ def _train_data(r: Reader) -> TrainDataSpec:
         transform=transform,
         pixel=pixel,
         num_workers=_workers(r, f"{base}.loader.num_workers"),
-        augment_on_device=bool(r.get(f"{base}.augment_on_device", False)),
+        augment_on_device=bool(r.get(f"{base}.augment_on_device")),
     )
 
 
-def _eval_data(r: Reader) -> EvalDataSpec:
+def _eval_data(r: Reader, batch_size_per_device: int) -> EvalDataSpec:
     base = "DataLoader.Eval"
     parts = list(r.peek(base, {}))
     if "Query" in parts and "Gallery" in parts and len(parts) == 2:
@@ -368,9 +372,9 @@ def _eval_data(r: Reader) -> EvalDataSpec:
     for role, key in names.items():
         specs[role] = _dataset(r, f"{key}.dataset", ("VeriWild", "ImageNetDataset", "TFDSDataset"))
         chains[role] = eval_chain(r, f"{key}.dataset.transform_ops")
-        if r.get(f"{key}.sampler.drop_last", False):
+        if r.get(f"{key}.sampler.drop_last"):
             raise ConfigError(f"{key}.sampler.drop_last", "jaxrec evaluates every image; use False")
-        sampler = r.get(f"{key}.sampler.name", "DistributedBatchSampler")
+        sampler = r.get(f"{key}.sampler.name")
         if sampler not in ("DistributedBatchSampler", "BatchSampler"):
             raise ConfigError(f"{key}.sampler.name", f"{sampler!r}: use DistributedBatchSampler")
     if chains["query"] != chains["gallery"]:
@@ -380,7 +384,8 @@ def _eval_data(r: Reader) -> EvalDataSpec:
         )
     q, g = names["query"], names["gallery"]
     for sub in ("sampler.batch_size", "loader.num_workers"):
-        if r.get(f"{g}.{sub}", None) != r.get(f"{q}.{sub}", None):
+        r.mark(f"{g}.{sub}")
+        if r.peek(f"{g}.{sub}") != r.peek(f"{q}.{sub}"):
             raise ConfigError(
                 f"{g}.{sub}", f"must equal {q}.{sub} (jaxrec feeds both sets the same way)"
             )
@@ -393,13 +398,13 @@ def _eval_data(r: Reader) -> EvalDataSpec:
         same_lists=same,
         preprocess=chains["query"],
         sampler_batch_size=_pos_int(r, f"{q}.sampler.batch_size"),
-        batch_size_per_device=int(r.get("Global.eval_batch_size_per_device")),
+        batch_size_per_device=batch_size_per_device,
         num_workers=_workers(r, f"{q}.loader.num_workers"),
     )
 
 
 def _metrics(r: Reader) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
-    entries = r.peek("Metric.Eval") or [{"Recallk": {"topk": [1, 5]}}, {"mAP": {}}]
+    entries = r.peek("Metric.Eval") or defaults.key_default("Metric.Eval")
     names, topk, keys = [], [], []
     for i, entry in enumerate(entries):
         key = f"Metric.Eval[{i}]"
@@ -412,7 +417,7 @@ def _metrics(r: Reader) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ..
             r.mark(f"{key}.{name}")
         names.append(_METRICS[name])
         if name in ("Recallk", "Precisionk"):
-            ks = r.get(f"{key}.{name}.topk", (1, 5))
+            ks = r.get(f"{key}.{name}.topk")
             ks = [int(ks)] if isinstance(ks, int) else [int(k) for k in ks]
             topk += [k for k in ks if k not in topk]
             keys += [f"recall{k}" if name == "Recallk" else f"precision@{k}" for k in ks]
@@ -425,17 +430,19 @@ def _metrics(r: Reader) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ..
 
 def _eval(r: Reader, compute_dtype: str) -> EvalSpec:
     has_data = r.has("DataLoader.Eval")
-    enabled = bool(r.get("Global.eval_during_train", False))
-    interval = int(r.get("Global.eval_interval", 1))
+    enabled = bool(r.get("Global.eval_during_train"))
+    interval = int(r.get("Global.eval_interval"))
     if enabled and not has_data:
         raise ConfigError("Global.eval_during_train", "is True but there is no DataLoader.Eval")
     names, topk, keys = _metrics(r)
-    feature_from = r.get("Global.retrieval_feature_from", "features")
+    # Read (so accounted for) also without eval data: defaults.fill adds it to every Global.
+    per_device = int(r.get("Global.eval_batch_size_per_device"))
+    feature_from = r.get("Global.retrieval_feature_from")
     if feature_from not in ("features", "backbone"):
         raise ConfigError(
             "Global.retrieval_feature_from", f"{feature_from!r}: use features or backbone"
         )
-    fp16_test = bool(r.get("AMP.use_fp16_test", False)) if r.has("AMP") else False
+    fp16_test = bool(r.get("AMP.use_fp16_test")) if r.has("AMP") else False
     return EvalSpec(
         enabled=enabled and interval > 0,
         interval=max(interval, 1),
@@ -449,7 +456,7 @@ def _eval(r: Reader, compute_dtype: str) -> EvalSpec:
         block_size=_pos_int(r, "Global.sim_block_size"),
         drop_excluded=_drop_excluded(r),
         compute_dtype=compute_dtype if fp16_test else "float32",
-        data=_eval_data(r) if has_data else None,
+        data=_eval_data(r, per_device) if has_data else None,
     )
 
 
@@ -463,7 +470,7 @@ def _drop_excluded(r: Reader) -> bool:
 
 
 def _image_size(r: Reader, train: TrainDataSpec | None, ev: EvalSpec) -> int:
-    shape = list(r.get("Global.image_shape", [3, 224, 224]))
+    shape = list(r.get("Global.image_shape"))
     if len(shape) != 3 or shape[0] != 3 or shape[1] != shape[2]:
         raise ConfigError("Global.image_shape", f"{shape}: expected [3, S, S]")
     size = int(shape[1])

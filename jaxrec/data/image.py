@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from jaxrec.errors import ImageDecodeError
+
 log = logging.getLogger(__name__)
 
 
@@ -111,10 +113,6 @@ _COEF_SCALE = 1 << _COEF_BITS
 _EXIF_ORIENTATION = 0x0112
 # Formats whose EXIF orientation OpenCV (4.6, checked) applies in imdecode; WebP/TIFF: not applied.
 _EXIF_FORMATS = ("JPEG", "MPO", "PNG")
-
-
-class ImageDecodeError(ValueError):
-    """An image file could not be read or decoded; the message names the file."""
 
 
 def _describe(name: str | None) -> str:

@@ -26,13 +26,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from jaxrec.errors import SamplerConfigError
+
 log = logging.getLogger(__name__)
 
 SAMPLE_METHODS = ("id_avg_prob", "sample_avg_prob")
-
-
-class SamplerConfigError(ValueError):
-    """The PKSampler settings cannot work with this dataset; the message says how to fix them."""
 
 
 def _reference_probs(
@@ -148,7 +146,11 @@ class PKSampler:
     def _check_id_list(self, id_list: Sequence[int] | None, ratio: Sequence[float] | None) -> None:
         if not (id_list and ratio):
             if id_list or ratio:
-                log.warning("PKSampler: id_list and ratio must both be set; ignoring them")
+                # PaddleClas silently ignores one without the other; jaxrec never ignores a key.
+                raise SamplerConfigError(
+                    "PKSampler: id_list and ratio go together (one ratio per (start, end) "
+                    "range); set both or neither"
+                )
             return
         if len(id_list) % 2 != 0 or len(id_list) != 2 * len(ratio):
             raise SamplerConfigError(

@@ -31,7 +31,10 @@ class RetrievalEvaluator:
 
     def __init__(self, spec: EvalSpec, features: FeatureFn, mesh: Any) -> None:
         if spec.data is None:
-            raise ConfigError("the config has no DataLoader.Eval section to evaluate on")
+            raise ConfigError(
+                "DataLoader.Eval",
+                "is required to evaluate: add Query and Gallery sections (or one) to the config",
+            )
         self.spec, self.mesh = spec, mesh
         self.data = spec.data
         self.query, self.gallery = inputs.eval_sources(self.data)

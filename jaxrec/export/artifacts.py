@@ -26,16 +26,23 @@ ONNX_FILE = "inference.onnx"
 CHECK_FILE = "export_check.json"
 ONNX_INPUT, ONNX_OUTPUT = "x", "features"
 NCHW = (0, 3, 1, 2)
-_TRAINING_KEYS = ("Head", "dtype", "bn_axis_name")
 
 
 def deploy_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """The Arch of the exported model dir: deploy form, float32, no classifier head."""
+    """The Arch section of the exported model dir: no classifier head (the form, deploy, is
+    recorded beside it)."""
     out = json.loads(json.dumps(dict(arch)))
-    for key in _TRAINING_KEYS:
-        out.pop(key, None)
-    out["deploy"] = True
+    out.pop("Head", None)
     return out
+
+
+def deploy_models(arch: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(deploy-form model, BN-folded model) of an Arch section, float32."""
+    from jaxrec.config import resolve_arch  # noqa: PLC0415
+    from jaxrec.models import build_model  # noqa: PLC0415
+
+    spec = resolve_arch(arch)
+    return build_model(spec, deploy=True), build_model(spec, deploy=True, fold_bn=True)
 
 
 def deploy_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,9 +58,9 @@ def deploy_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 def folded(arch: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(model, variables) of the BN-folded form of a deploy-form model."""
-    from jaxrec.models import build_model, fold_variables, folded_arch  # noqa: PLC0415
+    from jaxrec.models import fold_variables  # noqa: PLC0415
 
-    return build_model(folded_arch(arch)), fold_variables(variables)
+    return deploy_models(arch)[1], fold_variables(variables)
 
 
 def features_fn(model: Any, variables: Mapping[str, Any], output_key: str):

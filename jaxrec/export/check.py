@@ -143,10 +143,11 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
         )
 
     if (out / "config.json").is_file():
+        from jaxrec.config import resolve_arch  # noqa: PLC0415
         from jaxrec.models import load_model_dir  # noqa: PLC0415
 
         def run_model_dir(x):
-            md = load_model_dir(out)
+            md = load_model_dir(out, resolve_arch)
             f = jax.jit(feature_fn(md.model, FeatureSpec(md.features.output_key, normalize=False)))
             return f(md.variables, x)
 

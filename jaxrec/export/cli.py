@@ -141,12 +141,16 @@ def load_source(args: argparse.Namespace) -> Any:
 
 def float32_reference(source: Any) -> Any:
     """The source model computing in float32 (the check's reference and the export's form)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from jaxrec.config import resolve_arch  # noqa: PLC0415
     from jaxrec.models import build_model  # noqa: PLC0415
 
-    arch = {k: v for k, v in source.arch.items() if k not in ("dtype", "bn_axis_name")}
-    if arch == source.arch:
+    if jnp.dtype(source.model.backbone.dtype) == jnp.float32:
         return source
-    return dataclasses.replace(source, model=build_model(arch), arch=arch)
+    spec = resolve_arch(source.arch)
+    model = build_model(spec, deploy=source.deploy, fold_bn=source.fold_bn)
+    return dataclasses.replace(source, model=model)
 
 
 def feeding(source: Any, image_size: int | None) -> Any:

@@ -70,7 +70,7 @@ def write_export(
     OUT also gets PP-ShiTu's `inference_rec.yaml` with the model's own preprocessing and, given
     the training run's config (`paddle_config`), the run as a PaddleClas YAML (`paddleclas.yaml`).
     """
-    from jaxrec.models import count_params, save_model_dir  # noqa: PLC0415
+    from jaxrec.models import count_params, fold_variables, save_model_dir  # noqa: PLC0415
     from jaxrec.paddle.yaml_out import save_inference_rec_yaml, save_paddleclas_yaml  # noqa: PLC0415
 
     out = Path(out).absolute()
@@ -80,7 +80,8 @@ def write_export(
     hw = tuple(preprocess.input_size)
     t0 = time.time()
     d_arch, d_vars = A.deploy_arch(source.arch), A.deploy_variables(source.variables)
-    model, variables = A.folded(d_arch, d_vars)
+    d_model, model = A.deploy_models(d_arch)
+    variables = fold_variables(d_vars)
     info: dict[str, Any] = {
         "platforms": list(platforms),
         "input_size": list(hw),
@@ -92,7 +93,9 @@ def write_export(
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT gets the usual permissions
-        save_model_dir(tmp, d_arch, d_vars, preprocess=preprocess, features=source.features)
+        save_model_dir(
+            tmp, d_arch, d_model, d_vars, preprocess=preprocess, features=source.features
+        )
         exp = A.export_jax(model, variables, key, hw, platforms)
         (tmp / A.JAX_EXPORT_FILE).write_bytes(exp.serialize())
         if onnx:

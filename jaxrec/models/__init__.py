@@ -1,7 +1,8 @@
 """PP-ShiTuV2 recognition model in Flax: backbone, neck, heads, RecModel, reparameterization and
 BN folding (`fold`), model directories. See docs/ARCHITECTURE.md for the interfaces."""
 
-from jaxrec.models.fold import fold_variables, folded_arch, reparameterize
+from jaxrec.models.arch import Arch, BackboneArch, HeadArch, Initializer, NeckArch
+from jaxrec.models.fold import fold_variables, reparameterize
 from jaxrec.models.heads import ArcMargin, BNNeck, CircleMargin, CosMargin, FCHead, FoldedBN
 from jaxrec.models.layers import (
     SE,
@@ -20,7 +21,6 @@ from jaxrec.models.modeldir import (
     save_model_dir,
 )
 from jaxrec.models.recmodel import (
-    ArchError,
     RecModel,
     abstract_variables,
     build_model,
@@ -30,7 +30,8 @@ from jaxrec.models.recmodel import (
 
 __all__ = [
     "ArcMargin",
-    "ArchError",
+    "Arch",
+    "BackboneArch",
     "BNNeck",
     "CircleMargin",
     "ConvBN",
@@ -40,7 +41,10 @@ __all__ = [
     "FeatureSpec",
     "FCHead",
     "FoldedBN",
+    "HeadArch",
+    "Initializer",
     "ModelDir",
+    "NeckArch",
     "PPLCNetV2",
     "RecModel",
     "RepDepthwiseSeparable",
@@ -50,7 +54,6 @@ __all__ = [
     "count_params",
     "fingerprint",
     "fold_variables",
-    "folded_arch",
     "init_variables",
     "load_model_dir",
     "make_divisible",

@@ -8,11 +8,12 @@ An eval-mode BatchNorm is one per-channel affine map,
 so a conv without bias followed by BN equals a conv with kernel W * t and bias beta - mean * t.
 Two model forms use this (both exact in eval mode up to float rounding):
 
-- the deploy form (Arch `deploy: True`, `reparameterize`): each rep block's `dw_conv_list_*`
-  branches (depthwise conv + BN each) become one depthwise conv with bias (ref §2.6);
-- the BN-folded form (Arch `deploy: True, fold_bn: True`, `fold_variables`): additionally every
-  ConvBN becomes a conv with bias and the BNNeck's BatchNorm a per-feature affine map
-  (`FoldedBN`). It has no BatchNorm left and is what `jaxrec.export` lowers.
+- the deploy form (`build_model(..., deploy=True)`, `reparameterize`): each rep block's
+  `dw_conv_list_*` branches (depthwise conv + BN each) become one depthwise conv with bias
+  (ref §2.6);
+- the BN-folded form (`build_model(..., deploy=True, fold_bn=True)`, `fold_variables`):
+  additionally every ConvBN becomes a conv with bias and the BNNeck's BatchNorm a per-feature
+  affine map (`FoldedBN`). It has no BatchNorm left and is what `jaxrec.export` lowers.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _fold_walk(params: Mapping[str, Any], stats: Mapping[str, Any]) -> tuple[dic
 
 
 def fold_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """Training- or deploy-form variables -> BN-folded variables (`folded_arch`).
+    """Training- or deploy-form variables -> BN-folded variables (`deploy=True, fold_bn=True`).
 
     Re-parameterizes the rep blocks, then folds every ConvBN's BN into its conv (kernel * t,
     bias beta - mean * t) and the BNNeck's BN into `{scale: t, bias: beta - mean * t}`. The
@@ -178,8 +179,3 @@ def fold_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     if left:
         out["batch_stats"] = left
     return out
-
-
-def folded_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """The Arch of the BN-folded form of a model (deploy form with `fold_bn`)."""
-    return {**dict(arch), "deploy": True, "fold_bn": True}

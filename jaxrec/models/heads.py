@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxrec.models.initializers import normal, xavier_normal
+from jaxrec.models.initializers import xavier_normal
 from jaxrec.models.layers import batch_norm
 
 Dtype = Any
@@ -82,8 +82,8 @@ class FCHead(nn.Module):
 
     embedding_size: int
     class_num: int
-    use_bias: bool = False
-    kernel_init: Initializer = normal(0.001)
+    use_bias: bool
+    kernel_init: Initializer
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

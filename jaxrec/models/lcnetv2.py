@@ -76,14 +76,16 @@ class PPLCNetV2(nn.Module):
     `deploy` fuses the rep blocks; `fold_bn` (with `deploy`) also folds every BN into its conv.
     """
 
-    scale: float = 1.0
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    class_num: int = 1000
-    dropout_prob: float = 0.2
-    use_last_conv: bool = True
-    class_expand: int = 1280
-    shitu: bool = False
-    stop_after: str | None = None
+    # The architecture (a resolved `BackboneArch`; no defaults: they live in config/defaults.py).
+    scale: float
+    depths: tuple[int, ...]
+    class_num: int
+    dropout_prob: float
+    use_last_conv: bool
+    class_expand: int
+    shitu: bool
+    stop_after: str | None
+    # Runtime form and precision (`build_model`'s keyword arguments).
     deploy: bool = False
     fold_bn: bool = False
     dtype: Dtype = jnp.float32

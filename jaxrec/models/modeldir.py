@@ -1,9 +1,15 @@
 """Model directories: a model with everything needed to feed it and read its features.
 
 Layout of DIR:
-  DIR/config.json   {"format": "jaxrec.model_dir", "version": 2, "Arch": {...},
+  DIR/config.json   {"format": "jaxrec.model_dir", "version": 3, "Arch": {...},
+                     "form": {"deploy": ..., "fold_bn": ...},
                      "preprocess": {...}, "features": {"output_key": ..., "normalize": ...}}
   DIR/variables/    orbax StandardCheckpointer tree {"params", "batch_stats"}
+
+`Arch` is the PaddleClas Arch section of the model (read with `jaxrec.config.resolve_arch`,
+which the loader is given: this package does not read config keys); `form` is the variables'
+form (`build_model`'s `deploy` / `fold_bn`). Directories written before version 3 kept the form
+as `deploy` / `fold_bn` keys inside `Arch`; they load the same.
 
 `preprocess` (see `jaxrec.data.preprocess.Preprocess`) is the input size, resize and pixel
 normalization the model was trained and evaluated with; `features` says which model output is
@@ -19,7 +25,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +36,20 @@ import orbax.checkpoint as ocp
 
 from jaxrec.data.preprocess import LEGACY, FeatureSpec, Preprocess
 from jaxrec.errors import ModelDirError
+from jaxrec.models.arch import Arch
 from jaxrec.models.recmodel import RecModel, abstract_variables, build_model
 
 FORMAT = "jaxrec.model_dir"
-VERSION = 2
+VERSION = 3
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
+#: Keys that pre-version-3 directories kept inside Arch: the form, and runtime options some
+#: writers left there (dropped: a model dir is always read in float32, without sync-BN).
+_LEGACY_ARCH_KEYS = ("deploy", "fold_bn", "dtype", "bn_axis_name")
+
+#: Reads an Arch section (and the key naming it in messages) into the typed Arch:
+#: `jaxrec.config.resolve_arch`.
+ArchResolver = Callable[[Mapping[str, Any], str], Arch]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +58,33 @@ class ModelDir:
 
     model: RecModel
     variables: dict[str, Any]
-    arch: dict[str, Any]
+    arch: dict[str, Any]  # the PaddleClas Arch section, without the form
     preprocess: Preprocess
     features: FeatureSpec
     source: str
     legacy: bool = False
 
+    @property
+    def deploy(self) -> bool:
+        """Whether the variables are in the deploy form (rep blocks fused)."""
+        return bool(self.model.backbone.deploy)
+
+    @property
+    def fold_bn(self) -> bool:
+        """Whether the variables are in the BN-folded form."""
+        return bool(self.model.backbone.fold_bn)
+
     def fingerprint(self) -> str:
-        """Content hash of the model: Arch, preprocessing, feature spec and every variable."""
-        return fingerprint(self.arch, self.variables, self.preprocess, self.features)
+        """Content hash of the model: Arch, form, preprocessing, feature spec and every
+        variable."""
+        return fingerprint(
+            self.arch,
+            self.variables,
+            self.preprocess,
+            self.features,
+            deploy=self.deploy,
+            fold_bn=self.fold_bn,
+        )
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -64,11 +96,22 @@ def fingerprint(
     variables: Mapping[str, Any],
     preprocess: Preprocess,
     features: FeatureSpec,
+    *,
+    deploy: bool,
+    fold_bn: bool,
 ) -> str:
-    """sha256 (hex) over the canonical JSON of arch/preprocess/features and every variable's
-    path, dtype, shape and bytes. Equal for equal models whatever directory they sit in."""
+    """sha256 (hex) over the canonical JSON of arch/form/preprocess/features and every
+    variable's path, dtype, shape and bytes. Equal for equal models whatever directory they sit
+    in. The form is hashed as the `deploy` / `fold_bn` Arch keys of version-2 directories, so a
+    model keeps its fingerprint across the format change."""
     h = hashlib.sha256()
-    meta = {"Arch": dict(arch), "preprocess": preprocess.to_json(), "features": features.to_json()}
+    form = {"deploy": True} if deploy else {}
+    form |= {"fold_bn": True} if fold_bn else {}
+    meta = {
+        "Arch": {**dict(arch), **form},
+        "preprocess": preprocess.to_json(),
+        "features": features.to_json(),
+    }
     h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
     for kp, leaf in jax.tree_util.tree_leaves_with_path(_to_numpy(variables)):
         a = np.ascontiguousarray(leaf)
@@ -77,9 +120,9 @@ def fingerprint(
     return h.hexdigest()
 
 
-def check_variables(arch: Mapping[str, Any], variables: Mapping[str, Any], where: str) -> None:
-    """Raise ModelDirError unless `variables` has exactly the tree and shapes `arch` builds."""
-    expected = abstract_variables(build_model(arch))
+def check_variables(model: RecModel, variables: Mapping[str, Any], where: str) -> None:
+    """Raise ModelDirError unless `variables` has exactly the tree and shapes of `model`."""
+    expected = abstract_variables(model)
     got = jax.tree_util.tree_structure(_to_numpy(variables))
     want = jax.tree_util.tree_structure(expected)
     if got != want:
@@ -102,6 +145,7 @@ def check_variables(arch: Mapping[str, Any], variables: Mapping[str, Any], where
 def save_model_dir(
     path: str | os.PathLike,
     arch: Mapping[str, Any],
+    model: RecModel,
     variables: Mapping[str, Any],
     *,
     preprocess: Preprocess,
@@ -110,12 +154,20 @@ def save_model_dir(
 ) -> Path:
     """Write a model directory at `path` (created; must be empty unless `overwrite`).
 
-    The variables must match `build_model(arch)` (checked before anything is written).
-    `features` defaults to `FeatureSpec()` (the L2-normalized "features" output).
+    `arch` is the PaddleClas Arch section recorded, `model` the RecModel built from it: the
+    variables must match it (checked before anything is written) and its form (deploy /
+    fold_bn) is recorded beside the Arch. `features` defaults to `FeatureSpec()` (the
+    L2-normalized "features" output).
     """
     features = FeatureSpec() if features is None else features
     path = Path(path).absolute()
-    check_variables(arch, variables, f"save_model_dir({path})")
+    for key in _LEGACY_ARCH_KEYS:
+        if key in arch:
+            raise ModelDirError(
+                f"save_model_dir({path}): Arch.{key} is not an Arch key; the form comes from "
+                "the model (build_model's keyword arguments)"
+            )
+    check_variables(model, variables, f"save_model_dir({path})")
     if path.exists():
         if not overwrite and any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
@@ -130,6 +182,7 @@ def save_model_dir(
         "format": FORMAT,
         "version": VERSION,
         "Arch": dict(arch),
+        "form": {"deploy": bool(model.backbone.deploy), "fold_bn": bool(model.backbone.fold_bn)},
         "preprocess": preprocess.to_json(),
         "features": features.to_json(),
     }
@@ -159,17 +212,27 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def read_arch(path: str | os.PathLike) -> dict[str, Any]:
-    """The Arch dict stored in a model directory's config.json."""
-    return read_config(path)["Arch"]
+def read_arch(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(Arch section, form {"deploy", "fold_bn"}) of a model directory's config.json; the form
+    of a pre-version-3 directory comes out of its Arch."""
+    cfg = read_config(path)
+    arch = dict(cfg["Arch"])
+    form = {"deploy": False, "fold_bn": False}
+    if "form" in cfg:
+        form = {k: bool(cfg["form"].get(k, False)) for k in form}
+    legacy = {k: arch.pop(k) for k in _LEGACY_ARCH_KEYS if k in arch}
+    for k in form:
+        form[k] = form[k] or bool(legacy.get(k, False))
+    return arch, form
 
 
-def read_specs(path: str | os.PathLike) -> tuple[Preprocess, FeatureSpec, bool]:
-    """(preprocess, feature spec, legacy) of a model directory; legacy dirs get LEGACY."""
+def read_specs(path: str | os.PathLike) -> tuple[Preprocess, FeatureSpec | None, bool]:
+    """(preprocess, feature spec, legacy) of a model directory. Version-1 dirs (legacy) get
+    LEGACY and no feature spec: their feature is the Arch's `infer_output_key`, L2-normalized."""
     cfg = read_config(path)
     cfg_file = Path(path) / CONFIG_FILE
     if "preprocess" not in cfg:
-        return LEGACY, FeatureSpec(cfg["Arch"].get("infer_output_key", "features")), True
+        return LEGACY, None, True
     try:
         return (
             Preprocess.from_json(cfg["preprocess"]),
@@ -180,15 +243,19 @@ def read_specs(path: str | os.PathLike) -> tuple[Preprocess, FeatureSpec, bool]:
         raise ModelDirError(f"{cfg_file}: bad preprocess/features record: {e}") from None
 
 
-def load_model_dir(path: str | os.PathLike) -> ModelDir:
-    """Load a model directory; variables are on the default device."""
+def load_model_dir(path: str | os.PathLike, resolve_arch: ArchResolver) -> ModelDir:
+    """Load a model directory (its Arch read by `resolve_arch`, i.e.
+    `jaxrec.config.resolve_arch`); variables are on the default device."""
     path = Path(path).absolute()
-    arch = read_arch(path)
+    arch, form = read_arch(path)
     preprocess, features, legacy = read_specs(path)
     try:
-        model = build_model(arch)
+        resolved = resolve_arch(arch, "Arch")
+        model = build_model(resolved, **form)
     except ValueError as e:
         raise ModelDirError(f"{path / CONFIG_FILE}: {e}") from None
+    if features is None:
+        features = FeatureSpec(resolved.infer_output_key, True)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),

@@ -1,10 +1,8 @@
-"""RecModel (backbone -> neck -> head, ref §3) and `build_model` from a YAML-like Arch dict."""
+"""RecModel (backbone -> neck -> head, ref §3) and `build_model` from a resolved `Arch`."""
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.models import initializers
+from jaxrec.models.arch import Arch, HeadArch, Initializer
 from jaxrec.models.heads import (
     ArcMargin,
     BNNeck,
@@ -19,7 +18,7 @@ from jaxrec.models.heads import (
     CosMargin,
     FCHead,
 )
-from jaxrec.models.lcnetv2 import LAYER_ORDER, PPLCNetV2
+from jaxrec.models.lcnetv2 import PPLCNetV2
 
 Dtype = Any
 
@@ -43,7 +42,7 @@ class RecModel(nn.Module):
         self, x: jax.Array, labels: jax.Array | None = None, train: bool = False
     ) -> dict[str, jax.Array]:
         if train and self.backbone.fold_bn:
-            raise ValueError("a BN-folded model (Arch fold_bn) has no BatchNorm and cannot train")
+            raise ValueError("a BN-folded model (fold_bn) has no BatchNorm and cannot train")
         out: dict[str, jax.Array] = {}
         b = self.backbone(x, train)
         out["backbone"] = b
@@ -60,264 +59,95 @@ class RecModel(nn.Module):
         return out
 
 
-# name -> (scale, depths, dropout_prob, shitu); "PPLCNetV2" needs scale and depths given.
-BACKBONES: dict[str, tuple[float | None, tuple[int, ...] | None, float, bool]] = {
-    "PPLCNetV2": (None, None, 0.0, False),
-    "PPLCNetV2_small": (0.75, (2, 2, 4, 2), 0.2, False),
-    "PPLCNetV2_base": (1.0, (2, 2, 6, 2), 0.2, False),
-    "PPLCNetV2_large": (1.25, (2, 2, 8, 2), 0.2, False),
-    "PPLCNetV2_base_ShiTu": (1.0, (2, 2, 6, 2), 0.2, True),
-}
-
-# Keys PaddleClas uses only for initialization / loading; accepted and ignored here.
-_INIT_KEYS = {"pretrained", "use_ssld"}
-_BACKBONE_KEYS = {
-    "name",
-    "class_num",
-    "class_expand",
-    "use_last_conv",
-    "dropout_prob",
-    "act",
-    "scale",
-    "depths",
-} | _INIT_KEYS
-_TOP_KEYS = {
-    "name",
-    "infer_output_key",
-    "infer_add_softmax",
-    "Backbone",
-    "BackboneStopLayer",
-    "Neck",
-    "Head",
-    "head_feature_from",
-    "dtype",
-    "deploy",
-    "fold_bn",
-    "bn_axis_name",
-}
-# jaxrec-only top-level keys, also accepted beside a bare backbone's keys.
-_MODEL_KEYS = ("dtype", "deploy", "fold_bn", "bn_axis_name")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class ArchError(ValueError):
-    """An Arch dict that jaxrec cannot build."""
+def _initializer(init: Initializer):
+    if init.name == "Normal":
+        return initializers.normal(init.std, init.mean)
+    if init.name == "Constant":
+        return nn.initializers.constant(init.value)
+    return {
+        "XavierNormal": initializers.xavier_normal,
+        "XavierUniform": initializers.xavier_uniform,
+        "KaimingNormal": initializers.kaiming_normal,
+    }[init.name]
 
 
-def _check_keys(section: str, cfg: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ArchError(
-            f"Arch.{section}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}"
-        )
-
-
-def _initializer(section: str, attr: Any, default):
-    """Initializer from a Paddle ParamAttr-like dict ({"initializer": {"name": ..}}), or default.
-
-    Other ParamAttr entries (learning_rate, regularizer, trainable, name) concern the optimizer
-    and are ignored here.
-    """
-    if not isinstance(attr, Mapping) or attr.get("initializer") is None:
-        return default
-    init = dict(attr["initializer"])
-    name = init.pop("name", None)
-    if name == "Normal":
-        return initializers.normal(float(init.get("std", 1.0)), float(init.get("mean", 0.0)))
-    if name == "Constant":
-        return nn.initializers.constant(float(init.get("value", 0.0)))
-    if name == "XavierNormal":
-        return initializers.xavier_normal
-    if name == "XavierUniform":
-        return initializers.xavier_uniform
-    if name == "KaimingNormal":
-        return initializers.kaiming_normal
-    raise ArchError(
-        f"Arch.{section}: initializer {name!r} is not supported "
-        "(use Normal, Constant, XavierNormal, XavierUniform or KaimingNormal)"
-    )
-
-
-def _dtype(arch: Mapping[str, Any]) -> Any:
-    name = arch.get("dtype", "float32")
-    if name not in _DTYPES:
-        raise ArchError(f"Arch.dtype: {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _build_backbone(
-    cfg: Mapping[str, Any],
-    stop_after: str | None,
-    deploy: bool,
-    dtype: Any,
-    section: str,
-    bn_axis_name: str | None = None,
-    fold_bn: bool = False,
-) -> PPLCNetV2:
-    _check_keys(section, cfg, _BACKBONE_KEYS)
-    name = cfg.get("name")
-    if name not in BACKBONES:
-        raise ArchError(f"Arch.{section}.name: {name!r} is not one of {sorted(BACKBONES)}")
-    scale, depths, dropout, shitu = BACKBONES[name]
-    scale = cfg.get("scale", scale)
-    depths = cfg.get("depths", depths)
-    if scale is None or depths is None:
-        raise ArchError(f"Arch.{section}: backbone {name} needs `scale` and `depths`")
-    depths = tuple(int(d) for d in depths)
-    if len(depths) != 4 or min(depths) < 1:
-        raise ArchError(f"Arch.{section}.depths: need 4 positive stage depths, got {depths}")
-    if cfg.get("act", "relu") != "relu":
-        raise ArchError(f"Arch.{section}.act: only 'relu' is supported, got {cfg['act']!r}")
-    return PPLCNetV2(
-        scale=float(scale),
-        depths=depths,
-        class_num=int(cfg.get("class_num", 1000)),
-        dropout_prob=float(cfg.get("dropout_prob", dropout)),
-        use_last_conv=bool(cfg.get("use_last_conv", True)),
-        class_expand=int(cfg.get("class_expand", 1280)),
-        shitu=shitu,
-        stop_after=stop_after,
-        deploy=deploy,
-        fold_bn=fold_bn,
-        dtype=dtype,
-        bn_axis_name=bn_axis_name,
-        name="backbone",
-    )
-
-
-def _build_neck(
-    cfg: Mapping[str, Any], dtype: Any, bn_axis_name: str | None = None, fold_bn: bool = False
-) -> BNNeck:
-    name = cfg.get("name")
-    if name != "BNNeck":
-        raise ArchError(f"Arch.Neck.name: {name!r} is not supported (only 'BNNeck')")
-    _check_keys("Neck", cfg, {"name", "num_features", "weight_attr", "bias_attr"})
-    if "num_features" not in cfg:
-        raise ArchError("Arch.Neck: BNNeck needs `num_features`")
-    return BNNeck(
-        int(cfg["num_features"]),
-        fold_bn=fold_bn,
-        dtype=dtype,
-        bn_axis_name=bn_axis_name,
-        name="neck",
-    )
-
-
-def _build_head(cfg: Mapping[str, Any], dtype: Any) -> nn.Module:
-    name = cfg.get("name")
-    common = {"name", "embedding_size", "class_num", "weight_attr"}
-    for key in ("embedding_size", "class_num"):
-        if key not in cfg:
-            raise ArchError(f"Arch.Head: {name} needs `{key}`")
-    emb, cls = int(cfg["embedding_size"]), int(cfg["class_num"])
-    if name == "FC":
-        _check_keys("Head", cfg, common | {"bias_attr", "use_bias"})
-        # jaxrec default: no bias (the GeneralRecognitionV2 config); bias_attr: dict/True or
-        # use_bias: True add a zero-initialized bias.
-        bias_attr = cfg.get("bias_attr", False)
-        use_bias = bool(cfg.get("use_bias", bias_attr is not False and bias_attr is not None))
-        init = _initializer("Head.weight_attr", cfg.get("weight_attr"), None)
-        kw = {} if init is None else {"kernel_init": init}
-        return FCHead(emb, cls, use_bias=use_bias, dtype=dtype, name="head", **kw)
-    init = _initializer("Head.weight_attr", cfg.get("weight_attr"), initializers.xavier_normal)
-    if name == "ArcMargin":
-        _check_keys("Head", cfg, common | {"margin", "scale", "easy_margin"})
+def _build_head(head: HeadArch, dtype: Any) -> nn.Module:
+    emb, cls, init = head.embedding_size, head.class_num, _initializer(head.weight_init)
+    if head.name == "FC":
+        return FCHead(emb, cls, use_bias=head.use_bias, kernel_init=init, dtype=dtype, name="head")
+    if head.name == "ArcMargin":
         return ArcMargin(
             emb,
             cls,
             kernel_init=init,
-            margin=float(cfg.get("margin", 0.5)),
-            scale=float(cfg.get("scale", 80.0)),
-            easy_margin=bool(cfg.get("easy_margin", False)),
+            margin=head.margin,
+            scale=head.scale,
+            easy_margin=head.easy_margin,
             name="head",
         )
-    if name == "CosMargin":
-        _check_keys("Head", cfg, common | {"margin", "scale"})
-        return CosMargin(
-            emb,
-            cls,
-            kernel_init=init,
-            margin=float(cfg.get("margin", 0.35)),
-            scale=float(cfg.get("scale", 64.0)),
-            name="head",
-        )
-    if name == "CircleMargin":
-        _check_keys("Head", cfg, common | {"margin", "scale"})
-        for key in ("margin", "scale"):
-            if key not in cfg:
-                raise ArchError(f"Arch.Head: CircleMargin needs `{key}` (it has no default)")
-        return CircleMargin(
-            emb,
-            cls,
-            kernel_init=init,
-            margin=float(cfg["margin"]),
-            scale=float(cfg["scale"]),
-            name="head",
-        )
-    raise ArchError(
-        f"Arch.Head.name: {name!r} is not one of ['ArcMargin', 'CircleMargin', 'CosMargin', 'FC']"
-    )
+    margin = {"CosMargin": CosMargin, "CircleMargin": CircleMargin}[head.name]
+    return margin(emb, cls, kernel_init=init, margin=head.margin, scale=head.scale, name="head")
 
 
-def build_model(arch: Mapping[str, Any]) -> RecModel:
-    """Build a RecModel from an Arch dict mirroring the PaddleClas YAML `Arch` section.
+def build_model(
+    arch: Arch,
+    *,
+    dtype: str = "float32",
+    deploy: bool = False,
+    fold_bn: bool = False,
+    bn_axis_name: str | None = None,
+) -> RecModel:
+    """The RecModel of a resolved `Arch` (`jaxrec.config.resolve_arch` makes one from a
+    PaddleClas Arch section).
 
-    `name` is "RecModel" (with Backbone / BackboneStopLayer / Neck / Head sections), or a
-    backbone name such as "PPLCNetV2_base" for a bare ImageNet classifier (backbone keys then sit
-    at the top level, as in PaddleClas). jaxrec-only keys: `dtype` ("float32" | "bfloat16" |
-    "float16", the compute dtype; params stay float32), `deploy` (fused rep blocks), `fold_bn`
-    (with `deploy`: every BatchNorm folded into its conv, BNNeck into a per-feature affine map;
-    an inference-only form, see `jaxrec.models.fold`) and `bn_axis_name` (mesh axis for
-    synchronized BN batch statistics in training; default None = per-device statistics, as the
+    Runtime options: `dtype` ("float32" | "bfloat16" | "float16") is the compute dtype
+    (parameters stay float32); `deploy` fuses the rep blocks' branches (ref §2.6); `fold_bn`
+    (with `deploy`) folds every BatchNorm into its conv and the BNNeck into a per-feature affine
+    map, an inference-only form (see `jaxrec.models.fold`); `bn_axis_name` is the mesh axis for
+    synchronized BN batch statistics in training (None: per-device statistics, as the
     reference).
-    Backbone sections also accept `scale` / `depths` / `dropout_prob` for reduced-size variants.
-    Unknown keys raise `ArchError` naming the key.
     """
-    arch = copy.deepcopy(dict(arch))
-    name = arch.get("name")
-    dtype = _dtype(arch)
-    deploy = bool(arch.get("deploy", False))
-    fold_bn = bool(arch.get("fold_bn", False))
+    if dtype not in _DTYPES:
+        raise ValueError(f"build_model: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     if fold_bn and not deploy:
-        raise ArchError("Arch.fold_bn: the BN-folded form needs `deploy: True` as well")
-    axis = arch.get("bn_axis_name")
-    if axis is not None and not isinstance(axis, str):
-        raise ArchError(f"Arch.bn_axis_name: must be a mesh axis name (str), got {axis!r}")
-    if name in BACKBONES:
-        bb_cfg = {k: v for k, v in arch.items() if k not in _MODEL_KEYS}
-        return RecModel(
-            backbone=_build_backbone(bb_cfg, None, deploy, dtype, "(backbone)", axis, fold_bn)
+        raise ValueError("build_model: the BN-folded form (fold_bn) needs deploy=True as well")
+    if bn_axis_name is not None and not isinstance(bn_axis_name, str):
+        raise ValueError(
+            f"build_model: bn_axis_name must be a mesh axis name, got {bn_axis_name!r}"
         )
-    if name != "RecModel":
-        raise ArchError(
-            f"Arch.name: {name!r} is not supported; use 'RecModel' or one of {sorted(BACKBONES)}"
-        )
-    _check_keys("(top level)", arch, _TOP_KEYS)
-    if "Backbone" not in arch:
-        raise ArchError("Arch: RecModel needs a `Backbone` section")
-    stop = arch.get("BackboneStopLayer")
-    stop_after = None
-    if stop is not None:
-        _check_keys("BackboneStopLayer", stop, {"name"})
-        stop_after = stop.get("name")
-        allowed = LAYER_ORDER[LAYER_ORDER.index("avg_pool") :]
-        if stop_after not in allowed:
-            raise ArchError(
-                f"Arch.BackboneStopLayer.name: {stop_after!r} is not supported; use one of "
-                f"{list(allowed)}"
-            )
-    backbone = _build_backbone(
-        arch["Backbone"], stop_after, deploy, dtype, "Backbone", axis, fold_bn
+    cdtype = _DTYPES[dtype]
+    b = arch.backbone
+    backbone = PPLCNetV2(
+        scale=b.scale,
+        depths=b.depths,
+        class_num=b.class_num,
+        dropout_prob=b.dropout_prob,
+        use_last_conv=b.use_last_conv,
+        class_expand=b.class_expand,
+        shitu=b.shitu,
+        stop_after=b.stop_after,
+        deploy=deploy,
+        fold_bn=fold_bn,
+        dtype=cdtype,
+        bn_axis_name=bn_axis_name,
+        name="backbone",
     )
-    neck = _build_neck(arch["Neck"], dtype, axis, fold_bn) if arch.get("Neck") else None
-    head = _build_head(arch["Head"], dtype) if arch.get("Head") else None
-    hff = arch.get("head_feature_from", "neck")
-    if hff not in ("neck", "backbone"):
-        raise ArchError(f"Arch.head_feature_from: {hff!r} must be 'neck' or 'backbone'")
-    iok = arch.get("infer_output_key", "features")
-    if iok not in ("features", "backbone", "neck", "logits"):
-        raise ArchError(f"Arch.infer_output_key: {iok!r} is not an output key")
-    return RecModel(backbone=backbone, neck=neck, head=head, head_feature_from=hff)
+    neck = None
+    if arch.neck is not None:
+        neck = BNNeck(
+            arch.neck.num_features,
+            fold_bn=fold_bn,
+            dtype=cdtype,
+            bn_axis_name=bn_axis_name,
+            name="neck",
+        )
+    head = None if arch.head is None else _build_head(arch.head, cdtype)
+    return RecModel(
+        backbone=backbone, neck=neck, head=head, head_feature_from=arch.head_feature_from
+    )
 
 
 def init_variables(model: RecModel, seed: int = 0, image_size: int = 32) -> dict[str, Any]:

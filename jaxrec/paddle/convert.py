@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxrec.config import defaults, resolve_arch
 from jaxrec.models import (
     ModelDir,
     abstract_variables,
@@ -206,17 +207,16 @@ def convert_state_dict(
     seed: int = 0,
     strict: bool = False,
 ) -> tuple[dict[str, Any], ConversionReport]:
-    """Variables (training form) for `build_model(arch)` filled from a Paddle state dict.
+    """Variables (training form) of the model of an Arch section, filled from a Paddle state
+    dict.
 
     Tensors absent from the checkpoint or of another shape keep a fresh init (seed `seed`);
-    every such case is listed in the report (`strict=True`: PdparamsError instead). Requires a
-    training-form arch (deploy False).
+    every such case is listed in the report (`strict=True`: PdparamsError instead). The
+    training form is the one Paddle files hold; `reparameterize` gives the deploy form.
     """
-    if arch.get("deploy"):
-        raise ValueError("convert into the training form, then call reparameterize()")
     state, kind = _normalize_keys(state)
     report = ConversionReport(source_kind=kind)
-    model = build_model(arch)
+    model = build_model(resolve_arch(arch))
     abstract = abstract_variables(model)
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     values: dict[tuple, np.ndarray] = {}
@@ -277,12 +277,15 @@ def convert_pdparams(
 ) -> tuple[dict[str, Any], dict[str, Any], ConversionReport]:
     """(arch, variables, report) from a .pdparams file; `arch` is inferred when not given.
 
-    `deploy=True` returns the fused (re-parameterized) variables and sets arch["deploy"].
-    `strict=True` raises PdparamsError if any tensor is missing, mis-shaped or unexpected.
+    `deploy=True` returns the fused (re-parameterized) variables (the model is then
+    `build_model(..., deploy=True)`). `strict=True` raises PdparamsError if any tensor is
+    missing, mis-shaped or unexpected.
     """
     state = read_pdparams(pdparams)
     if arch is None:
         arch = infer_arch(state, class_num=class_num, head=head, no_head=no_head, target=target)
+    # The form is convert's --deploy, not an Arch key (an Arch from an older model dir may
+    # still carry it).
     arch = {k: v for k, v in dict(arch).items() if k != "deploy"}
     try:
         variables, report = convert_state_dict(state, arch, seed=seed, strict=strict)
@@ -290,7 +293,6 @@ def convert_pdparams(
         raise PdparamsError(f"{pdparams}: {e}") from e
     if deploy:
         variables = reparameterize(variables)
-        arch["deploy"] = True
     return arch, variables, report
 
 
@@ -349,11 +351,9 @@ def paddle_state_dict(variables: Mapping[str, Any], *, head: bool = True) -> dic
 def paddleclas_notes(arch: Mapping[str, Any]) -> list[str]:
     """Size keys of the Arch that PaddleClas's backbone function fixes to other values (it then
     cannot build the model from a YAML)."""
-    from jaxrec.models.recmodel import BACKBONES  # noqa: PLC0415
-
     bb = arch.get("Backbone", arch)
-    scale, depths, _, _ = BACKBONES.get(bb.get("name"), (None, None, None, None))
-    own = {"scale": scale, "depths": depths}
+    variant = defaults.BACKBONE_VARIANTS.get(bb.get("name"), {})
+    own = {"scale": variant.get("scale"), "depths": variant.get("depths")}
     return [
         f"PaddleClas's {bb['name']} always builds {key} {own[key]}, this model has {bb[key]}: "
         "PaddleClas has no YAML for it"

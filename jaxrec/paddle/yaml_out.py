@@ -178,14 +178,12 @@ def _backbone_extensions(plain: dict, notes: dict[str, list[str]]) -> None:
     """jaxrec's `scale`/`depths`/`dropout_prob` backbone keys: PaddleClas's backbone functions
     pass their own values and fail on these keys. Dropped where they equal those values;
     otherwise kept with a note (PaddleClas has no architecture for such a model)."""
-    from jaxrec.models.recmodel import BACKBONES  # noqa: PLC0415 - models import jax
-
     arch = _node(plain, "Arch") or {}
     backbone = arch.get("Backbone") if isinstance(arch.get("Backbone"), dict) else arch
     where = "Arch.Backbone" if backbone is not arch else "Arch"
     name = backbone.get("name")
-    scale, depths, dropout, _ = BACKBONES.get(name, (None, None, None, False))
-    fixed = {"scale": scale, "depths": depths, "dropout_prob": dropout}
+    variant = defaults.BACKBONE_VARIANTS.get(name, {})
+    fixed = {k: variant.get(k) for k in ("scale", "depths", "dropout_prob")}
     for key in (k for k in _BACKBONE_EXTENSIONS if k in backbone):
         value, own = backbone[key], fixed[key]
         try:

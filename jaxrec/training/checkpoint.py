@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrec.config import resolve_arch
 from jaxrec.errors import CheckpointMismatchError, JaxrecError, ModelDirError
 from jaxrec.models import ModelDir, abstract_variables, build_model, load_model_dir
 from jaxrec.parallel import host_copy
@@ -270,7 +271,7 @@ def restore_variables(
         raise CheckpointMismatchError(
             f"no checkpoint found in {wd.checkpoints('latest')} or {wd.checkpoints('best')}"
         )
-    model = build_model(run.model_arch(training=False))
+    model = build_model(run.arch, **run.model_options(training=False))
     want = abstract_variables(model)
     want_sig = signature(want["params"], want.get("batch_stats", {}))
     problems = []
@@ -309,11 +310,10 @@ def restore_model(
     """The model of a training run as a `ModelDir` (variables, the run's preprocessing and
     feature spec), read-only; see `restore_variables`."""
     run, variables, _, desc = restore_variables(workdir, which, step)
-    arch = run.model_arch(training=False)
     return ModelDir(
-        model=build_model(arch),
+        model=build_model(run.arch, **run.model_options(training=False)),
         variables=variables,
-        arch=arch,
+        arch=run.arch_section,
         preprocess=run.preprocess,
         features=run.eval.feature,
         source=desc,
@@ -336,7 +336,7 @@ def open_model(path: str | os.PathLike, which: str = "best", step: int | None = 
         return restore_model(p, which=which, step=step)
     if step is not None:
         raise ModelDirError(f"{path} is a model directory, not a training workdir: it has no steps")
-    return load_model_dir(p)
+    return load_model_dir(p, resolve_arch)
 
 
 def is_workdir(path: str | os.PathLike) -> bool:

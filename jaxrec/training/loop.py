@@ -1,8 +1,8 @@
-"""The training loop: `train(config, workdir)`.
+"""The training loop: `train(run, workdir)`.
 
-Data flow: config -> `config.resolve` -> Run -> (inputs: loader) -> (step: jitted,
-donated train step) -> checkpoint (WORKDIR/checkpoints, best/) with evaluation
-(evaluation.RetrievalEvaluator, built once) at epoch ends.
+Data flow: Run (resolved by train.py; `run.config` is the config it came from) -> (inputs:
+loader) -> (step: jitted, donated train step) -> checkpoint (WORKDIR/checkpoints, best/) with
+evaluation (evaluation.RetrievalEvaluator, built once) at epoch ends.
 
 Per step the loop only dispatches work: metrics stay on device, summed by a small jitted
 accumulator that also records the first update with a non-finite value. They are fetched at
@@ -18,14 +18,13 @@ import math
 import os
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxrec import inputs
-from jaxrec.config import Run, resolve
-from jaxrec.errors import CheckpointMismatchError, TrainingDivergedError
+from jaxrec.config import Run
+from jaxrec.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
 from jaxrec.losses import build_loss
 from jaxrec.models import build_model
 from jaxrec.paddle.yaml_out import save_paddleclas_yaml
@@ -100,19 +99,19 @@ class _Divergence:
         )
 
 
-def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
+def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     """Train with the run's recipe, evaluating and checkpointing into `workdir`; returns the
-    last evaluation metrics (may be empty)."""
-    run: Run = resolve(config)
+    last evaluation metrics (may be empty). `run.config` (the config the run was resolved from)
+    is what WORKDIR/config.json and paddleclas.yaml record and what a resume is checked
+    against."""
     workdir = os.path.abspath(workdir)
-    check_resume_config(config, workdir, run.loop.allow_config_change)
+    check_resume_config(run.config, workdir, run.loop.allow_config_change)
     if run.train is None:
-        raise CheckpointMismatchError("the config has no DataLoader.Train section to train on")
+        raise ConfigError("DataLoader.Train", "is required to train (the config has none)")
     mesh = make_mesh()
-    model = build_model(run.model_arch(training=True, axis_name=AXIS))
-    loss = build_loss(list(run.loss))
-    class_num = (run.arch.get("Head") or {}).get("class_num")
-    loader = inputs.train_loader(run.train, mesh, run.seed, class_num=class_num)
+    model = build_model(run.arch, **run.model_options(training=True, axis_name=AXIS))
+    loss = build_loss(run.loss)
+    loader = inputs.train_loader(run.train, mesh, run.seed, class_num=run.class_num)
     os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
     spe, epochs = loader.steps_per_epoch, run.loop.epochs
     total_steps = spe * epochs
@@ -159,15 +158,15 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
             f"resumed from step {int(state.step)} (epoch {start_epoch + 1}, iteration {start_it})"
         )
     if jax.process_index() == 0:  # only once the checkpoint is known to fit the config
-        save_config(config, workdir)
-        save_paddleclas_yaml(config, workdir)
+        save_config(run.config, workdir)
+        save_paddleclas_yaml(run.config, workdir)
 
     ev = run.eval
     evaluator = None
     if ev.enabled or (ev.before_training and ev.data is not None):
         from jaxrec.evaluation import RetrievalEvaluator
 
-        eval_model = build_model(run.model_arch(training=False))
+        eval_model = build_model(run.arch, **run.model_options(training=False))
         evaluator = RetrievalEvaluator.for_model(ev, eval_model, mesh)
     writer = logging_lib.EventWriter(str(Workdir(workdir).tensorboard)) if _is0() else None
     gbs = loader.global_rows

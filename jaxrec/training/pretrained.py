@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config import resolve_arch
 from jaxrec.errors import JaxrecError
 from jaxrec.models import load_model_dir
 from jaxrec.paddle.convert import load_pdparams_variables
@@ -60,7 +61,7 @@ def merge_pretrained(
 def load_pretrained_variables(path: str) -> dict:
     """Variables from a jaxrec model directory or a PaddleClas `.pdparams` file (or prefix)."""
     if os.path.isdir(path):
-        return dict(load_model_dir(path).variables)
+        return dict(load_model_dir(path, resolve_arch).variables)
     for candidate in (path, path + ".pdparams"):
         if os.path.isfile(candidate):
             return dict(load_pdparams_variables(candidate))
