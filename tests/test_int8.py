@@ -9,9 +9,11 @@ from PIL import Image
 
 from jaxrec import export as E
 from jaxrec.export import int8
-from jaxrec.models import build_model, save_model_dir
+from jaxrec.models import save_model_dir
 
 pytest.importorskip("onnxruntime")
+
+from model_testutil import build  # noqa: E402
 
 from tests.test_export import OWN, SIZE, random_variables, tiny_arch  # noqa: E402
 
@@ -31,9 +33,10 @@ def _pattern(c, rng):
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     arch = tiny_arch()
-    v = random_variables(build_model(arch), 0)
+    m = build(arch)
+    v = random_variables(m, 0)
     out = root / "model"
-    save_model_dir(out, arch, v, preprocess=OWN)
+    save_model_dir(out, arch, m, v, preprocess=OWN)
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
     import onnx
 
