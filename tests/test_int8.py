@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from model_testutil import build  # noqa: E402
 
-from tests.test_export import OWN, SIZE, random_variables, tiny_arch  # noqa: E402
+from test_export import OWN, SIZE, random_variables, tiny_arch  # noqa: E402
 
 N_CLASSES, PER_CLASS = 4, 12
 
