@@ -4,10 +4,17 @@ Layout of a training workdir (the only place that knows it):
 
     WORKDIR/config.json              the run's config (jaxrec.training.workdir)
     WORKDIR/checkpoints/STEP/state   orbax tree of the TrainState {step, params{model, loss},
-                                     batch_stats, opt_state}, saved as host numpy arrays
+                                     batch_stats, opt_state}, saved as the (sharded) jax arrays
     WORKDIR/checkpoints/STEP/meta    JSON: epoch, iteration, step, best metric, loader state,
-                                     signature of the parameter tree
+                                     signature of the parameter tree, device count and, with
+                                     the class-sharded head, its real class count
     WORKDIR/best/STEP/...            the same for the best evaluation so far (one kept)
+
+With the class-sharded head (jaxrec.training.sharded_head) the head's arrays are saved padded
+to a multiple of the device count (zero columns). The signature names their real class count;
+training restores onto the current placement (orbax pads or cuts the zero columns, so another
+device count reshards), and the read-only path cuts them off: evaluate, export and convert see
+the `[embedding, class_num]` weight as before.
 
 orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoints intact.
@@ -30,20 +37,33 @@ import jax
 import numpy as np
 
 from jaxrec.errors import CheckpointMismatchError, JaxrecError
+from jaxrec.training.sharded_head import is_head_path, unpad_head
 from jaxrec.treepath import path_names
 
 LATEST, BEST = "checkpoints", "best"
 WHICH = {"latest": LATEST, "best": BEST}
 
 
-def signature(params: Any, batch_stats: Any) -> list[str]:
-    """`path shape dtype` of every parameter and BN statistic (to detect mismatched restores)."""
+def signature(params: Any, batch_stats: Any, head_classes: int | None = None) -> list[str]:
+    """`path shape dtype` of every parameter and BN statistic (to detect mismatched restores).
+    With `head_classes` the head's class axis is given as that real count (not the padding)."""
     out = []
     for part, tree in (("params", params), ("batch_stats", batch_stats)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            names = "/".join(path_names(path))
-            out.append(f"{part}/{names} {list(np.shape(leaf))} {np.asarray(leaf).dtype}")
+            names = path_names(path)
+            shape = list(np.shape(leaf))
+            if head_classes is not None and is_head_path(names):
+                shape[-1] = head_classes
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+            dtype = np.dtype(dtype)
+            out.append(f"{part}/{'/'.join(names)} {shape} {dtype}")
     return out
+
+
+@jax.jit
+def _max_abs(tree: Any) -> jax.Array:
+    leaves = [jax.numpy.max(jax.numpy.abs(x)) for x in jax.tree.leaves(tree) if x.size]
+    return jax.numpy.max(jax.numpy.stack(leaves)) if leaves else jax.numpy.float32(0)
 
 
 def _mismatch(where: str, got: list[str], want: list[str]) -> CheckpointMismatchError:
@@ -62,10 +82,14 @@ class Checkpoints:
     """The workdir's two orbax CheckpointManagers, for training: `checkpoints/` keeps the last
     `max_to_keep`, `best/` keeps one. Each checkpoint holds the state and a JSON `meta`."""
 
-    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3) -> None:
+    def __init__(
+        self, workdir: str | os.PathLike, max_to_keep: int = 3, head_classes: int | None = None
+    ) -> None:
+        """`head_classes`: the real class count of a class-sharded (padded) head, else None."""
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.head_classes = head_classes
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.latest = self._manager(LATEST, max_to_keep)
         self.best = self._manager(BEST, 1)
@@ -80,17 +104,22 @@ class Checkpoints:
         )
 
     def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
-        """Save a replicated state (this process's host copy) with its meta."""
-        from jaxrec.parallel import host_copy
-
-        host = host_copy(state)
-        largest = max((float(np.max(np.abs(a))) for a in jax.tree.leaves(host.params)), default=0)
-        meta = dict(meta, signature=signature(host.params, host.batch_stats), param_max_abs=largest)
+        """Save the state's (possibly sharded, multi-host) arrays with its meta; every process
+        calls it."""
+        largest = float(_max_abs(state.params))
+        meta = dict(
+            meta,
+            signature=signature(state.params, state.batch_stats, self.head_classes),
+            param_max_abs=largest,
+            devices=jax.device_count(),
+        )
+        if self.head_classes is not None:
+            meta["head_classes"] = self.head_classes
         mgr = self.best if best else self.latest
         if step in mgr.all_steps():
             return
         ocp = self._ocp
-        args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         mgr.save(step, args=args, force=True)
         mgr.wait_until_finished()
 
@@ -100,12 +129,15 @@ class Checkpoints:
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """Restore the newest readable checkpoint (or `step`) into the structure and shardings
-        of `target`; None when there is none. Unreadable checkpoints are moved aside."""
+        of `target`; None when there is none. Unreadable checkpoints are moved aside.
+
+        The signature (real shapes) must match; the head's zero padding is cut or extended to
+        the target's (`strict=False`), so a checkpoint of another device count reshards."""
         ocp = self._ocp
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
         )
-        want = signature(target.params, target.batch_stats)
+        want = signature(target.params, target.batch_stats, self.head_classes)
         if step is not None:
             mgr = self.latest if step in self.latest.all_steps() else self.best
             if step not in mgr.all_steps():
@@ -127,7 +159,8 @@ class Checkpoints:
                 raise _mismatch(f"{mgr.directory}/{s}", sig, want)
             try:
                 args = ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(abstract, strict=False),
+                    meta=ocp.args.JsonRestore(),
                 )
                 restored = mgr.restore(s, args=args)
             except Exception as e:  # noqa: BLE001
@@ -196,11 +229,18 @@ def _read(ckpt: Path) -> tuple[dict, dict]:
 
     ckptr = ocp.StandardCheckpointer()
     try:
-        state = ckptr.restore(ckpt / "state")
+        # onto this process's first device whatever placement (device count) it was saved with
+        md = ckptr.metadata(ckpt / "state")
+        tree = md.item_metadata.tree if hasattr(md, "item_metadata") else md
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+        state = ckptr.restore(ckpt / "state", target)
     finally:
         ckptr.close()
     meta_file = ckpt / "meta" / "metadata"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("head_classes") is not None:  # a class-sharded head: drop the zero padding
+        state = unpad_head(state, int(meta["head_classes"]))
     if not isinstance(state, dict) or "params" not in state or "model" not in state["params"]:
         raise ValueError("not a jaxrec TrainState (no params/model)")
     return state, meta

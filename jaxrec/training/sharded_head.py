@@ -73,12 +73,25 @@ class HeadPlan:
         return isinstance(self.head, FCHead)
 
     def is_head_leaf(self, path: tuple[str, ...]) -> bool:
-        """Whether a state leaf (by path names) is a head array with a class axis: the params
-        `model/head/...` and the optimizer-state leaves that mirror them."""
-        for i in range(len(path) - 2):
-            if path[i] == "model" and path[i + 1] == "head":
-                return path[-1] in ("kernel", "bias", "weight")
-        return False
+        return is_head_path(path)
+
+
+def is_head_path(path: tuple[str, ...]) -> bool:
+    """Whether a state leaf (by path names) is a head array with a class (last) axis: the
+    params `model/head/...` and the optimizer-state leaves that mirror them."""
+    for i in range(len(path) - 2):
+        if path[i] == "model" and path[i + 1] == "head":
+            return path[-1] in ("kernel", "bias", "weight")
+    return False
+
+
+def unpad_head(tree: PyTree, class_num: int) -> PyTree:
+    """Head leaves (`is_head_path`) cut back to `class_num` classes on their last axis."""
+
+    def leaf(path, x):
+        return x[..., :class_num] if is_head_path(path_names(path)) else x
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 def plan_head(
