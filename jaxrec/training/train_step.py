@@ -12,6 +12,11 @@ DataParallel run:
   once. (With `check_vma=True` one would `pmean` the loss instead and must not also `pmean` the
   gradients: they would come out N times too large.) tests/test_train_step.py compares the step
   with an explicit per-shard computation.
+* With several devices the classification head is class-sharded by default
+  (`jaxrec.training.sharded_head`, `Global.shard_head`): its weight, optimizer state and
+  gradient are split over "data", its CE is assembled with collectives over the global batch,
+  and the loss, gradients and BN statistics equal the replicated head's
+  (tests/test_sharded_head.py).
 * BN running statistics are averaged over devices after each step, so the replicated state
   (and the checkpoint) holds one set. (The reference keeps rank 0's; the average is the
   data-parallel equivalent.)
