@@ -36,7 +36,7 @@ from jaxrec.training.optimizer import build_optimizer
 from jaxrec.training.pretrained import apply_pretrained
 from jaxrec.training.sharded_head import plan_head
 from jaxrec.training.train_step import create_state, init_params, make_train_step
-from jaxrec.training.workdir import check_resume_config, save_config
+from jaxrec.training.workdir import Workdir, check_resume_config, save_config
 
 
 def _log0(msg: str) -> None:
@@ -123,6 +123,8 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
         params, stats = apply_pretrained(params, stats, run.loop.pretrained_model, log=_log0)
     tx, schedule = build_optimizer(run.optim, spe, epochs, params, stats)
     head_plan, replicated_why = plan_head(model, loss, mesh.devices.size, run.loop.shard_head)
+    if head_plan is not None and run.eval.feature.output_key == "logits":
+        head_plan, replicated_why = None, "evaluation reads the logits"
     state = create_state(params, stats, tx, mesh, head_plan)
     augment = None
     if run.train.augment_on_device:
@@ -188,8 +190,8 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
         eval_model = build_model(run.model_arch(training=False))
         if head_plan is not None:  # evaluation reads features only; the head stays sharded
             eval_model = eval_model.clone(head=None)
-        evaluator = RetrievalEvaluator(ev, eval_model, mesh)
-    writer = logging_lib.EventWriter(os.path.join(workdir, "tensorboard")) if _is0() else None
+        evaluator = RetrievalEvaluator.for_model(ev, eval_model, mesh)
+    writer = logging_lib.EventWriter(str(Workdir(workdir).tensorboard)) if _is0() else None
     gbs = loader.global_rows
     _log0(
         f"training on {mesh.devices.size} device(s) / {jax.process_count()} process(es): global "
