@@ -6,6 +6,7 @@ cut) and ends where the all-sharded run ends."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import jax
@@ -36,9 +37,11 @@ def runs():
     data = make_tiny_dataset(os.path.join(tmp.name, "data"), train_classes=CLASSES, per_class=8)
     sharded = os.path.join(tmp.name, "sharded")
     trainer.train(_cfg(data, 2), sharded)
+    # The same run resumed after its first epoch with the replicated head (same schedule).
     mixed = os.path.join(tmp.name, "mixed")
-    trainer.train(_cfg(data, 1), mixed)  # epoch 1 sharded ...
-    trainer.train(_cfg(data, 2, shard=False), mixed)  # ... epoch 2 replicated, resumed
+    shutil.copytree(sharded, mixed)
+    spe = read_checkpoint(sharded)[2]["steps_per_epoch"]
+    trainer.train(_cfg(data, 2, shard=False), mixed, restore_step=spe)
     yield data, sharded, mixed, tmp.name
     tmp.cleanup()
 
