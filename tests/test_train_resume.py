@@ -1,8 +1,8 @@
 """Real subprocess runs of train.py: SIGKILL + restart gives bit-identical parameters; a
 two-process jax.distributed run (2 x 4 CPU devices, gloo) matches one process with 8 devices
 (both with the class-sharded head, the default); the replicated head gives the same run; a
-checkpoint of 8 devices resumes on 4 (resharded) or stops with an error naming the device
-counts."""
+checkpoint of 8 devices on 4 stops with an error naming the device counts (the state itself
+reshards: tests/test_sharded_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -205,10 +205,11 @@ def test_two_processes_match_one_process(setup, reference):
     assert len(ref_losses) == 4
     np.testing.assert_allclose(_losses(outs[0]), ref_losses, rtol=1e-4)
     # Parameters and BN statistics agree to float32 rounding of a different reduction order
-    # (measured: max abs diff 3.3e-5 on parameters up to 3.8, 4.5e-6 on BN statistics). Momentum
-    # traces (accumulated raw gradients) differ more, measured 2.6e-3 on values up to 5, so they
-    # get a looser bound.
-    for name, atol in (("params", 1e-4), ("batch_stats", 1e-5), ("opt_state", 1e-2)):
+    # (measured: max abs diff 3.3e-5 on parameters up to 3.8, 4.5e-6 on BN statistics; with the
+    # class-sharded head, whose CE sums also cross the processes, one of 8192 conv weights
+    # differed by 1.1e-4). Momentum traces (accumulated raw gradients) differ more, measured
+    # 2.6e-3 on values up to 5, so they get a looser bound.
+    for name, atol in (("params", 2e-4), ("batch_stats", 1e-5), ("opt_state", 1e-2)):
         for x, y in zip(
             jax.tree.leaves(state[name]), jax.tree.leaves(reference[1][name]), strict=True
         ):
@@ -229,7 +230,7 @@ def test_replicated_head_run_matches_the_sharded_one(setup, reference):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=name)
 
 
-def test_resume_on_another_device_count(setup, reference):
+def test_resume_on_another_device_count_is_a_clear_error(setup, reference):
     import shutil
 
     wd = str(setup["base"] / "four")
@@ -238,16 +239,18 @@ def test_resume_on_another_device_count(setup, reference):
     p = _run(setup, wd, 4, 600, "--restore_step=2", check=False)
     assert p.returncode != 0
     assert "it ran on 8 devices, this run has 4" in p.stdout + p.stderr
-    # The same global batch (8 per device): resumes, the head resharded from 8 to 4 shards.
+    # The same global batch (8 per device): the model state reshards (checked exactly in
+    # test_sharded_checkpoint), the data order cannot follow: a clear error naming both counts.
     extra = (
         "--config.DataLoader.Train.sampler.batch_size=8",
         "--config.Global.allow_config_change=True",
     )
-    p = _run(setup, wd, 4, 600, *extra)
-    assert "resharded from 8 to 4 devices" in p.stdout
-    step, state, meta = _final_state(wd)
-    assert step == reference[0] and meta["devices"] == 4
-    losses = _losses(p.stdout)
-    assert len(losses) == 2 and np.all(np.isfinite(losses))
-    # (Per-device BN statistics now see 8 images instead of 4, so the run differs from the
-    # 8-device one; test_sharded_checkpoint checks that the restored state is exact.)
+    p = _run(setup, wd, 4, 600, *extra, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "resharded from 8 to 4 devices" in out
+    assert "written on 8 devices, this run has 4" in out and "resume on 8 devices" in out
+    # On its own device count the cut run resumes and ends where the reference ends.
+    p = _run(setup, wd, 8, 600, "--config.Global.allow_config_change=True")
+    step, state, _ = _final_state(wd)
+    assert step == reference[0]
+    _assert_trees_equal(state["params"], reference[1]["params"])

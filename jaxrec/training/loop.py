@@ -230,7 +230,15 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
         try:
             loader.restore(loader_state or {"epoch": start_epoch, "step": start_it})
         except ValueError as e:
-            raise CheckpointMismatchError(f"cannot resume the data pipeline: {e}") from e
+            saved = (restored[1] if restored is not None else {}).get("devices")
+            hint = (
+                f" (the checkpoint was written on {saved} devices, this run has "
+                f"{mesh.devices.size}: the model state reshards, the data order does not; "
+                f"resume on {saved} devices)"
+                if saved is not None and saved != mesh.devices.size
+                else ""
+            )
+            raise CheckpointMismatchError(f"cannot resume the data pipeline: {e}{hint}") from e
         for epoch in range(start_epoch, epochs):
             it0 = start_it if epoch == start_epoch else 0
             for it, batch in enumerate(loader.iter_epoch(), start=it0):
