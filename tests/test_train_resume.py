@@ -208,8 +208,9 @@ def test_two_processes_match_one_process(setup, reference):
     # (measured: max abs diff 3.3e-5 on parameters up to 3.8, 4.5e-6 on BN statistics; with the
     # class-sharded head, whose CE sums also cross the processes, one of 8192 conv weights
     # differed by 1.1e-4). Momentum traces (accumulated raw gradients) differ more, measured
-    # 2.6e-3 on values up to 5, so they get a looser bound.
-    for name, atol in (("params", 2e-4), ("batch_stats", 1e-5), ("opt_state", 1e-2)):
+    # 2.6e-3 on values up to 5 (1.2e-2 on one entry with the sharded head), so they get a
+    # looser bound.
+    for name, atol in (("params", 2e-4), ("batch_stats", 1e-5), ("opt_state", 2e-2)):
         for x, y in zip(
             jax.tree.leaves(state[name]), jax.tree.leaves(reference[1][name]), strict=True
         ):
