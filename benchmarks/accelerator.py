@@ -9,7 +9,10 @@ training), with the recipe of configs/general_v2.py (PPLCNetV2_base_ShiTu + BNNe
 192,612 classes, CE + TripletAngularMargin, momentum SGD with L2), bfloat16 compute:
 
 * ``train_synthetic``: the jitted training step on a device-resident uint8 batch of 256 per
-  device (PK labels, 4 per id): the model's ceiling;
+  device (PK labels, 4 per id), the head replicated: the model's ceiling;
+* ``train_synthetic_sharded_head``: the same step with the head's class axis split over the
+  devices (`jaxrec.training.sharded_head`, the training default on several devices; skipped on
+  one device);
 * ``loader_only``: the host input pipeline alone (TrainLoader, all host cores, batches put on
   the devices), on ``--prepared`` (a ``python -m jaxrec.prepare`` set), ``--images`` (a JPEG
   folder) or, by default, a generated set of photo-sized JPEGs;
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace, p: dict) -> dict:
     from jaxrec.models import build_model
     from jaxrec.parallel import AXIS, data_sharding, make_mesh, replicated
     from jaxrec.training.optimizer import build_optimizer
+    from jaxrec.training.sharded_head import plan_head
     from jaxrec.training.train_step import create_state, init_params, make_train_step
 
     mesh = make_mesh()
@@ -143,10 +147,10 @@ def run(args: argparse.Namespace, p: dict) -> dict:
     tx, schedule = build_optimizer(run_.optim, 1000, 100, params, stats)
     dtype = jnp.dtype(run_.compute_dtype)
 
-    def new_step(augment=None):
+    def new_step(augment=None, head_plan=None):
         return make_train_step(
             model, loss, tx, mesh, pixel=run_.train.pixel, schedule=schedule,
-            compute_dtype=dtype, augment=augment,
+            compute_dtype=dtype, augment=augment, head_plan=head_plan,
         )  # fmt: skip
 
     def rate(step_s: float) -> dict:
@@ -174,6 +178,19 @@ def run(args: argparse.Namespace, p: dict) -> dict:
         step, state, forever, jax.random.key(1), p["warmup"], p["steps"]
     )
     res["train_synthetic"] = {"compile_s": compile_s, **rate(dt)}
+
+    # 1b. The same with the class-sharded head.
+    plan, why = plan_head(model, loss, ndev)
+    if plan is None:
+        res["train_synthetic_sharded_head"] = {"skipped": why}
+    else:
+        sharded_state = create_state(params, stats, tx, mesh, plan)
+        sharded_state, compile_s, dt = _timed_steps(
+            new_step(head_plan=plan), sharded_state, forever, jax.random.key(1), p["warmup"],
+            p["steps"],
+        )  # fmt: skip
+        del sharded_state
+        res["train_synthetic_sharded_head"] = {"compile_s": compile_s, **rate(dt)}
 
     # 2-4. The real loader.
     tmp = tempfile.mkdtemp(prefix="jaxrec_accel_")
@@ -249,7 +266,8 @@ def run(args: argparse.Namespace, p: dict) -> dict:
 def _table(res: dict) -> str:
     anchor = res.get("torch_anchor", {})
     train, infer = "train_images_per_s", "inference_images_per_s"
-    rows = [("train_synthetic", train), ("train_loader", train), ("train_loader_device_aug", train),
+    rows = [("train_synthetic", train), ("train_synthetic_sharded_head", train),
+            ("train_loader", train), ("train_loader_device_aug", train),
             ("inference", infer), ("loader_only", None)]  # fmt: skip
     lines = [
         f"jaxrec accelerator benchmark: {res['devices']} x {res['device_kind']}, global batch "

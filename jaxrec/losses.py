@@ -306,17 +306,28 @@ class CombinedLoss:
         return params
 
     def __call__(
-        self, loss_params: Mapping, outputs: Outputs, labels: Array
+        self,
+        loss_params: Mapping,
+        outputs: Outputs,
+        labels: Array,
+        computed: Mapping[str, Array] | None = None,
     ) -> tuple[Array, dict[str, Array]]:
+        """`computed` maps a loss name to a value computed elsewhere (the class-sharded head's
+        CELoss, jaxrec.training.sharded_head); it is weighted and summed like the others."""
+        computed = computed or {}
+
+        def value(loss: Any) -> Array:
+            if loss.name in computed:
+                return computed[loss.name]
+            return loss(loss_params.get(loss.name, {}), outputs, labels)
+
         terms: dict[str, Array] = {}
         if len(self.losses) == 1:
             loss = self.losses[0]
-            value = loss(loss_params.get(loss.name, {}), outputs, labels)
-            terms[loss.name] = value
-            terms["loss"] = value
-            return value, terms
+            terms[loss.name] = terms["loss"] = value(loss)
+            return terms["loss"], terms
         for loss, weight in zip(self.losses, self.weights, strict=True):
-            terms[loss.name] = loss(loss_params.get(loss.name, {}), outputs, labels) * weight
+            terms[loss.name] = value(loss) * weight
         total = sum(terms.values())
         terms["loss"] = total
         return total, terms

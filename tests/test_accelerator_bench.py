@@ -30,7 +30,8 @@ def test_accelerator_benchmark_tiny_on_two_cpu_devices(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["devices"] == 2 and res["backend"] == "cpu" and res["size"] == 32
-    for key in ("train_synthetic", "train_loader", "train_loader_device_aug", "inference"):
+    keys = ("train_synthetic", "train_synthetic_sharded_head", "train_loader")
+    for key in (*keys, "train_loader_device_aug", "inference"):
         assert res[key]["images_per_s"] > 0 and res[key]["per_device"] > 0, key
     assert res["loader_only"]["images_per_s"] > 0
     assert "torch_anchor_note" in res and "torch_anchor" not in res

@@ -29,6 +29,9 @@ JAXREC_KEYS: dict[str, dict[str, Any]] = {
         "allow_config_change": False,
         # Also evaluate the freshly initialized network (step 0; not used for best selection).
         "eval_before_training": False,
+        # With several devices, split the classification head's class axis over them (its
+        # weight, optimizer state and gradient; the loss is unchanged). False: replicated.
+        "shard_head": True,
         # Excluded query/gallery pairs (same label and id) leave the ranking instead of ranking
         # at similarity 0 (PaddleClas); the benchmarks' query == gallery protocol.
         "drop_excluded": False,

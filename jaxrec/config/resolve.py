@@ -69,6 +69,7 @@ def resolve(config: Any) -> Run:
         keep_checkpoints=_pos_int(r, "Global.keep_checkpoints"),
         pretrained_model=r.get("Global.pretrained_model") or None,
         allow_config_change=bool(r.get("Global.allow_config_change")),
+        shard_head=bool(r.get("Global.shard_head")),
     )
     _pretrained_backbone(r, loop)
     run = Run(

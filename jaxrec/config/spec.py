@@ -133,6 +133,7 @@ class LoopSpec:
     keep_checkpoints: int
     pretrained_model: str | None
     allow_config_change: bool
+    shard_head: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

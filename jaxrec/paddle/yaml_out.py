@@ -59,6 +59,7 @@ DROPPED: dict[str, str] = {
     "Global.allow_config_change": "jaxrec's resume check; PaddleClas resumes from "
     "Global.checkpoints",
     "Global.eval_before_training": "PaddleClas evaluates after training epochs only",
+    "Global.shard_head": "PaddleClas replicates the head under DataParallel (PLSC shards it)",
     "Global.drop_excluded": "PaddleClas ranks excluded pairs (same label and id) at similarity 0",
     "AMP.dtype": "PaddleClas's AMP computes in float16, with AMP.scale_loss loss scaling",
     "DataLoader.Train.augment_on_device": "PaddleClas augments on the host (same distributions)",

@@ -4,9 +4,16 @@ The paths are `jaxrec.training.workdir.Workdir`'s. Each checkpoint is an orbax s
 (WORKDIR/checkpoints/STEP or WORKDIR/best/STEP) with two items:
 
     state   orbax tree of the TrainState {step, params{model, loss}, batch_stats, opt_state},
-            saved as host numpy arrays
+            saved as the state's (sharded, possibly multi-host) jax arrays
     meta    JSON: epoch, iteration, step, best metric, loader state, signature of the
-            parameter tree, largest |parameter|
+            parameter tree, largest |parameter|, device count and, with the class-sharded
+            head, its real class count (`head_classes`)
+
+With the class-sharded head (jaxrec.training.sharded_head) the head's arrays are saved padded
+to a multiple of the device count (zero columns). The signature names their real class count;
+training restores onto the current placement (orbax pads or cuts the zero columns, so another
+device count reshards), and the read-only path cuts them off: evaluate, export and convert see
+the `[embedding, class_num]` weight as before.
 
 orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoints intact; every read goes through orbax's
@@ -34,19 +41,30 @@ import orbax.checkpoint as ocp
 from jaxrec.config import resolve_arch
 from jaxrec.errors import CheckpointMismatchError, JaxrecError, ModelDirError
 from jaxrec.models import ModelDir, abstract_variables, build_model, load_model_dir
-from jaxrec.parallel import host_copy
+from jaxrec.training.sharded_head import is_head_path, unpad_head
 from jaxrec.training.workdir import KINDS, Workdir, load_run
 from jaxrec.treepath import path_names
 
 
-def signature(params: Any, batch_stats: Any) -> list[str]:
-    """`path shape dtype` of every parameter and BN statistic (to detect mismatched restores)."""
+def signature(params: Any, batch_stats: Any, head_classes: int | None = None) -> list[str]:
+    """`path shape dtype` of every parameter and BN statistic (to detect mismatched restores).
+    With `head_classes` the head's class axis is given as that real count (not the padding)."""
     out = []
     for part, tree in (("params", params), ("batch_stats", batch_stats)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            names = "/".join(path_names(path))
-            out.append(f"{part}/{names} {list(np.shape(leaf))} {np.asarray(leaf).dtype}")
+            names = path_names(path)
+            shape = list(np.shape(leaf))
+            if head_classes is not None and is_head_path(names):
+                shape[-1] = head_classes
+            dtype = np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype)
+            out.append(f"{part}/{'/'.join(names)} {shape} {dtype}")
     return out
+
+
+@jax.jit
+def _max_abs(tree: Any) -> jax.Array:
+    leaves = [jax.numpy.max(jax.numpy.abs(x)) for x in jax.tree.leaves(tree) if x.size]
+    return jax.numpy.max(jax.numpy.stack(leaves)) if leaves else jax.numpy.float32(0)
 
 
 def _mismatch(where: str, got: list[str], want: list[str]) -> CheckpointMismatchError:
@@ -69,7 +87,8 @@ def _manager(wd: Workdir, which: str, keep: int | None = None) -> ocp.Checkpoint
         read_only=keep is None,
         enable_async_checkpointing=False,
     )
-    return ocp.CheckpointManager(wd.checkpoints(which), options=opts, item_names=("state", "meta"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(wd.checkpoints(which), options=opts, item_handlers=handlers)
 
 
 def _steps(wd: Workdir, which: str) -> list[int]:
@@ -110,16 +129,30 @@ def candidates(
 
 
 def _restore(mgr: ocp.CheckpointManager, step: int, target: Any = None) -> tuple[Any, dict]:
-    """(state, meta) of one checkpoint; `target` gives structure, dtypes and shardings (None:
-    as saved, on the default device)."""
-    abstract = None
+    """(state, meta) of one checkpoint; `target` gives structure, dtypes and shardings, and the
+    head's padding is cut or extended to it (the signature has checked the real shapes).
+    None: as saved, on this process's first device (whatever device count wrote it), with the
+    head's padding cut off."""
     if target is not None:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
         )
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    else:
+        tree = mgr.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree
+        )
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract, strict=target is None),
+        meta=ocp.args.JsonRestore(),
+    )
     restored = mgr.restore(step, args=args)
-    return restored["state"], dict(restored["meta"])
+    state, meta = restored["state"], dict(restored["meta"])
+    if target is None and meta.get("head_classes") is not None:
+        state = unpad_head(state, int(meta["head_classes"]))
+    return state, meta
 
 
 def _read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
@@ -134,7 +167,11 @@ class Checkpoints:
     """The workdir's two orbax CheckpointManagers, for training: `checkpoints/` keeps the last
     `max_to_keep`, `best/` keeps one. Each checkpoint holds the state and a JSON `meta`."""
 
-    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3) -> None:
+    def __init__(
+        self, workdir: str | os.PathLike, max_to_keep: int = 3, head_classes: int | None = None
+    ) -> None:
+        """`head_classes`: the real class count of a class-sharded (padded) head, else None."""
+        self.head_classes = head_classes
         self.wd = Workdir(workdir)
         self.workdir = str(self.wd)
         self.latest = _manager(self.wd, "latest", max_to_keep)
@@ -144,14 +181,20 @@ class Checkpoints:
         return self.best if which == "best" else self.latest
 
     def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
-        """Save a replicated state (this process's host copy) with its meta."""
-        host = host_copy(state)
-        largest = max((float(np.max(np.abs(a))) for a in jax.tree.leaves(host.params)), default=0)
-        meta = dict(meta, signature=signature(host.params, host.batch_stats), param_max_abs=largest)
+        """Save the state's (possibly sharded, multi-host) arrays with its meta; every process
+        calls it."""
+        meta = dict(
+            meta,
+            signature=signature(state.params, state.batch_stats, self.head_classes),
+            param_max_abs=float(_max_abs(state.params)),
+            devices=jax.device_count(),
+        )
+        if self.head_classes is not None:
+            meta["head_classes"] = self.head_classes
         mgr = self.best if best else self.latest
         if step in mgr.all_steps():
             return
-        args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         mgr.save(step, args=args, force=True)
         mgr.wait_until_finished()
 
@@ -160,8 +203,11 @@ class Checkpoints:
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """Restore the newest readable checkpoint (or `step`) into the structure and shardings
-        of `target`; None when there is none. Unreadable checkpoints are moved aside."""
-        want = signature(target.params, target.batch_stats)
+        of `target`; None when there is none. Unreadable checkpoints are moved aside.
+
+        The signature (real shapes) must match; the head's zero padding is cut or extended to
+        the target's, so a checkpoint of another device count reshards."""
+        want = signature(target.params, target.batch_stats, self.head_classes)
         for which, s in candidates(self.wd, "latest", step):
             mgr = self._mgr(which)
             try:

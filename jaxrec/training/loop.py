@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from jaxrec.training import tensorboard as logging_lib
 from jaxrec.training.checkpoint import Checkpoints
 from jaxrec.training.optimizer import build_optimizer
 from jaxrec.training.pretrained import apply_pretrained
+from jaxrec.training.sharded_head import plan_head
 from jaxrec.training.train_step import create_state, init_params, make_train_step
 from jaxrec.training.workdir import Workdir, check_resume_config, save_config
 
@@ -120,7 +122,10 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     if run.loop.pretrained_model:
         params, stats = apply_pretrained(params, stats, run.loop.pretrained_model, log=_log0)
     tx, schedule = build_optimizer(run.optim, spe, epochs, params, stats)
-    state = create_state(params, stats, tx, mesh)
+    head_plan, replicated_why = plan_head(model, loss, mesh.devices.size, run.loop.shard_head)
+    if head_plan is not None and run.eval.feature.output_key == "logits":
+        head_plan, replicated_why = None, "evaluation reads the logits"
+    state = create_state(params, stats, tx, mesh, head_plan)
     augment = None
     if run.train.augment_on_device:
         from jaxrec.data.device_aug import DeviceAugment
@@ -135,9 +140,11 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
         schedule=schedule,
         compute_dtype=jnp.dtype(run.compute_dtype),
         augment=augment,
+        head_plan=head_plan,
     )
 
-    ckpt = Checkpoints(workdir, run.loop.keep_checkpoints)
+    head_classes = head_plan.class_num if head_plan is not None else None
+    ckpt = Checkpoints(workdir, run.loop.keep_checkpoints, head_classes=head_classes)
     if restore_step is not None:
         ckpt.discard_after(restore_step, log=_log0)
     restored = ckpt.restore(state, step=restore_step)
@@ -150,12 +157,26 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
         best = -math.inf if meta.get("best_metric") is None else float(meta["best_metric"])
         last_metrics = dict(meta.get("eval_metrics", {}))
         if int(meta.get("steps_per_epoch", spe)) != spe:
+            saved_devices = meta.get("devices", mesh.devices.size)
+            why = (
+                f"it ran on {saved_devices} devices, this run has {mesh.devices.size} (the "
+                "global batch is DataLoader.Train.sampler.batch_size per device): resume on "
+                f"{saved_devices} devices, or change the per-device batch size so that the "
+                "global batch stays the same"
+                if saved_devices != mesh.devices.size
+                else "the training list changed"
+            )
             raise CheckpointMismatchError(
                 f"the checkpoint was written with {meta['steps_per_epoch']} steps per epoch, the "
-                f"data now gives {spe}: the training list changed"
+                f"data now gives {spe}: {why}"
             )
         _log0(
             f"resumed from step {int(state.step)} (epoch {start_epoch + 1}, iteration {start_it})"
+            + (
+                f", resharded from {meta['devices']} to {mesh.devices.size} devices"
+                if meta.get("devices", mesh.devices.size) != mesh.devices.size
+                else ""
+            )
         )
     if jax.process_index() == 0:  # only once the checkpoint is known to fit the config
         save_config(run.config, workdir)
@@ -167,16 +188,24 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
         from jaxrec.evaluation import RetrievalEvaluator
 
         eval_model = build_model(run.arch, **run.model_options(training=False))
+        if head_plan is not None:  # evaluation reads features only; the head stays sharded
+            eval_model = eval_model.clone(head=None)
         evaluator = RetrievalEvaluator.for_model(ev, eval_model, mesh)
     writer = logging_lib.EventWriter(str(Workdir(workdir).tensorboard)) if _is0() else None
     gbs = loader.global_rows
     _log0(
         f"training on {mesh.devices.size} device(s) / {jax.process_count()} process(es): global "
         f"batch {gbs} ({gbs // mesh.devices.size} per device), {spe} steps/epoch, {epochs} epochs,"
-        f" compute {run.compute_dtype}, workdir {workdir}"
+        f" compute {run.compute_dtype}, workdir {workdir}; head "
+        + (
+            f"sharded over {head_plan.n_shards} devices ({head_plan.class_num} classes, "
+            f"{head_plan.per_shard} per device)"
+            if head_plan is not None
+            else f"replicated ({replicated_why})"
+        )
     )
     if restored is None and evaluator is not None and ev.before_training:
-        m0 = evaluator.evaluate(state.model_variables)
+        m0 = evaluator.evaluate(_eval_variables(state, head_plan))
         _log0(f"eval before training: {logging_lib.format_metrics(m0)}")
         _scalars(writer, 0, "eval", m0)
 
@@ -201,7 +230,15 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
         try:
             loader.restore(loader_state or {"epoch": start_epoch, "step": start_it})
         except ValueError as e:
-            raise CheckpointMismatchError(f"cannot resume the data pipeline: {e}") from e
+            saved = (restored[1] if restored is not None else {}).get("devices")
+            hint = (
+                f" (the checkpoint was written on {saved} devices, this run has "
+                f"{mesh.devices.size}: the model state reshards, the data order does not; "
+                f"resume on {saved} devices)"
+                if saved is not None and saved != mesh.devices.size
+                else ""
+            )
+            raise CheckpointMismatchError(f"cannot resume the data pipeline: {e}{hint}") from e
         for epoch in range(start_epoch, epochs):
             it0 = start_it if epoch == start_epoch else 0
             for it, batch in enumerate(loader.iter_epoch(), start=it0):
@@ -236,7 +273,7 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
             if evaluator is not None and ev.enabled and (epoch + 1) % ev.interval == 0:
                 if epoch + 1 >= ev.start_epoch:
                     tev = time.perf_counter()
-                    last_metrics = evaluator.evaluate(state.model_variables)
+                    last_metrics = evaluator.evaluate(_eval_variables(state, head_plan))
                     value = last_metrics[ev.best_metric]
                     if value >= best or not math.isfinite(best):
                         best, is_best = value, True
@@ -259,6 +296,17 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
         ckpt.close()
         loader.close()
     return last_metrics
+
+
+def _eval_variables(state: Any, head_plan: Any) -> dict:
+    """The model variables the evaluator needs (without a sharded head: features only)."""
+    v = state.model_variables
+    if head_plan is None:
+        return v
+    return {
+        "params": {k: p for k, p in v["params"].items() if k != "head"},
+        **{k: x for k, x in v.items() if k != "params"},
+    }
 
 
 def _key(seed: int) -> jax.Array:

@@ -12,6 +12,11 @@ DataParallel run:
   once. (With `check_vma=True` one would `pmean` the loss instead and must not also `pmean` the
   gradients: they would come out N times too large.) tests/test_train_step.py compares the step
   with an explicit per-shard computation.
+* With several devices the classification head is class-sharded by default
+  (`jaxrec.training.sharded_head`, `Global.shard_head`): its weight, optimizer state and
+  gradient are split over "data", its CE is assembled with collectives over the global batch,
+  and the loss, gradients and BN statistics equal the replicated head's
+  (tests/test_sharded_head.py).
 * BN running statistics are averaged over devices after each step, so the replicated state
   (and the checkpoint) holds one set. (The reference keeps rank 0's; the average is the
   data-parallel equivalent.)
@@ -32,7 +37,14 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxrec.data.preprocess import PixelNorm
-from jaxrec.parallel import AXIS, replicated
+from jaxrec.parallel import AXIS
+from jaxrec.training.sharded_head import (
+    HeadPlan,
+    head_grads_and_norm_sq,
+    pad_head,
+    sharded_head_loss,
+    state_shardings,
+)
 
 PyTree = Any
 StepFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[Any, dict]]
@@ -73,17 +85,52 @@ def init_params(
     return {"model": model_params, "loss": loss_params}, batch_stats
 
 
-def create_state(
-    params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation, mesh
+def _fresh_state(
+    params: PyTree, batch_stats: PyTree, tx: optax.GradientTransformation, plan: HeadPlan | None
 ) -> TrainState:
-    """A replicated TrainState at step 0."""
-    state = TrainState(
+    if plan is not None:
+        params = pad_head(params, plan)
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
     )
-    return jax.device_put(state, replicated(mesh))
+
+
+def create_state(
+    params: PyTree,
+    batch_stats: PyTree,
+    tx: optax.GradientTransformation,
+    mesh,
+    head_plan: HeadPlan | None = None,
+) -> TrainState:
+    """The TrainState at step 0, placed by `state_shardings`: replicated, or with the head (and
+    its optimizer state) zero-padded and split on the class axis when `head_plan` is given."""
+    state = _fresh_state(params, batch_stats, tx, head_plan)
+    return jax.device_put(state, state_shardings(state, mesh, head_plan))
+
+
+def abstract_state(
+    model: Any,
+    loss: Any,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, int, int],
+    mesh,
+    head_plan: HeadPlan | None = None,
+) -> TrainState:
+    """The TrainState as `jax.ShapeDtypeStruct`s with their shardings, without allocating it:
+    `make_train_step(...).lower(abstract_state(...), batch, rng)` compiles from shapes."""
+
+    def fresh():
+        params, stats = init_params(model, loss, image_shape, jax.random.PRNGKey(0))
+        return _fresh_state(params, stats, tx, head_plan)
+
+    shapes = jax.eval_shape(fresh)
+    shardings = state_shardings(shapes, mesh, head_plan)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
 
 
 def _cast_floats(tree: PyTree, dtype) -> PyTree:
@@ -108,6 +155,7 @@ def make_train_step(
     schedule: Callable[[Any], jax.Array] | None = None,
     compute_dtype: Any = jnp.float32,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    head_plan: HeadPlan | None = None,
 ) -> StepFn:
     """Jitted `train_step(state, batch, rng) -> (state, metrics)`, data parallel over `mesh`.
 
@@ -118,9 +166,18 @@ def make_train_step(
     `grad_norm` (global L2 norm of the averaged gradient). With a low-precision
     `compute_dtype` the model computes in that dtype while parameters, outputs and losses stay
     float32. The `state` argument is donated.
+
+    With `head_plan` (from `sharded_head.plan_head`) the head's class axis is split over the
+    mesh (the state must come from `create_state(..., head_plan)`): the model runs without its
+    head, the head's CE loss comes from `sharded_head.sharded_head_loss`, head gradients stay
+    on their shard. Losses, gradients and BN statistics equal the replicated step's.
     """
 
     pixel = pixel or PixelNorm()
+    plan = head_plan
+    # With the sharded head the model runs without its head; the head's CE comes from
+    # jaxrec.training.sharded_head (the other losses stay per device).
+    body_model = model.clone(head=None) if plan is not None else model
 
     def per_device(state: TrainState, images, labels, rng):
         rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
@@ -129,8 +186,11 @@ def make_train_step(
         x = to_model_input(images, pixel, compute_dtype)
 
         def objective(params):
-            out, mutated = model.apply(
-                {"params": params["model"], "batch_stats": state.batch_stats},
+            model_params = params["model"]
+            if plan is not None:
+                model_params = {k: v for k, v in model_params.items() if k != "head"}
+            out, mutated = body_model.apply(
+                {"params": model_params, "batch_stats": state.batch_stats},
                 x,
                 labels=labels,
                 train=True,
@@ -138,16 +198,33 @@ def make_train_step(
                 rngs={"dropout": rng},
             )
             out = _cast_floats(out, jnp.float32)
-            total, terms = loss_fn(params["loss"], out, labels)
+            computed = {}
+            if plan is not None:
+                out.pop("logits", None)
+                if plan.ce is not None:
+                    head_in = out[
+                        "backbone" if model.head_feature_from == "backbone" else "features"
+                    ]
+                    computed[plan.ce.name] = sharded_head_loss(
+                        plan, params["model"]["head"], head_in, labels, compute_dtype
+                    )
+                total, terms = loss_fn(params["loss"], out, labels, computed=computed)
+            else:
+                total, terms = loss_fn(params["loss"], out, labels)
             return total, (terms, mutated["batch_stats"])
 
         (_, (terms, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grads = jax.lax.pmean(grads, AXIS)  # check_vma=False: this device's own gradients
+        if plan is None:
+            grads = jax.lax.pmean(grads, AXIS)  # check_vma=False: this device's own gradients
+            grad_norm = optax.tree.norm(grads)
+        else:
+            grads, sq = head_grads_and_norm_sq(grads, plan)
+            grad_norm = jnp.sqrt(sq)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_stats = jax.lax.pmean(new_stats, AXIS)
         metrics = {k: jax.lax.pmean(jnp.asarray(v, jnp.float32), AXIS) for k, v in terms.items()}
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(
@@ -155,15 +232,15 @@ def make_train_step(
         )
         return new_state, metrics
 
-    sharded = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(P(), P(AXIS), P(AXIS), P()),
-        out_specs=(P(), P()),
-        check_vma=False,
-    )
-
     def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
+        state_specs = jax.tree.map(lambda s: s.spec, state_shardings(state, mesh, plan))
+        sharded = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(state_specs, P(AXIS), P(AXIS), P()),
+            out_specs=(state_specs, P()),
+            check_vma=False,
+        )
         return sharded(state, batch["image"], batch["label"], rng)
 
     return jax.jit(train_step, donate_argnums=(0,))
