@@ -8,7 +8,10 @@ Per image: decode (OpenCV semantics, RGB) and ``ModelDir.preprocess.apply`` (res
 centre crop) on a host thread pool, while the device runs the previous batch: uint8 pixels ->
 ``preprocess.normalize`` -> model in eval mode -> output ``features.output_key`` ->
 ``jaxrec.ops.l2_normalize`` when ``features.normalize``, all inside one jitted function. Every
-batch has the same shape (the last one is padded), so that function compiles once.
+batch has the same shape (the last one is padded), so that function compiles once. Batches are
+split over all local devices (a 1-D mesh; the variables are replicated once per call), so the
+batch size is rounded up to a multiple of the device count; features are per image, so the
+device count does not change them.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = False,
     forward: Callable[[Any, Any], Any] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Features [N, D] float32 of the images at ``paths`` and the paths they belong to, in order.
 
@@ -107,9 +111,13 @@ def extract_features(
     ``preprocess`` / ``features`` override them. An unreadable image raises (the message names
     it) unless ``skip_bad``; skipped paths are then left out of the result and, if ``errors`` is a
     dict, recorded there as path -> message. ``forward`` may be a prebuilt :func:`make_forward`
-    for the same model and specs (to share its compilation across calls).
+    for the same model and specs (to share its compilation across calls). Each batch is sharded
+    over ``devices`` (default: all of this process's devices); ``batch_size`` is rounded up to a
+    multiple of their number.
     """
     import jax  # noqa: PLC0415
+
+    from jaxrec.parallel import data_sharding, make_mesh, replicated  # noqa: PLC0415
 
     preprocess = model.preprocess if preprocess is None else preprocess
     features = model.features if features is None else features
@@ -118,7 +126,11 @@ def extract_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if forward is None:
         forward = make_forward(model.model, preprocess, features)
-    bs = max(1, min(batch_size, len(paths)))
+    mesh = make_mesh(jax.local_devices() if devices is None else devices)
+    n_dev = mesh.devices.size
+    bs = -(-max(1, min(batch_size, len(paths))) // n_dev) * n_dev
+    rows = data_sharding(mesh)
+    variables = jax.device_put(model.variables, replicated(mesh))
     workers = num_workers or min(8, (os.cpu_count() or 2) + 2)
     bar = None
     if progress:
@@ -174,7 +186,7 @@ def extract_features(
                     batch = np.concatenate(
                         [batch, np.zeros((bs - n, *batch.shape[1:]), batch.dtype)]
                     )
-                out = forward(model.variables, jax.device_put(batch))  # dispatched asynchronously
+                out = forward(variables, jax.device_put(batch, rows))  # dispatched asynchronously
                 if in_flight is not None:
                     feats.append(np.asarray(in_flight[0], dtype=np.float32)[: in_flight[1]])
                 in_flight = (out, n)
@@ -283,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ap.add_argument("--out", required=True, help="output FILE.npy")
-    ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (32)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per forward pass (32; rounded up to a multiple of the local devices)",
+    )
     ap.add_argument(
         "--no-normalize",
         action="store_true",
