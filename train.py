@@ -8,6 +8,8 @@ data position and RNG), so an interrupted run ends exactly where an uninterrupte
 `--restore_step N` resumes from an earlier checkpoint instead (later ones are moved aside).
 Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
 (or let SLURM / Open MPI / JAX_COORDINATOR_ADDRESS be auto-detected).
+Preemption: on SIGTERM (to any host) the run finishes its step, saves that step's checkpoint on
+every host and exits with status 143; rerunning the command resumes from it (jaxrec/preemption.py).
 Outputs in --workdir: config.json, checkpoints/ (last K), best/ (best recall1), tensorboard/.
 Every config key is honoured or rejected by name; docs/CONFIG.md lists the few inert ones.
 """
@@ -51,6 +53,7 @@ def main(argv: list[str]) -> None:
 
     from jaxrec import parallel, trainer
     from jaxrec.errors import JaxrecError
+    from jaxrec.preemption import EXIT_STATUS, Preempted
 
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv
@@ -60,6 +63,9 @@ def main(argv: list[str]) -> None:
     try:
         parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
         trainer.train(_CONFIG.value, _WORKDIR.value, restore_step=_RESTORE.value)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_STATUS)
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

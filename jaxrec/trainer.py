@@ -33,6 +33,7 @@ from jaxrec.losses import build_loss
 from jaxrec.models import build_model
 from jaxrec.optim import build_optimizer
 from jaxrec.parallel import AXIS, make_mesh
+from jaxrec.preemption import PreemptionWatch
 from jaxrec.pretrained import apply_pretrained
 from jaxrec.step import create_state, init_params, make_train_step
 
@@ -197,6 +198,8 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     base_rng = _key(run.seed + 1)
     acc = None
     t_last, step0, t0 = time.perf_counter(), int(state.step), time.perf_counter()
+    preempt = PreemptionWatch(mesh)  # SIGTERM: checkpoint the step all hosts agree on, stop
+    preempt.install()
     try:
         try:
             loader.restore(loader_state or {"epoch": start_epoch, "step": start_it})
@@ -232,6 +235,11 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
                     if acc is not None:
                         diverged.check(jax.device_get(acc))
                     ckpt.save(update, state, meta_for(epoch, it + 1))
+                if preempt.after_step() and not last_in_epoch:  # else after the epoch's end
+                    if acc is not None:
+                        diverged.check(jax.device_get(acc))
+                    ckpt.save(update, state, meta_for(epoch, it + 1))
+                    raise preempt.stopped(update, os.fspath(ckpt.latest.directory))
             is_best = False
             if evaluator is not None and ev.enabled and (epoch + 1) % ev.interval == 0:
                 if epoch + 1 >= ev.start_epoch:
@@ -251,7 +259,10 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
             ckpt.save(int(state.step), state, meta_for(epoch + 1, 0))
             if is_best:
                 ckpt.save(int(state.step), state, meta_for(epoch + 1, 0), best=True)
+            if epoch + 1 < epochs and preempt.stop_now():
+                raise preempt.stopped(int(state.step), os.fspath(ckpt.latest.directory))
     finally:
+        preempt.uninstall()
         if bar is not None:
             bar.close()
         if writer is not None:

@@ -1,4 +1,4 @@
-"""Real subprocess runs of train.py: SIGKILL + restart gives bit-identical parameters; a
+"""Real subprocess runs of train.py: SIGKILL or SIGTERM + restart gives bit-identical parameters; a
 two-process jax.distributed run (2 x 4 CPU devices, gloo) matches one process with 8 devices."""
 
 from __future__ import annotations
@@ -140,6 +140,41 @@ def test_sigkill_and_restart_is_bit_identical(setup, reference):
     assert step == ref_step == 4
     _assert_trees_equal(state, ref_state)
     assert meta["loader"] == ref_meta["loader"]
+
+
+def test_sigterm_saves_the_step_and_restart_is_bit_identical(setup, reference):
+    """A real SIGTERM: the run finishes its step, saves that step's checkpoint, exits 143 naming
+    it; rerunning the command ends bit-identical to the uninterrupted run."""
+    wd = str(setup["base"] / "sigterm")
+    proc = subprocess.Popen(
+        _train_cmd(setup, wd),
+        env={**_env(setup, 8), "PYTHONUNBUFFERED": "1"},  # each log line as it is written
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # SIGTERM once step 1 is logged (inside the training loop, with steps 2..4 still to come).
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(r"step 1: ", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 143, out[-3000:]
+    m = re.search(r"preempted: SIGTERM received: stopped after step (\d+) and saved", out)
+    assert m, out[-3000:]
+    stopped = int(m.group(1))
+    assert 1 <= stopped < reference[0]
+    step, _, meta = _final_state(wd)
+    assert step == stopped == meta["step"]  # the checkpoint of exactly that step is the newest
+    p = _run(setup, wd)
+    assert f"resumed from step {stopped}" in p.stdout + p.stderr
+    step, state, meta = _final_state(wd)
+    assert step == reference[0]
+    _assert_trees_equal(state, reference[1])
+    assert meta["loader"] == reference[2]["loader"]
 
 
 def test_unreadable_latest_checkpoint_falls_back(setup, reference):
