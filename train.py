@@ -21,6 +21,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxrec.config.flags import define_distributed_flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
@@ -32,11 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, logs and config.json; reused to resume."
 )
-_COORD = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: host:port of process 0's coordinator."
-)
-_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (0-based).")
+_DISTRIBUTED = define_distributed_flags()
 _RESTORE = flags.DEFINE_integer(
     "restore_step",
     None,
@@ -61,7 +59,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     try:
-        parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+        parallel.maybe_initialize_distributed(*(f.value for f in _DISTRIBUTED))
         trainer.train(_CONFIG.value, _WORKDIR.value, restore_step=_RESTORE.value)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ two-process jax.distributed run (2 x 4 CPU devices, gloo) matches one process wi
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -242,3 +243,57 @@ def test_two_processes_match_one_process(setup, reference):
             jax.tree.leaves(state[name]), jax.tree.leaves(reference[1][name]), strict=True
         ):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=name)
+
+
+def _evaluate(setup, workdir, out, devices, *extra):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(REPO, "evaluate.py"),
+            f"--workdir={workdir}",
+            "--latest",
+            f"--output={out}",
+            "--num_visualize=2",
+            *extra,
+        ],
+        env=_env(setup, devices),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_evaluate_py_on_two_processes_matches_one_process(setup, reference):
+    """evaluate.py --coordinator_address ...: 2 processes x 4 devices give the metrics of one
+    process with 8 devices; process 0 alone writes the JSON and the rank-list picture."""
+    wd = str(setup["base"] / "ref")
+    one = setup["base"] / "eval1"
+    p = _evaluate(setup, wd, one, 8)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    two = setup["base"] / "eval2"
+    port = _free_port()
+    procs = [
+        _evaluate(
+            setup,
+            wd,
+            two,
+            4,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
+        for i in range(2)
+    ]
+    outs = [q.communicate(timeout=600)[0] for q in procs]
+    for q, o in zip(procs, outs, strict=True):
+        assert q.returncode == 0, o[-3000:]
+    assert "recall1" in outs[0] and "recall1" not in outs[1]  # process 0 prints
+    step = reference[0]
+    want = json.loads((one / f"eval_step{step}.json").read_text())["metrics"]
+    got = json.loads((two / f"eval_step{step}.json").read_text())["metrics"]
+    assert set(got) == set(want) == {"recall1", "recall5", "mAP"}
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (k, got, want)
+    assert (two / f"ranklist_step{step}.png").stat().st_size > 0
