@@ -203,10 +203,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(setup, reference):
-    wd = str(setup["base"] / "dist")
+def _start_two(setup, wd):
+    """train.py as 2 processes x 4 CPU devices (loopback coordinator), output unbuffered."""
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             _train_cmd(
                 setup,
@@ -215,7 +215,7 @@ def test_two_processes_match_one_process(setup, reference):
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
-            env=_env(setup, 4),
+            env={**_env(setup, 4), "PYTHONUNBUFFERED": "1"},
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -223,9 +223,21 @@ def test_two_processes_match_one_process(setup, reference):
         )
         for i in range(2)
     ]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(setup):
+    """One uninterrupted 2-process run: (workdir, [stdout of each process])."""
+    wd = str(setup["base"] / "dist")
+    procs = _start_two(setup, wd)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
+    return wd, outs
+
+
+def test_two_processes_match_one_process(setup, reference, two_process_run):
+    wd, outs = two_process_run
     assert "2 process(es)" in outs[0]
     step, state, _ = _final_state(wd)
     assert step == reference[0]
@@ -297,3 +309,38 @@ def test_evaluate_py_on_two_processes_matches_one_process(setup, reference):
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), (k, got, want)
     assert (two / f"ranklist_step{step}.png").stat().st_size > 0
+
+
+def test_sigterm_to_one_of_two_processes(setup, two_process_run):
+    """SIGTERM to process 1 only: both processes stop after the same step, save it and exit 143;
+    rerunning both resumes to the parameters of the uninterrupted 2-process run, bit for bit."""
+    wd = str(setup["base"] / "dist_sigterm")
+    procs = _start_two(setup, wd)
+    seen = []
+    for line in procs[0].stdout:
+        seen.append(line)
+        if re.search(r"step 1: ", line):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = ["".join(seen) + procs[0].communicate(timeout=600)[0]]
+    outs.append(procs[1].communicate(timeout=600)[0])
+    stopped = []
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 143, out[-3000:]
+        m = re.search(r"preempted: SIGTERM received: stopped after step (\d+) and saved", out)
+        assert m, out[-3000:]
+        stopped.append(int(m.group(1)))
+    ref_wd = two_process_run[0]
+    ref_step = _final_state(ref_wd)[0]
+    assert stopped[0] == stopped[1] and 1 <= stopped[0] < ref_step
+    assert _final_state(wd)[0] == stopped[0]
+    procs = _start_two(setup, wd)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert f"resumed from step {stopped[0]}" in outs[0]
+    step, state, meta = _final_state(wd)
+    ref = _final_state(ref_wd)
+    assert step == ref[0]
+    _assert_trees_equal(state, ref[1])
+    assert meta["loader"] == ref[2]["loader"]
