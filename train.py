@@ -9,7 +9,8 @@ data position and RNG), so an interrupted run ends exactly where an uninterrupte
 Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
 (or let SLURM / Open MPI / JAX_COORDINATOR_ADDRESS be auto-detected).
 Preemption: on SIGTERM (to any host) the run finishes its step, saves that step's checkpoint on
-every host and exits with status 143; rerunning the command resumes from it (jaxrec/preemption.py).
+every host and exits with status 143; rerunning the command resumes from it
+(jaxrec/training/preemption.py).
 Outputs in --workdir: config.json, checkpoints/ (last K), best/ (best recall1), tensorboard/.
 Every config key is honoured or rejected by name; docs/CONFIG.md lists the few inert ones.
 """
@@ -49,9 +50,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from jaxrec import parallel, trainer
+    from jaxrec import parallel
     from jaxrec.errors import JaxrecError
-    from jaxrec.preemption import EXIT_STATUS, Preempted
+    from jaxrec.training import loop as trainer
+    from jaxrec.training.preemption import EXIT_STATUS, Preempted
 
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv

@@ -10,7 +10,7 @@ import multiproc_util
 import pytest
 
 from jaxrec.parallel import make_mesh
-from jaxrec.preemption import EXIT_STATUS, Preempted, PreemptionWatch
+from jaxrec.training.preemption import EXIT_STATUS, Preempted, PreemptionWatch
 
 
 def test_sigterm_sets_the_flag_once_and_handlers_are_restored():
@@ -36,7 +36,7 @@ _WORKER = (
 import os, signal
 import jax.numpy as jnp
 from jaxrec.parallel import make_mesh, replicated
-from jaxrec.preemption import PreemptionWatch
+from jaxrec.training.preemption import PreemptionWatch
 mesh = make_mesh()
 step_fn = jax.jit(lambda x: x * 1.0001 + 1.0, out_shardings=replicated(mesh))
 x = jax.device_put(jnp.ones((4,)), replicated(mesh))
