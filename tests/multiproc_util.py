@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,10 +29,16 @@ def free_port() -> int:
 
 
 def run_processes(
-    script: os.PathLike, *args: str, processes: int = 2, devices: int = 4, timeout: int = 240
+    script: os.PathLike,
+    *args: str,
+    processes: int = 2,
+    devices: int = 4,
+    timeout: int = 240,
+    on_start: Callable[[list[subprocess.Popen]], None] | None = None,
 ) -> list[dict]:
     """Start `processes` copies of `script` (argv: pid, port, processes, *args) with `devices`
-    CPU devices each; wait for all and return each one's last stdout line parsed as JSON."""
+    CPU devices each; wait for all and return each one's last stdout line parsed as JSON.
+    `on_start(procs)` may act on the running processes first (e.g. read a line, send a signal)."""
     port = str(free_port())
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"
@@ -46,6 +53,8 @@ def run_processes(
         )
         for i in range(processes)
     ]
+    if on_start is not None:
+        on_start(procs)
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)

@@ -325,8 +325,9 @@ def test_sigterm_to_one_of_two_processes(setup, two_process_run):
     outs = ["".join(seen) + procs[0].communicate(timeout=600)[0]]
     outs.append(procs[1].communicate(timeout=600)[0])
     stopped = []
+    both = f"process 0:\n{outs[0][-3000:]}\nprocess 1:\n{outs[1][-3000:]}"
     for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 143, out[-3000:]
+        assert p.returncode == 143, both
         m = re.search(r"preempted: SIGTERM received: stopped after step (\d+) and saved", out)
         assert m, out[-3000:]
         stopped.append(int(m.group(1)))
