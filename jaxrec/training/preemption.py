@@ -67,6 +67,9 @@ class PreemptionWatch:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
+                # SA_RESTART, as a C++ std::signal handler has: a native call (XLA, gloo, gRPC)
+                # blocked in the thread that takes the signal resumes instead of seeing EINTR.
+                signal.siginterrupt(s, False)
 
     def uninstall(self) -> None:
         """Restore the handlers found by `install` (the default one where it was not Python's)."""
