@@ -19,6 +19,7 @@ from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
 from jaxrec.parallel import make_mesh
 from jaxrec.training.checkpoint import restore_variables
+from jaxrec.training.workdir import Workdir
 
 
 def evaluate_workdir(
@@ -37,10 +38,10 @@ def evaluate_workdir(
     run, variables, n, desc = restore_variables(workdir, which, step)
     mesh = make_mesh()
     model = build_model(run.model_arch(training=False))
-    evaluator = RetrievalEvaluator(run.eval, model, mesh)
+    evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]
-    out_dir = output or os.path.join(workdir, "eval")
+    out_dir = output or str(Workdir(workdir).eval)
     result = {"step": n, "metrics": metrics, "json": None, "png": None, "source": desc}
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)

@@ -247,7 +247,8 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     assert md.preprocess == OWN
     paths = [str(image_tree / n) for n in ("gray.jpg", "b/rocket.jpg", "a/cat.jpg")]
     errors = {}
-    before = extract._jitted_forward()._cache_size()
+    forward = extract.make_forward(md.model, md.preprocess, md.features)
+    before = forward._cache_size()
     feats, kept = extract.extract_features(
         md, paths * 3 + [str(image_tree / "notes.md")], batch_size=12, skip_bad=True, errors=errors
     )
@@ -256,7 +257,7 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     extract.extract_features(md, paths[:2] * 6, batch_size=12)
     # 9 and 12 images in one batch of 16 rows each (batch 12, at most the image count, rounded up
     # to the 8 devices; padded); no other test feeds 16 rows.
-    assert extract._jitted_forward()._cache_size() == before + 1
+    assert forward._cache_size() == before + 1
     # Overrides through the library: another preprocessing and the raw backbone output.
     pre = Preprocess(resize=(32, 40))
     feats, _ = extract.extract_features(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ExportError
 from jaxrec.export.artifacts import (
     CHECK_FILE,
@@ -29,6 +30,7 @@ from jaxrec.export.artifacts import (
     onnx_missing,
     onnx_session,
 )
+from jaxrec.models.features import feature_fn
 
 MIN_COSINE = 0.9999
 MAX_REL_ERR = 1e-4
@@ -123,7 +125,7 @@ def reference_features(
     """The source model's `output_key` output in eval mode."""
     import jax  # noqa: PLC0415
 
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False)[output_key])
+    fn = jax.jit(feature_fn(model, FeatureSpec(output_key, normalize=False)))
     return np.asarray(fn(variables, images))
 
 
@@ -145,8 +147,7 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
 
         def run_model_dir(x):
             md = load_model_dir(out)
-            key = md.features.output_key
-            f = jax.jit(lambda v, a: md.model.apply(v, a, train=False)[key])
+            f = jax.jit(feature_fn(md.model, FeatureSpec(md.features.output_key, normalize=False)))
             return f(md.variables, x)
 
         runners["model_dir"] = run_model_dir
