@@ -46,7 +46,7 @@ with PreemptionWatch(mesh) as watch:
         x = step_fn(x)
         if step == 20:
             print("running", flush=True)  # the test sends SIGTERM to process 1 now
-        if watch.after_step():
+        if watch.after_step(x):
             stopped_at = step
             break
     agreed = watch.stop_now()

@@ -236,7 +236,8 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
                     if acc is not None:
                         diverged.check(jax.device_get(acc))
                     ckpt.save(update, state, meta_for(epoch, it + 1))
-                if preempt.after_step() and not last_in_epoch:  # else after the epoch's end
+                # SIGTERM on a host: checkpoint this step and stop (at an epoch's end: after it)
+                if preempt.after_step(state.step) and not last_in_epoch:
                     if acc is not None:
                         diverged.check(jax.device_get(acc))
                     ckpt.save(update, state, meta_for(epoch, it + 1))

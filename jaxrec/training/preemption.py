@@ -8,12 +8,15 @@ them save the checkpoint of that one step (orbax saves are collective) and raise
 `train.py` prints the step and exits with status 143 (128 + SIGTERM, "terminated, not done", so
 that a job controller restarts it); rerunning the command resumes bit-identically from it.
 
-Agreement across hosts: a SIGTERM may reach only one host. Each step every process enters its
-local flag in a tiny jitted max over the "data" mesh (one int32 per device) and reads the
-result of the previous step's reduction, which is complete by then on every host: all hosts see
-the same global value at the same loop step, without a blocking host round trip per step (the
-host stays one step ahead of the devices). A single process needs no reduction and stops after
-the step it is in.
+Agreement across hosts: a SIGTERM may reach only one host. After each step every process enters
+its local flag in a tiny jitted max over the "data" mesh (one int32 per device) that takes the
+step's output as an (unused) argument, so it runs after that step on every device, and reads the
+result before it dispatches the next step: all hosts see the same global value after the same
+step. The collective programs stay strictly ordered (no reduction can run beside a train step
+and pair its collectives differently on two hosts); the price is that in a multi-process run the
+host waits for each step before dispatching the next (one tiny all-reduce and the dispatch
+latency per step). A single process needs no reduction and never waits: it stops after the step
+it is in.
 
 A second SIGTERM is not caught (the default action, ending the process, is restored by the
 first), so an operator can still stop a run at once.
@@ -54,11 +57,12 @@ class PreemptionWatch:
         self.mesh, self.signals = mesh, signals
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
-        self._pending: jax.Array | None = None
         self._multi = jax.process_count() > 1
         self._sharding = data_sharding(mesh)
         self._local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        self._max = jax.jit(jnp.max, out_shardings=replicated(mesh))
+        self._max = jax.jit(
+            lambda flags, after: jnp.max(flags), out_shardings=replicated(mesh), keep_unused=True
+        )
 
     # -- signal handling ------------------------------------------------------------------
 
@@ -97,24 +101,23 @@ class PreemptionWatch:
 
     # -- agreement ------------------------------------------------------------------------
 
-    def _reduce(self) -> jax.Array:
+    def _agree(self, after: Any) -> bool:
         flag = np.full((self._local,), self.received is not None, np.int32)
-        return self._max(jax.make_array_from_process_local_data(self._sharding, flag))
+        flags = jax.make_array_from_process_local_data(self._sharding, flag)
+        return bool(self._max(flags, after).addressable_data(0))
 
-    def after_step(self) -> bool:
-        """Call once per step on every process: True (on all of them at the same step) when a
-        signal was received by any process, so the loop should checkpoint this step and stop."""
+    def after_step(self, after: Any = None) -> bool:
+        """Call once per step on every process, with an output of the step (`after`, e.g. the
+        new step counter): True on all of them, after the same step, when any process has
+        received a signal, so the loop should checkpoint this step and stop."""
         if not self._multi:
             return self.received is not None
-        previous, self._pending = self._pending, self._reduce()
-        return previous is not None and bool(previous.addressable_data(0))
+        return self._agree(0 if after is None else after)
 
     def stop_now(self) -> bool:
         """Blocking agreement at a point every process reaches: True on all of them when any
         process has received a signal."""
-        if not self._multi:
-            return self.received is not None
-        return bool(self._reduce().addressable_data(0))
+        return self.after_step()
 
     def stopped(self, step: int, path: str) -> Preempted:
         """The exception to raise once the checkpoint of `step` is saved in `path`."""
