@@ -204,9 +204,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two(setup, wd):
-    """train.py as 2 processes x 4 CPU devices (loopback coordinator), output unbuffered."""
+def _start_two(setup, wd, cache=None):
+    """train.py as 2 processes x 4 CPU devices (loopback coordinator), output unbuffered;
+    `cache`: another XLA compilation cache folder than the module's shared one."""
     port = _free_port()
+    env = {**_env(setup, 4), "PYTHONUNBUFFERED": "1"}
+    if cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache
     return [
         subprocess.Popen(
             _train_cmd(
@@ -216,7 +220,7 @@ def _start_two(setup, wd):
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
-            env={**_env(setup, 4), "PYTHONUNBUFFERED": "1"},
+            env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -316,7 +320,10 @@ def test_sigterm_to_one_of_two_processes(setup, two_process_run):
     """SIGTERM to process 1 only: both processes stop after the same step, save it and exit 143;
     rerunning both resumes to the parameters of the uninterrupted 2-process run, bit for bit."""
     wd = str(setup["base"] / "dist_sigterm")
-    procs = _start_two(setup, wd)
+    # Fresh compilation caches: on this 2-core machine under load, 2-process runs that loaded
+    # the module cache's executables often failed at step 1, before any signal, with gloo
+    # connect/context timeouts; the runs that compiled their own programs did not.
+    procs = _start_two(setup, wd, cache=str(setup["base"] / "xla_cache_sigterm"))
     seen = []
     for line in procs[0].stdout:
         seen.append(line)
@@ -336,7 +343,7 @@ def test_sigterm_to_one_of_two_processes(setup, two_process_run):
     ref_step = _final_state(ref_wd)[0]
     assert stopped[0] == stopped[1] and 1 <= stopped[0] < ref_step
     assert _final_state(wd)[0] == stopped[0]
-    procs = _start_two(setup, wd)
+    procs = _start_two(setup, wd, cache=str(setup["base"] / "xla_cache_resume"))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
