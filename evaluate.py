@@ -6,6 +6,10 @@
 
 Prints Recall@k / mAP on the config's Eval query/gallery sets, writes
 WORKDIR/eval/eval_step{N}.json and a rank-list picture WORKDIR/eval/ranklist_step{N}.png.
+Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
+(or let SLURM / Open MPI / JAX_COORDINATOR_ADDRESS be auto-detected); each host extracts its
+share of every batch and the gallery is sharded over all devices of all hosts, with the same
+metrics as one process; process 0 prints and writes the results.
 Read-only: nothing in the workdir is moved or deleted. If the best checkpoint is unreadable,
 the newest readable checkpoint is evaluated instead, with a warning naming it (an explicit
 --step must be readable).
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from jaxrec.config.flags import define_distributed_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (written by train.py).")
 _STEP = flags.DEFINE_integer("step", None, "Evaluate the checkpoint of this training step.")
 _BEST = flags.DEFINE_bool("best", False, "Evaluate the best checkpoint (the default).")
@@ -23,6 +29,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default WORKDIR/ev
 _NUM_VIS = flags.DEFINE_integer(
     "num_visualize", 8, "Queries shown in the rank-list picture (0 = no picture)."
 )
+_DISTRIBUTED = define_distributed_flags()
 flags.mark_flag_as_required("workdir")
 
 
@@ -33,8 +40,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("use at most one of --step, --best, --latest")
     import sys
 
+    import jax
     from absl import logging
 
+    from jaxrec import parallel
     from jaxrec.errors import JaxrecError
     from jaxrec.evaluate import evaluate_workdir
 
@@ -43,6 +52,7 @@ def main(argv: list[str]) -> None:
 
     which = "latest" if _LATEST.value else "best"
     try:
+        parallel.maybe_initialize_distributed(*(f.value for f in _DISTRIBUTED))
         res = evaluate_workdir(
             _WORKDIR.value,
             which=which,
@@ -53,6 +63,8 @@ def main(argv: list[str]) -> None:
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if jax.process_index() != 0:
+        return
     print(f"evaluated {res['source']}")
     print(f"{'metric':<12}{'value':>10}")
     for k, v in res["metrics"].items():

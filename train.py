@@ -8,6 +8,9 @@ data position and RNG), so an interrupted run ends exactly where an uninterrupte
 `--restore_step N` resumes from an earlier checkpoint instead (later ones are moved aside).
 Multi-host: start one process per host with --coordinator_address/--num_processes/--process_id
 (or let SLURM / Open MPI / JAX_COORDINATOR_ADDRESS be auto-detected).
+Preemption: on SIGTERM (to any host) the run finishes its step, saves that step's checkpoint on
+every host and exits with status 143; rerunning the command resumes from it
+(jaxrec/training/preemption.py).
 Outputs in --workdir: config.json, checkpoints/ (last K), best/ (best recall1), tensorboard/.
 Every config key is honoured or rejected by name; docs/CONFIG.md lists the few inert ones.
 """
@@ -18,6 +21,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from jaxrec.config.flags import define_distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -30,11 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, logs and config.json; reused to resume."
 )
-_COORD = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: host:port of process 0's coordinator."
-)
-_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
-_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (0-based).")
+_DISTRIBUTED = define_distributed_flags()
 _RESTORE = flags.DEFINE_integer(
     "restore_step",
     None,
@@ -53,6 +54,7 @@ def main(argv: list[str]) -> None:
     from jaxrec.config import resolve
     from jaxrec.errors import JaxrecError
     from jaxrec.training import loop as trainer
+    from jaxrec.training.preemption import EXIT_STATUS, Preempted
 
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv
@@ -60,9 +62,12 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     try:
-        parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+        parallel.maybe_initialize_distributed(*(f.value for f in _DISTRIBUTED))
         run = resolve(_CONFIG.value)  # the only reading of the config; run.config keeps it
         trainer.train(run, _WORKDIR.value, restore_step=_RESTORE.value)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_STATUS)
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

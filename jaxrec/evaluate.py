@@ -79,7 +79,7 @@ def draw_ranklist(evaluator: RetrievalEvaluator, res: dict, path: str, num: int,
         gallery_labels=g.labels,
         query_ids=q.uids[rows] if has_ids else None,
         gallery_ids=g.uids if has_ids else None,
-        mesh=evaluator.mesh,
+        mesh=make_mesh(jax.local_devices()),  # process 0 alone draws: no cross-host collective
     )
 
     def load(src, i):

@@ -8,7 +8,10 @@ Per image: decode (OpenCV semantics, RGB) and ``ModelDir.preprocess.apply`` (res
 centre crop) on a host thread pool, while the device runs the previous batch: uint8 pixels ->
 ``preprocess.normalize`` -> model in eval mode -> output ``features.output_key`` ->
 ``jaxrec.ops.l2_normalize`` when ``features.normalize``, all inside one jitted function. Every
-batch has the same shape (the last one is padded), so that function compiles once.
+batch has the same shape (the last one is padded), so that function compiles once. Batches are
+split over all local devices (a 1-D mesh; the variables are replicated once per call), so the
+batch size is rounded up to a multiple of the device count; features are per image, so the
+device count does not change them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from jaxrec.data.preprocess import FeatureSpec, Preprocess
 from jaxrec.errors import JaxrecError, warnings_as_lines
 from jaxrec.models import ModelDir, build_model, reparameterize
 from jaxrec.models.features import feature_fn
+from jaxrec.parallel import data_sharding, make_mesh, replicated
 from jaxrec.training.checkpoint import open_model
 
 PIXEL_SCALES = {"1/255": image_lib.SCALE_TRAIN, "deploy": image_lib.SCALE_DEPLOY}
@@ -77,6 +81,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = False,
     forward: Callable[[Any, Any], Any] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Features [N, D] float32 of the images at ``paths`` and the paths they belong to, in order.
 
@@ -84,7 +89,9 @@ def extract_features(
     ``preprocess`` / ``features`` override them. An unreadable image raises (the message names
     it) unless ``skip_bad``; skipped paths are then left out of the result and, if ``errors`` is a
     dict, recorded there as path -> message. ``forward`` may be a prebuilt :func:`make_forward`
-    for the same model and specs (to share its compilation across calls).
+    for the same model and specs (to share its compilation across calls). Each batch is sharded
+    over ``devices`` (default: all of this process's devices); ``batch_size`` is rounded up to a
+    multiple of their number.
     """
     preprocess = model.preprocess if preprocess is None else preprocess
     features = model.features if features is None else features
@@ -93,7 +100,11 @@ def extract_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if forward is None:
         forward = make_forward(model.model, preprocess, features)
-    bs = max(1, min(batch_size, len(paths)))
+    mesh = make_mesh(jax.local_devices() if devices is None else devices)
+    n_dev = mesh.devices.size
+    bs = -(-max(1, min(batch_size, len(paths))) // n_dev) * n_dev
+    rows = data_sharding(mesh)
+    variables = jax.device_put(model.variables, replicated(mesh))
     workers = num_workers or min(8, (os.cpu_count() or 2) + 2)
     bar = None
     if progress:
@@ -149,7 +160,7 @@ def extract_features(
                     batch = np.concatenate(
                         [batch, np.zeros((bs - n, *batch.shape[1:]), batch.dtype)]
                     )
-                out = forward(model.variables, jax.device_put(batch))  # dispatched asynchronously
+                out = forward(variables, jax.device_put(batch, rows))  # dispatched asynchronously
                 if in_flight is not None:
                     feats.append(np.asarray(in_flight[0], dtype=np.float32)[: in_flight[1]])
                 in_flight = (out, n)
@@ -256,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     ap.add_argument("--out", required=True, help="output FILE.npy")
-    ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass (32)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per forward pass (32; rounded up to a multiple of the local devices)",
+    )
     ap.add_argument(
         "--no-normalize",
         action="store_true",

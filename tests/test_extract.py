@@ -252,12 +252,13 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     forward = extract.make_forward(md.model, md.preprocess, md.features)
     before = forward._cache_size()
     feats, kept = extract.extract_features(
-        md, paths * 3 + [str(image_tree / "notes.md")], batch_size=7, skip_bad=True, errors=errors
+        md, paths * 3 + [str(image_tree / "notes.md")], batch_size=12, skip_bad=True, errors=errors
     )
     assert kept == paths * 3 and list(errors) == [str(image_tree / "notes.md")]
     np.testing.assert_allclose(feats, np.tile(reference(variables, paths), (3, 1)), atol=2e-5)
-    extract.extract_features(md, paths[:2] * 4, batch_size=7)
-    # 9 + 8 images in batches of 7 (the last of each call padded); no other test uses 7.
+    extract.extract_features(md, paths[:2] * 6, batch_size=12)
+    # 9 and 12 images in one batch of 16 rows each (batch 12, at most the image count, rounded up
+    # to the 8 devices; padded); no other test feeds 16 rows.
     assert forward._cache_size() == before + 1
     # Overrides through the library: another preprocessing and the raw backbone output.
     pre = Preprocess(resize=(32, 40))
@@ -275,6 +276,21 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     text = " ".join(r.stdout.split())
     assert "relative paths in a list are resolved against" in text
     assert "with the model's own preprocessing" in text and "training workdir" in text
+
+
+def test_extraction_on_eight_devices_equals_one_device(tiny_model, image_tree):
+    """Batches are sharded over all local devices: 8 CPU devices give the features of one, with a
+    batch size (5, rounded up to 8) and an image count (13) that 8 does not divide."""
+    assert jax.local_device_count() == 8
+    md = models.load_model_dir(tiny_model[0])
+    names = ("gray.jpg", "b/rocket.jpg", "a/cat.jpg", "a/z_logo.png", "c/d/cmyk.jpg")
+    paths = [str(image_tree / n) for n in names] * 3
+    paths = paths[:13]
+    one, kept_one = extract.extract_features(md, paths, batch_size=5, devices=jax.devices()[:1])
+    eight, kept_eight = extract.extract_features(md, paths, batch_size=5)
+    assert kept_one == kept_eight == paths and eight.shape == (13, 16)
+    np.testing.assert_allclose(eight, one, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(eight, reference(tiny_model[2], paths), atol=2e-5)
 
 
 @pytest.mark.slow

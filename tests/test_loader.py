@@ -7,6 +7,7 @@ import zlib
 from pathlib import Path
 
 import jax
+import multiproc_util
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -308,13 +309,11 @@ def test_fuzz_decoder_mutations(data):
 
 # ---- two real processes (jax.distributed on CPU with gloo) -----------------------------------
 
-_WORKER = r"""
-import json, sys
+_WORKER = (
+    multiproc_util.PREAMBLE
+    + r"""
 import numpy as np
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-pid, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+root = sys.argv[4]
 from jaxrec.data.datasets import load_list, load_query_gallery_list
 from jaxrec.data.loader import EvalLoader, TrainLoader
 from jaxrec.data.sampler import PKSampler
@@ -332,37 +331,13 @@ n_valid = sum(int(jax.jit(lambda m: m.sum())(b["mask"])) for b in ev)
 print(json.dumps({"local": local.tolist(), "total": total, "n_valid": n_valid,
                   "shards": loader.shards}))
 """
+)
 
 
 def test_two_processes_load_their_own_slices(dataset, tmp_path):
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["JAX_PLATFORMS"] = "cpu"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port), str(dataset)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = multiproc_util.run_processes(script, str(dataset))
     src = load_list(dataset / "train.txt")
     sampler = PKSampler(src.labels, 4, 2, seed=9, num_shards=8)
     expect = src.labels[sampler.global_batch(0, 0)]

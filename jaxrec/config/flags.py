@@ -22,3 +22,17 @@ def parse_flags_with_config_errors(argv: list[str]) -> list[str]:
     except flags.Error as e:
         print(f"error: {e}\nPass --helpfull to see all flags.", file=sys.stderr)
         sys.exit(2)
+
+
+def define_distributed_flags() -> tuple:
+    """The multi-host flags of train.py and evaluate.py: (coordinator_address, num_processes,
+    process_id) holders, for `parallel.maybe_initialize_distributed`."""
+    from absl import flags
+
+    return (
+        flags.DEFINE_string(
+            "coordinator_address", None, "Multi-host: host:port of process 0's coordinator."
+        ),
+        flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes."),
+        flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (0-based)."),
+    )

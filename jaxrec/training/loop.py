@@ -33,6 +33,7 @@ from jaxrec.parallel import AXIS, make_mesh
 from jaxrec.training import tensorboard as logging_lib
 from jaxrec.training.checkpoint import Checkpoints
 from jaxrec.training.optimizer import build_optimizer
+from jaxrec.training.preemption import PreemptionWatch
 from jaxrec.training.pretrained import apply_pretrained
 from jaxrec.training.sharded_head import plan_head
 from jaxrec.training.train_step import create_state, init_params, make_train_step
@@ -226,6 +227,8 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     base_rng = _key(run.seed + 1)
     acc = None
     t_last, step0, t0 = time.perf_counter(), int(state.step), time.perf_counter()
+    preempt = PreemptionWatch(mesh)  # SIGTERM: checkpoint the step all hosts agree on, stop
+    preempt.install()
     try:
         try:
             loader.restore(loader_state or {"epoch": start_epoch, "step": start_it})
@@ -269,6 +272,12 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
                     if acc is not None:
                         diverged.check(jax.device_get(acc))
                     ckpt.save(update, state, meta_for(epoch, it + 1))
+                # SIGTERM on a host: checkpoint this step and stop (at an epoch's end: after it)
+                if preempt.after_step(state.step) and not last_in_epoch:
+                    if acc is not None:
+                        diverged.check(jax.device_get(acc))
+                    ckpt.save(update, state, meta_for(epoch, it + 1))
+                    raise preempt.stopped(update, os.fspath(ckpt.latest.directory))
             is_best = False
             if evaluator is not None and ev.enabled and (epoch + 1) % ev.interval == 0:
                 if epoch + 1 >= ev.start_epoch:
@@ -288,7 +297,10 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
             ckpt.save(int(state.step), state, meta_for(epoch + 1, 0))
             if is_best:
                 ckpt.save(int(state.step), state, meta_for(epoch + 1, 0), best=True)
+            if epoch + 1 < epochs and preempt.stop_now():
+                raise preempt.stopped(int(state.step), os.fspath(ckpt.latest.directory))
     finally:
+        preempt.uninstall()
         if bar is not None:
             bar.close()
         if writer is not None:
