@@ -282,7 +282,7 @@ def test_extraction_on_eight_devices_equals_one_device(tiny_model, image_tree):
     """Batches are sharded over all local devices: 8 CPU devices give the features of one, with a
     batch size (5, rounded up to 8) and an image count (13) that 8 does not divide."""
     assert jax.local_device_count() == 8
-    md = models.load_model_dir(tiny_model[0])
+    md = models.load_model_dir(tiny_model[0], resolve_arch)
     names = ("gray.jpg", "b/rocket.jpg", "a/cat.jpg", "a/z_logo.png", "c/d/cmyk.jpg")
     paths = [str(image_tree / n) for n in names] * 3
     paths = paths[:13]
