@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from jaxrec import parallel, trainer
+    from jaxrec import parallel, peers, trainer
     from jaxrec.errors import JaxrecError
 
     if logging.get_verbosity() == logging.INFO and not any(
@@ -59,10 +59,14 @@ def main(argv: list[str]) -> None:
 
     try:
         parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+        peers.set_workdir(_WORKDIR.value)
         trainer.train(_CONFIG.value, _WORKDIR.value, restore_step=_RESTORE.value)
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        peers.exit_on_peer_failure(e)  # multi-host: a lost peer is one line, not a traceback
+        raise
 
 
 if __name__ == "__main__":

@@ -92,5 +92,7 @@ def maybe_initialize_distributed(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception as e:  # noqa: BLE001 - optional speed/feature knob
         warnings.warn(f"could not select gloo CPU collectives: {e}", stacklevel=2)
-    jax.distributed.initialize(**kwargs)
+    from jaxrec import peers  # noqa: PLC0415
+
+    peers.initialize(**kwargs)  # a lost peer ends this process with one line (jaxrec.peers)
     return True

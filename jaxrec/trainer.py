@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrec import logging_lib
+from jaxrec import logging_lib, workdir_lock
 from jaxrec.checkpoint import Checkpoints
 from jaxrec.config import Run, check_resume_config, resolve, save_config
 from jaxrec.config.paddle_out import save_paddleclas_yaml
@@ -99,6 +99,7 @@ class _Divergence:
         )
 
 
+@workdir_lock.held_during
 def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     """Train with the run's recipe, evaluating and checkpointing into `workdir`; returns the
     last evaluation metrics (may be empty)."""
@@ -113,6 +114,7 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     class_num = (run.arch.get("Head") or {}).get("class_num")
     loader = builders.train_loader(run.train, mesh, run.seed, class_num=class_num)
     os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
+    workdir_lock.acquire(workdir)  # one run per workdir, before anything is written
     spe, epochs = loader.steps_per_epoch, run.loop.epochs
     total_steps = spe * epochs
 

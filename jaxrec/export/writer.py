@@ -112,6 +112,7 @@ def write_export(
             images,
             image_source,
             extra={"source": source.source, "artifacts": artifact_notes(hw, key, onnx)},
+            arch=reference.arch,
         )
         _install(tmp, out)
     except BaseException:

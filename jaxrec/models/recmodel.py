@@ -97,7 +97,13 @@ _TOP_KEYS = {
 }
 # jaxrec-only top-level keys, also accepted beside a bare backbone's keys.
 _MODEL_KEYS = ("dtype", "deploy", "fold_bn", "bn_axis_name")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 only for references computed with x64 enabled (the export check, jaxrec.export.check).
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "float64": jnp.float64,
+}
 
 
 class ArchError(ValueError):
