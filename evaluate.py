@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     from absl import logging
 
     from jaxrec.errors import JaxrecError
-    from jaxrec.evaluation import evaluate_workdir
+    from jaxrec.evaluate import evaluate_workdir
 
     if not any(a.startswith(("-v", "--v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO

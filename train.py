@@ -49,8 +49,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
-    from jaxrec import parallel, peers, trainer
+    from jaxrec import parallel
     from jaxrec.errors import JaxrecError
+    from jaxrec.training import loop as trainer
+    from jaxrec.training import peers
 
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv
@@ -58,7 +60,9 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     try:
-        parallel.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+        parallel.maybe_initialize_distributed(
+            _COORD.value, _NPROC.value, _PID.value, initialize=peers.initialize
+        )
         peers.set_workdir(_WORKDIR.value)
         trainer.train(_CONFIG.value, _WORKDIR.value, restore_step=_RESTORE.value)
     except JaxrecError as e:

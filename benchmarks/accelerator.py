@@ -126,9 +126,9 @@ def run(args: argparse.Namespace, p: dict) -> dict:
     from jaxrec.data.sampler import PKSampler
     from jaxrec.losses import build_loss
     from jaxrec.models import build_model
-    from jaxrec.optim import build_optimizer
     from jaxrec.parallel import AXIS, data_sharding, make_mesh, replicated
-    from jaxrec.step import create_state, init_params, make_train_step
+    from jaxrec.training.optimizer import build_optimizer
+    from jaxrec.training.train_step import create_state, init_params, make_train_step
 
     mesh = make_mesh()
     ndev = mesh.devices.size

@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_seed(seed: int, work: str) -> dict:
-    from jaxrec import logging_lib
+    from jaxrec.training import tensorboard as logging_lib
 
     wd = os.path.join(work, f"seed{seed}")
     t0 = time.perf_counter()

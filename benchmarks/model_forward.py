@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 from jaxrec import models
-from jaxrec.convert import convert_pdparams
 from jaxrec.models import build_model, count_params, init_variables
-from jaxrec.models.naming import to_paddle_state_dict
+from jaxrec.paddle.convert import convert_pdparams
+from jaxrec.paddle.naming import to_paddle_state_dict
 
 ARCH = {
     "name": "RecModel",

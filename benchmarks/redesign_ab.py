@@ -74,12 +74,12 @@ def child_step(steps: int) -> dict:
         step = tl.make_train_step(model, loss, tx, mesh, schedule=hold["s"])
         batch = tl.global_batch(mesh, local)
     else:
-        from jaxrec import optim
-        from jaxrec import step as step_lib
         from jaxrec.config import resolve
         from jaxrec.losses import build_loss
         from jaxrec.models import build_model
         from jaxrec.parallel import global_batch, make_mesh
+        from jaxrec.training import optimizer as optim
+        from jaxrec.training import train_step as step_lib
 
         run = resolve(cfg)
         mesh = make_mesh(jax.devices()[:1])

@@ -2,7 +2,8 @@
 
 Full-size PPLCNetV2_base_ShiTu + BNNeck + FC head with 1,000 classes, 224x224 inputs, batch 32
 (8 ids x 4 images), CE(eps 0.1) + TripletAngularMarginLoss, Momentum 0.9 with L2 1e-5. The jaxrec
-step is the jitted `jaxrec.step.make_train_step` (uint8 input normalized on device, one device);
+step is the jitted `jaxrec.training.train_step.make_train_step` (uint8 input normalized on device,
+one device);
 the reference step is PaddleClas dygraph forward + backward + Momentum step, run in the paddle
 venv as a subprocess with the same thread count.
 
@@ -67,12 +68,12 @@ def jaxrec_step(steps: int, bs: int, classes: int) -> dict:
     sys.path.insert(0, os.path.join(REPO, "configs"))
     import general_v2
 
-    from jaxrec import optim
-    from jaxrec import step as step_lib
     from jaxrec.config import resolve
     from jaxrec.losses import build_loss
     from jaxrec.models import build_model
     from jaxrec.parallel import global_batch, make_mesh
+    from jaxrec.training import optimizer as optim
+    from jaxrec.training import train_step as step_lib
 
     cfg = general_v2.get_config()
     cfg.Arch.Backbone.pretrained = False

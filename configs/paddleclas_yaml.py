@@ -10,7 +10,7 @@ docs/CONFIG.md, or an error naming it (with what is supported). Relative paths i
 
 from __future__ import annotations
 
-from jaxrec.config.paddle_yaml import load_yaml
+from jaxrec.paddle.yaml_in import load_yaml
 
 
 def get_config(path: str | None = None):

@@ -47,8 +47,8 @@ def load_model(path: str | os.PathLike) -> ModelDir:
             f"{path} is not a directory: give a jaxrec model directory (`python -m jaxrec.export` "
             "or `python -m jaxrec.convert` output) or a training workdir"
         )
-    from jaxrec.checkpoint import is_workdir, restore_model  # noqa: PLC0415
     from jaxrec.models import load_model_dir  # noqa: PLC0415
+    from jaxrec.training.checkpoint import is_workdir, restore_model  # noqa: PLC0415
 
     if is_workdir(path):
         return restore_model(path, which="best")

@@ -1,4 +1,4 @@
-"""jaxrec.convert and jaxrec.pdparams: safe .pdparams reading, key/layout mapping, mismatch
+"""jaxrec.convert and jaxrec.paddle.pdparams: safe .pdparams reading, key/layout mapping, mismatch
 reports, writing PaddleClas state dicts (round trips), the CLI, and model directories."""
 
 import collections
@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec import convert, pdparams
-from jaxrec.convert import convert_pdparams, convert_state_dict
+from jaxrec import convert as convert_cli
 from jaxrec.data.preprocess import INFERENCE_REC, Preprocess
 from jaxrec.errors import ModelDirError
 from jaxrec.models import (
@@ -25,8 +24,10 @@ from jaxrec.models import (
     reparameterize,
     save_model_dir,
 )
-from jaxrec.models.naming import to_paddle_state_dict
-from jaxrec.pdparams import PdparamsError, read_pdparams
+from jaxrec.paddle import convert, naming, pdparams
+from jaxrec.paddle.convert import convert_pdparams, convert_state_dict
+from jaxrec.paddle.naming import to_paddle_state_dict
+from jaxrec.paddle.pdparams import PdparamsError, read_pdparams
 
 FIX = Path(__file__).parent / "fixtures"
 SHITU = FIX / "model_shitu.pdparams"
@@ -54,7 +55,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     assert str(bad) in msg and "system" in msg and "refusing" in msg
     assert not marker.exists()
     # through the CLI too
-    rc = convert.main(["--pdparams", str(bad), "--out", str(tmp_path / "out")])
+    rc = convert_cli.main(["--pdparams", str(bad), "--out", str(tmp_path / "out")])
     assert rc == 1 and not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -239,7 +240,7 @@ def test_deploy_conversion(shitu_state):
 
 def test_cli_writes_a_loadable_model_dir(tmp_path, capsys):
     out = tmp_path / "model"
-    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 0
+    assert convert_cli.main(["--pdparams", str(SHITU), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "loaded 135 tensors" in printed and str(out) in printed
     assert (out / "config.json").is_file() and (out / "conversion_report.json").is_file()
@@ -254,7 +255,7 @@ def test_cli_writes_a_loadable_model_dir(tmp_path, capsys):
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # refuses to overwrite, and says so in one line
-    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 1
+    assert convert_cli.main(["--pdparams", str(SHITU), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "exists" in err and err.count("\n") == 1
 
@@ -262,7 +263,7 @@ def test_cli_writes_a_loadable_model_dir(tmp_path, capsys):
 def test_cli_bad_input_message(tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("hello\n")
-    assert convert.main(["--pdparams", str(f), "--out", str(tmp_path / "o")]) == 1
+    assert convert_cli.main(["--pdparams", str(f), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert str(f) in err and "not a .pdparams file" in err
 
@@ -272,7 +273,7 @@ def test_cli_arch_json_and_deploy(tmp_path):
     aj = tmp_path / "arch.json"
     aj.write_text(json.dumps({"Arch": arch}))
     out = tmp_path / "d"
-    rc = convert.main(
+    rc = convert_cli.main(
         ["--pdparams", str(SHITU), "--out", str(out), "--arch-json", str(aj), "--deploy"]
     )
     assert rc == 0
@@ -346,7 +347,7 @@ def _leaves_equal(a, b):
 @pytest.fixture(scope="module")
 def shitu_model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "model"
-    assert convert.main(["--pdparams", str(SHITU), "--out", str(out)]) == 0
+    assert convert_cli.main(["--pdparams", str(SHITU), "--out", str(out)]) == 0
     return out
 
 
@@ -394,14 +395,14 @@ def test_internal_names_follow_paddle_layer_kinds():
 
 def test_export_matches_paddleclas_keys_order_shapes_and_values(shitu_state, shitu_arch):
     v, _ = convert_state_dict(shitu_state, shitu_arch, strict=True)
-    out = pdparams.paddle_state_dict(v)
+    out = convert.paddle_state_dict(v)
     # every key PaddleClas's RecModel has (fusion targets included), in its order, same shapes
     assert list(out) == list(shitu_state)
     assert {k: a.shape for k, a in out.items()} == {k: a.shape for k, a in shitu_state.items()}
     fused = reparameterize(v)["params"]["backbone"]
     for k, a in out.items():
         assert a.dtype == np.float32
-        if not pdparams.is_fusion_target(k, out):
+        if not naming.is_fusion_target(k, out):
             assert a.tobytes() == shitu_state[k].tobytes(), k
     # fusion targets hold the fused branches (what Paddle's re_parameterize() computes)
     dw = fused["stages_2_1"]["dw_conv"]
@@ -409,7 +410,7 @@ def test_export_matches_paddleclas_keys_order_shapes_and_values(shitu_state, shi
         out["backbone.stages.2.1.dw_conv.weight"], np.asarray(dw["kernel"]).transpose(3, 2, 0, 1)
     )
     np.testing.assert_array_equal(out["backbone.stages.2.1.dw_conv.bias"], dw["bias"])
-    assert list(pdparams.paddle_state_dict(v, head=False)) == [
+    assert list(convert.paddle_state_dict(v, head=False)) == [
         k for k in shitu_state if not k.startswith("head.")
     ]
 
@@ -423,7 +424,7 @@ def test_full_size_key_list():
     arch["Head"].update(embedding_size=512, class_num=7)
     av = abstract_variables(build_model(arch))
     v = jax.tree_util.tree_map(lambda s: np.ones(s.shape, np.float32), av)
-    out = pdparams.paddle_state_dict(v)
+    out = convert.paddle_state_dict(v)
     assert len(out) == 287 and sum(a.size for a in out.values()) == 4_778_880 + 512 * 7
     shapes = {k: list(a.shape) for k, a in out.items()}
     assert list(out)[:2] == ["backbone.stem.0.conv.weight", "backbone.stem.0.bn.weight"]
@@ -443,12 +444,12 @@ def test_full_size_key_list():
     assert shapes["backbone.stages.3.1.pw_conv.conv.weight"] == [1024, 1024, 1, 1]
     assert shapes["backbone.last_conv.weight"] == [512, 1024, 1, 1]
     assert shapes["head.fc.weight"] == [512, 7]
-    assert sum(pdparams.is_fusion_target(k, out) for k in out) == 2 * 8  # 8 rep blocks
+    assert sum(naming.is_fusion_target(k, out) for k in out) == 2 * 8  # 8 rep blocks
 
 
 def test_import_export_import_is_bitwise_identity(tmp_path, shitu_model_dir, capsys):
     f = tmp_path / "back.pdparams"
-    rc = convert.main(["--to-pdparams", "--model", str(shitu_model_dir), "--out", str(f)])
+    rc = convert_cli.main(["--to-pdparams", "--model", str(shitu_model_dir), "--out", str(f)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert f"wrote {f}: 143 tensors" in printed and "Global.pretrained_model=" in printed
@@ -462,13 +463,16 @@ def test_import_export_import_is_bitwise_identity(tmp_path, shitu_model_dir, cap
     _leaves_equal(v1, v2)
     # export -> import -> export: the same file, byte for byte
     again = tmp_path / "again"
-    assert convert.main(["--pdparams", str(f), "--out", str(again)]) == 0
+    assert convert_cli.main(["--pdparams", str(f), "--out", str(again)]) == 0
     g = tmp_path / "again.pdparams"
-    assert convert.main(["--to-pdparams", "--model", str(again), "--out", str(g)]) == 0
+    assert convert_cli.main(["--to-pdparams", "--model", str(again), "--out", str(g)]) == 0
     assert g.read_bytes() == f.read_bytes()
     # --no-head
     h = tmp_path / "nohead.pdparams"
-    assert convert.main(["--to-pdparams", "--model", str(again), "--out", str(h), "--no-head"]) == 0
+    assert (
+        convert_cli.main(["--to-pdparams", "--model", str(again), "--out", str(h), "--no-head"])
+        == 0
+    )
     assert "head.fc.weight" not in read_pdparams(h)
 
 
@@ -489,7 +493,7 @@ def test_import_export_import_is_bitwise_identity(tmp_path, shitu_model_dir, cap
 def test_to_pdparams_errors(tmp_path, capsys, shitu_model_dir, extra, needle):
     deploy = tmp_path / "deploy"
     if "DEPLOY" in extra:
-        assert convert.main(["--pdparams", str(SHITU), "--out", str(deploy), "--deploy"]) == 0
+        assert convert_cli.main(["--pdparams", str(SHITU), "--out", str(deploy), "--deploy"]) == 0
         capsys.readouterr()
     out = tmp_path / "o.pdparams"
     if "--out-exists" in extra:
@@ -498,20 +502,22 @@ def test_to_pdparams_errors(tmp_path, capsys, shitu_model_dir, extra, needle):
         out = tmp_path / "o"
     subs = {"M": str(shitu_model_dir), "NOPE": str(tmp_path / "nope"), "DEPLOY": str(deploy)}
     args = [subs.get(a, a) for a in extra if not a.startswith("--out-")]
-    assert convert.main(["--to-pdparams", *args, "--out", str(out)]) == 1
+    assert convert_cli.main(["--to-pdparams", *args, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert not out.exists() or out.read_bytes() == b"keep"
 
 
 def test_import_refuses_export_options(tmp_path, capsys):
-    rc = convert.main(["--pdparams", str(SHITU), "--out", str(tmp_path / "m"), "--which", "best"])
+    rc = convert_cli.main(
+        ["--pdparams", str(SHITU), "--out", str(tmp_path / "m"), "--which", "best"]
+    )
     assert rc == 1 and "--which need --to-pdparams" in capsys.readouterr().err
 
 
 def test_to_pdparams_from_workdir_error_is_one_line(tmp_path, capsys):
     out = tmp_path / "x.pdparams"
-    rc = convert.main(["--to-pdparams", "--workdir", str(tmp_path / "nope"), "--out", str(out)])
+    rc = convert_cli.main(["--to-pdparams", "--workdir", str(tmp_path / "nope"), "--out", str(out)])
     assert rc == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
@@ -540,8 +546,8 @@ def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
     the run's variables bit for bit; the run's Arch is printed for PaddleClas."""
     from train_data_util import make_tiny_dataset, tiny_config
 
-    from jaxrec import trainer
-    from jaxrec.checkpoint import restore_model
+    from jaxrec.training import loop as trainer
+    from jaxrec.training.checkpoint import restore_model
 
     data = make_tiny_dataset(str(tmp_path / "data"), train_classes=2, per_class=4)
     cfg = tiny_config(data, epochs=1, size=24)
@@ -550,7 +556,7 @@ def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
     trainer.train(cfg, workdir)
     capsys.readouterr()
     f = tmp_path / "run.pdparams"
-    assert convert.main(["--to-pdparams", "--workdir", workdir, "--out", str(f)]) == 0
+    assert convert_cli.main(["--to-pdparams", "--workdir", workdir, "--out", str(f)]) == 0
     printed = capsys.readouterr().out
     assert "from workdir" in printed and "this model has 0.25" in printed  # no stock YAML
     assert f"tools/export_model.py -c {workdir}/paddleclas.yaml" in printed
@@ -560,4 +566,4 @@ def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
     _leaves_equal(
         {"params": md.variables["params"], "batch_stats": md.variables["batch_stats"]}, back
     )
-    assert list(read_pdparams(f)) == list(pdparams.paddle_state_dict(md.variables))
+    assert list(read_pdparams(f)) == list(convert.paddle_state_dict(md.variables))

@@ -417,9 +417,10 @@ def test_export_from_workdir(tmp_path, capsys):
     import optax
     from train_data_util import make_tiny_dataset, tiny_config
 
-    from jaxrec.checkpoint import Checkpoints
-    from jaxrec.config import resolve, save_config
-    from jaxrec.step import TrainState
+    from jaxrec.config import resolve
+    from jaxrec.training.checkpoint import Checkpoints
+    from jaxrec.training.train_step import TrainState
+    from jaxrec.training.workdir import save_config
 
     data = make_tiny_dataset(str(tmp_path / "data"), per_class=2)
     cfg = tiny_config(data, size=40)

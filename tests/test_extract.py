@@ -280,8 +280,8 @@ def test_training_workdir_as_model(tmp_path, capsys):
     preprocessing (24 px here), equal to the library path through checkpoint.restore_model."""
     from train_data_util import make_tiny_dataset, tiny_config
 
-    from jaxrec import trainer
-    from jaxrec.checkpoint import restore_model
+    from jaxrec.training import loop as trainer
+    from jaxrec.training.checkpoint import restore_model
 
     data = make_tiny_dataset(str(tmp_path / "data"), train_classes=2, per_class=4)
     cfg = tiny_config(data, epochs=1, size=24)

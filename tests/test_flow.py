@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec import trainer
-from jaxrec.checkpoint import restore_model
 from jaxrec.config import resolve
 from jaxrec.data.image import decode_image
 from jaxrec.evaluation import RetrievalEvaluator
 from jaxrec.extract import extract_features
 from jaxrec.models import build_model, load_model_dir
 from jaxrec.parallel import make_mesh
+from jaxrec.training import loop as trainer
+from jaxrec.training.checkpoint import restore_model
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +90,8 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     assert exported["preprocess"]["scale"] == pytest.approx(1 / 200)
     assert json.loads((out / "export_check.json").read_text())["passed"]
     # PP-ShiTu's deploy YAML with the model's own feeding, and the run as a PaddleClas YAML.
-    from jaxrec.config.paddle_out import PADDLECLAS_YAML
-    from jaxrec.config.paddle_yaml import load_yaml, read_yaml
+    from jaxrec.paddle.yaml_in import load_yaml, read_yaml
+    from jaxrec.paddle.yaml_out import PADDLECLAS_YAML
 
     rec = read_yaml(out / "inference_rec.yaml")
     ops = {next(iter(op)): op[next(iter(op))] for op in rec["RecPreProcess"]["transform_ops"]}

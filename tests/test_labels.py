@@ -8,8 +8,8 @@ import os
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec import trainer
 from jaxrec.errors import LabelError
+from jaxrec.training import loop as trainer
 
 
 def _with_label(tmp_path, line_no: int, label: str):

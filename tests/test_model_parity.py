@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.convert import convert_pdparams
 from jaxrec.models import build_model, reparameterize
-from jaxrec.models.naming import paddle_key
+from jaxrec.paddle.convert import convert_pdparams
+from jaxrec.paddle.naming import paddle_key
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -82,7 +82,7 @@ def test_shitu_train_mode_matches_paddle(shitu):
 def test_shitu_train_gradients_match_paddle(shitu):
     """d/dparams of sum(logits*R1) + sum(features*R2) in train mode (dropout p=0)."""
     gold, arch, variables, _, x = shitu
-    from jaxrec.models.naming import jaxrec_path, to_paddle_layout
+    from jaxrec.paddle.naming import jaxrec_path, to_paddle_layout
 
     arch = dict(arch, Backbone=dict(arch["Backbone"], dropout_prob=0.0))
     model = build_model(arch)

@@ -11,9 +11,13 @@ import sys
 import pytest
 import yaml
 
-from jaxrec.config import defaults, load_config, resolve, save_config
+from jaxrec.config import defaults, resolve
+from jaxrec.config.chains import eval_chain
 from jaxrec.config.keys import Reader
-from jaxrec.config.paddle_out import (
+from jaxrec.data.preprocess import INFERENCE_REC, LEGACY, Preprocess
+from jaxrec.models import build_model
+from jaxrec.paddle.yaml_in import load_yaml
+from jaxrec.paddle.yaml_out import (
     DROPPED,
     NATIVE,
     PADDLECLAS_YAML,
@@ -22,10 +26,7 @@ from jaxrec.config.paddle_out import (
     save_inference_rec_yaml,
     save_paddleclas_yaml,
 )
-from jaxrec.config.paddle_yaml import load_yaml
-from jaxrec.config.transforms import eval_chain
-from jaxrec.data.preprocess import INFERENCE_REC, LEGACY, Preprocess
-from jaxrec.models import build_model
+from jaxrec.training.workdir import load_config, save_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from jaxrec.config import config_diff, resolve, to_plain
-from jaxrec.config.paddle_yaml import load_yaml
 from jaxrec.errors import ConfigError
+from jaxrec.paddle.yaml_in import load_yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(REPO, "tests", "fixtures", "paddleclas")

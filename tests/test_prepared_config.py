@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
+from jaxrec import inputs
 from jaxrec.config import resolve
-from jaxrec.data import builders
 from jaxrec.errors import ConfigError, DatasetError
 from jaxrec.parallel import make_mesh
 
@@ -58,8 +58,8 @@ def _config(data, prepared_dir):
 def test_prepared_set_feeds_the_same_batches_as_the_list(prepared):
     data, out = prepared
     mesh = make_mesh(jax.devices()[:1])
-    a = builders.train_loader(resolve(tiny_config(data)).train, mesh, seed=0, class_num=4)
-    b = builders.train_loader(resolve(_config(data, out)).train, mesh, seed=0, class_num=4)
+    a = inputs.train_loader(resolve(tiny_config(data)).train, mesh, seed=0, class_num=4)
+    b = inputs.train_loader(resolve(_config(data, out)).train, mesh, seed=0, class_num=4)
     try:
         for _ in range(2):
             x, y = next(a), next(b)
@@ -77,7 +77,7 @@ def test_prepared_from_another_list_is_an_error(prepared, tmp_path):
     cfg = _config(data, out)
     cfg.DataLoader.Train.dataset.cls_label_path = str(other)
     with pytest.raises(DatasetError, match="was not prepared from"):
-        builders.train_loader(resolve(cfg).train, make_mesh(jax.devices()[:1]), seed=0)
+        inputs.train_loader(resolve(cfg).train, make_mesh(jax.devices()[:1]), seed=0)
 
 
 def test_prepared_dir_key_rules(prepared):

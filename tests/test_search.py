@@ -9,6 +9,7 @@ import pytest
 from jaxrec import search
 from jaxrec.errors import DatasetError
 from jaxrec.search import GalleryError, GalleryIndex, backends, store
+from jaxrec.search import cli as search_cli
 
 faiss = pytest.importorskip("faiss")
 
@@ -224,10 +225,10 @@ def test_bad_inputs(tmp_path):
         ("a.jpg", "cat", 1),
         ("missing.jpg", "dog", 2),
     ]
-    assert search.parse_delimiter("\\t") == "\t" and search.parse_delimiter("space") == " "
+    assert search_cli.parse_delimiter("\\t") == "\t" and search_cli.parse_delimiter("space") == " "
     with pytest.raises(GalleryError, match="not a gallery index"):
         GalleryIndex.load(str(tmp_path))
-    assert search.main(["info", "--index", str(tmp_path)]) == 2
+    assert search_cli.main(["info", "--index", str(tmp_path)]) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def run(capsys):
     def run(*argv):
         store._warned.clear()  # each CLI run is a fresh process in real use
         capsys.readouterr()
-        rc = search.main([str(a) for a in argv])
+        rc = search_cli.main([str(a) for a in argv])
         out = capsys.readouterr()
         assert "Traceback" not in out.err
         return rc, out

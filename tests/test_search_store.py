@@ -14,6 +14,7 @@ import pytest
 
 from jaxrec import search
 from jaxrec.search import GalleryError, GalleryIndex, store
+from jaxrec.search import cli as search_cli
 
 faiss = pytest.importorskip("faiss")
 
@@ -53,7 +54,7 @@ def assert_same(a, b):
 def cli(capsys, *argv):
     store._warned.clear()  # each CLI run is a fresh process in real use
     capsys.readouterr()
-    rc = search.main(list(argv))
+    rc = search_cli.main(list(argv))
     out = capsys.readouterr()
     assert "Traceback" not in out.err
     return rc, out

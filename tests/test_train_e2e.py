@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset, tiny_config
 
-from jaxrec import logging_lib, trainer
-from jaxrec.checkpoint import Checkpoints, read_checkpoint
 from jaxrec.config import config_diff, from_plain, to_plain
 from jaxrec.errors import CheckpointMismatchError, ConfigChangedError, TrainingDivergedError
-from jaxrec.evaluation import evaluate_workdir
+from jaxrec.evaluate import evaluate_workdir
+from jaxrec.training import loop as trainer
+from jaxrec.training import tensorboard as logging_lib
+from jaxrec.training.checkpoint import Checkpoints, read_checkpoint
 
 pytestmark = pytest.mark.slow
 

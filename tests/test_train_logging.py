@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from jaxrec import logging_lib
+from jaxrec.training import tensorboard as logging_lib
 
 
 def test_crc32c_known_vectors():

@@ -9,13 +9,15 @@ import optax
 import pytest
 from train_data_util import tiny_config
 
-from jaxrec import optim, parallel, pretrained
-from jaxrec import step as step_lib
+from jaxrec import parallel
 from jaxrec.config import resolve
 from jaxrec.data.preprocess import PixelNorm
 from jaxrec.errors import JaxrecError
 from jaxrec.losses import build_loss
 from jaxrec.models import build_model
+from jaxrec.training import optimizer as optim
+from jaxrec.training import pretrained
+from jaxrec.training import train_step as step_lib
 
 
 def test_merge_pretrained_is_non_strict_and_reports():

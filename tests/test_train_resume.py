@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from train_data_util import make_tiny_dataset
 
-from jaxrec.checkpoint import read_checkpoint
+from jaxrec.training.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

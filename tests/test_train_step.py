@@ -9,13 +9,13 @@ import optax
 import pytest
 from train_testutil import TinyLoss, TinyRec
 
-from jaxrec import optim
-from jaxrec import step as step_lib
 from jaxrec.config import resolve
 from jaxrec.data.preprocess import PixelNorm
 from jaxrec.losses import build_loss
 from jaxrec.models import build_model
 from jaxrec.parallel import AXIS, global_batch, make_mesh
+from jaxrec.training import optimizer as optim
+from jaxrec.training import train_step as step_lib
 
 
 def _setup(n_dev=8, per_dev=4, size=16, wd=1e-3, lr=0.1):

@@ -11,7 +11,13 @@ import textwrap
 
 import pytest
 
-from jaxrec.workdir_lock import LOCK_FILE, WorkdirBusyError, WorkdirLock, acquire, held_during
+from jaxrec.training.workdir_lock import (
+    LOCK_FILE,
+    WorkdirBusyError,
+    WorkdirLock,
+    acquire,
+    held_during,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +27,7 @@ def _holder(workdir) -> subprocess.Popen:
         f"""
         import sys, time
         sys.path.insert(0, {REPO!r})
-        from jaxrec.workdir_lock import WorkdirLock
+        from jaxrec.training.workdir_lock import WorkdirLock
         WorkdirLock({str(workdir)!r}).acquire()
         print("locked", flush=True)
         time.sleep(120)

@@ -13,8 +13,8 @@ import glob
 import os
 
 from jaxrec.config import resolve
-from jaxrec.config.paddle_yaml import load_yaml
 from jaxrec.errors import JaxrecError
+from jaxrec.paddle.yaml_in import load_yaml
 
 DIRS = ("GeneralRecognitionV2", "GeneralRecognition", "ResNet50_vd_SOP")
 

@@ -1,4 +1,4 @@
-"""PaddleClas reads what `jaxrec.config.paddle_out` writes: the training YAML of a run and
+"""PaddleClas reads what `jaxrec.paddle.yaml_out` writes: the training YAML of a run and
 PP-ShiTu's `inference_rec.yaml` of a model.
 
     .venv/bin/python tools/paddle_config_check.py [--workdir W] [--work /tmp/jaxrec_pcc] \
@@ -85,9 +85,10 @@ def jaxrec_side(args: argparse.Namespace) -> dict:
     import demo
     import general_v2
 
-    from jaxrec.config import load_config, resolve
-    from jaxrec.config.paddle_out import inference_rec_yaml, paddleclas_yaml
+    from jaxrec.config import resolve
     from jaxrec.data.preprocess import INFERENCE_REC, LEGACY, Preprocess
+    from jaxrec.paddle.yaml_out import inference_rec_yaml, paddleclas_yaml
+    from jaxrec.training.workdir import load_config
 
     w = os.path.abspath(args.work)
     os.makedirs(os.path.join(w, "train"), exist_ok=True)
@@ -157,9 +158,9 @@ def jaxrec_side(args: argparse.Namespace) -> dict:
 
 def _export_side(export: str, images: list[str], w: str) -> dict:
     """inference_rec.yaml (ONNX) of a jaxrec export and jaxrec's features of the photos."""
-    from jaxrec.config.paddle_out import inference_rec_yaml
     from jaxrec.extract import extract_features
     from jaxrec.models import load_model_dir
+    from jaxrec.paddle.yaml_out import inference_rec_yaml
 
     export = os.path.abspath(export)
     md = load_model_dir(export)

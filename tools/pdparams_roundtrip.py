@@ -79,7 +79,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def arch_overrides(arch: dict, yaml_arch: dict) -> list[str]:
     """`-o Arch.x=v` overrides turning the stock YAML's Arch into the model's Arch."""
-    from jaxrec.convert import paddleclas_notes
+    from jaxrec.paddle.convert import paddleclas_notes
 
     notes = paddleclas_notes(arch)
     if notes:
@@ -367,7 +367,7 @@ def main() -> None:
               "--config.Global.epochs=1", "--config.Optimizer.lr.warmup_epoch=0.2",
               "--config.Arch.Backbone.scale=1.0"])  # fmt: skip
     if args.workdir:
-        from jaxrec.checkpoint import restore_model
+        from jaxrec.training.checkpoint import restore_model
 
         source, md = ["--workdir", args.workdir], restore_model(args.workdir)
         model_arg = args.workdir

@@ -1,8 +1,7 @@
 """Configs: the PaddleClas-mirroring ConfigDict in, a frozen resolved `Run` out.
 
 `resolve(config)` is the only reader of config keys (see `resolve.py`); `keys.INERT` lists the
-keys that are accepted but change nothing; `defaults.py` holds every default; `workdir.py` keeps
-WORKDIR/config.json.
+keys that are accepted but change nothing; `defaults.py` holds every default.
 """
 
 from jaxrec.config.plain import config_diff, from_plain, to_plain
@@ -18,17 +17,9 @@ from jaxrec.config.spec import (
     SamplerSpec,
     TrainDataSpec,
 )
-from jaxrec.config.workdir import CONFIG_FILE, check_resume_config, load_config, save_config
 from jaxrec.errors import ConfigError
 
-
-def load_run(workdir: str) -> Run:
-    """The resolved run of a training workdir (from its config.json)."""
-    return resolve(load_config(workdir))
-
-
 __all__ = [
-    "CONFIG_FILE",
     "ConfigError",
     "DatasetSpec",
     "EvalDataSpec",
@@ -39,12 +30,8 @@ __all__ = [
     "Run",
     "SamplerSpec",
     "TrainDataSpec",
-    "check_resume_config",
     "config_diff",
     "from_plain",
-    "load_config",
-    "load_run",
     "resolve",
-    "save_config",
     "to_plain",
 ]

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from jaxrec.config import defaults
+from jaxrec.config.chains import eval_chain, train_chain
 from jaxrec.config.keys import Reader
 from jaxrec.config.plain import to_plain
 from jaxrec.config.spec import (
@@ -26,9 +27,8 @@ from jaxrec.config.spec import (
     SamplerSpec,
     TrainDataSpec,
 )
-from jaxrec.config.transforms import eval_chain, train_chain
+from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ConfigError
-from jaxrec.models.modeldir import FeatureSpec
 
 _AMP_DTYPES = ("bfloat16", "float32")
 _METRICS = {"Recallk": "recall", "mAP": "mAP", "mINP": "mINP", "Precisionk": "precision"}

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxrec.data.preprocess import PixelNorm, Preprocess
+from jaxrec.data.preprocess import FeatureSpec, PixelNorm, Preprocess
 from jaxrec.data.transforms import TrainTransform
-from jaxrec.models.modeldir import FeatureSpec
 
 
 @dataclasses.dataclass(frozen=True)

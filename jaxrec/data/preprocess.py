@@ -161,3 +161,29 @@ class Preprocess:
 INFERENCE_REC = Preprocess(resize=(224, 224), scale=image_lib.SCALE_DEPLOY)
 #: What model directories written before preprocessing was recorded were extracted with.
 LEGACY = Preprocess(resize=(224, 224), scale=image_lib.SCALE_TRAIN)
+
+
+# Model outputs a feature can be read from (RecModel.__call__).
+OUTPUT_KEYS = ("features", "backbone", "neck", "logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Which model output is the feature vector, and whether it is L2-normalized after."""
+
+    output_key: str = "features"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.output_key not in OUTPUT_KEYS:
+            raise ValueError(f"feature output_key {self.output_key!r} is not one of {OUTPUT_KEYS}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output_key": self.output_key, "normalize": bool(self.normalize)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FeatureSpec:
+        unknown = sorted(set(d) - {"output_key", "normalize"})
+        if unknown:
+            raise ValueError(f"unknown features keys {unknown}")
+        return cls(str(d.get("output_key", "features")), bool(d.get("normalize", True)))

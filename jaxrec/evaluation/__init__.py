@@ -1,8 +1,8 @@
 """Retrieval evaluation: metrics with PaddleClas semantics, exact on-device kernels,
-re-ranking, the per-run evaluator, workdir evaluation and the rank-list picture."""
+re-ranking, the per-run evaluator and the rank-list picture. Evaluating a training workdir
+(`evaluate.py`) is `jaxrec.evaluate`."""
 
 from jaxrec.evaluation.evaluator import RetrievalEvaluator
 from jaxrec.evaluation.retrieval import retrieval_metrics, topk_neighbors
-from jaxrec.evaluation.workdir import evaluate_workdir
 
-__all__ = ["RetrievalEvaluator", "evaluate_workdir", "retrieval_metrics", "topk_neighbors"]
+__all__ = ["RetrievalEvaluator", "retrieval_metrics", "topk_neighbors"]

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec import inputs
 from jaxrec.config.spec import EvalSpec
-from jaxrec.data import builders
 from jaxrec.evaluation.retrieval import retrieval_metrics
 from jaxrec.ops import l2_normalize
 from jaxrec.parallel import data_sharding, host_array, replicated
@@ -31,7 +31,7 @@ class RetrievalEvaluator:
             raise ValueError("the config has no DataLoader.Eval section to evaluate on")
         self.spec, self.model, self.mesh = spec, model, mesh
         self.data = spec.data
-        self.query, self.gallery = builders.eval_sources(self.data)
+        self.query, self.gallery = inputs.eval_sources(self.data)
         self.batch_size = self.data.global_batch(mesh.devices.size)
         dtype = jnp.dtype(spec.compute_dtype)
         pixel = self.data.preprocess.pixel
@@ -52,7 +52,7 @@ class RetrievalEvaluator:
         """[N, D] float32 features of the query or gallery images, in list order."""
         source = self.query if which == "query" else self.gallery
         variables = jax.device_put(variables, replicated(self.mesh))
-        batches = builders.eval_batches(
+        batches = inputs.eval_batches(
             source, self.data.preprocess, self.batch_size, self.mesh, self.data.num_workers
         )
         out = [host_array(self.feature_fn(variables, images)) for images in batches]

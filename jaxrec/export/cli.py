@@ -108,7 +108,7 @@ def load_source(args: argparse.Namespace) -> Any:
         from jaxrec.models import load_model_dir  # noqa: PLC0415
 
         return load_model_dir(args.model)
-    from jaxrec.checkpoint import restore_model  # noqa: PLC0415
+    from jaxrec.training.checkpoint import restore_model  # noqa: PLC0415
 
     if not Path(args.workdir).is_dir():
         raise ExportError(f"--workdir {args.workdir}: no such directory")
@@ -143,7 +143,7 @@ def feeding(source: Any, image_size: int | None) -> Any:
 
 
 def _run_config(workdir: str) -> dict:
-    from jaxrec.config import load_config  # noqa: PLC0415
+    from jaxrec.training.workdir import load_config  # noqa: PLC0415
 
     return load_config(workdir)
 

@@ -70,8 +70,8 @@ def write_export(
     OUT also gets PP-ShiTu's `inference_rec.yaml` with the model's own preprocessing and, given
     the training run's config (`paddle_config`), the run as a PaddleClas YAML (`paddleclas.yaml`).
     """
-    from jaxrec.config.paddle_out import save_inference_rec_yaml, save_paddleclas_yaml  # noqa: PLC0415
     from jaxrec.models import count_params, save_model_dir  # noqa: PLC0415
+    from jaxrec.paddle.yaml_out import save_inference_rec_yaml, save_paddleclas_yaml  # noqa: PLC0415
 
     out = Path(out).absolute()
     check_out(out, overwrite)

@@ -3,7 +3,7 @@
 Everything is NHWC. Convolutions use explicit symmetric padding (k-1)//2 on every side (never
 "SAME", which pads stride-2 convs asymmetrically and breaks Paddle weight compatibility).
 Parameter and module names mirror the Paddle state-dict keys so that conversion is a rename
-(see `jaxrec.models.naming`).
+(see `jaxrec.paddle.naming`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxrec.data.preprocess import LEGACY, Preprocess
+from jaxrec.data.preprocess import LEGACY, FeatureSpec, Preprocess
 from jaxrec.errors import ModelDirError
 from jaxrec.models.recmodel import RecModel, abstract_variables, build_model
 
@@ -36,29 +36,6 @@ FORMAT = "jaxrec.model_dir"
 VERSION = 2
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
-OUTPUT_KEYS = ("features", "backbone", "neck", "logits")
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureSpec:
-    """Which model output is the feature vector, and whether it is L2-normalized after."""
-
-    output_key: str = "features"
-    normalize: bool = True
-
-    def __post_init__(self) -> None:
-        if self.output_key not in OUTPUT_KEYS:
-            raise ValueError(f"feature output_key {self.output_key!r} is not one of {OUTPUT_KEYS}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"output_key": self.output_key, "normalize": bool(self.normalize)}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> FeatureSpec:
-        unknown = sorted(set(d) - {"output_key", "normalize"})
-        if unknown:
-            raise ValueError(f"unknown features keys {unknown}")
-        return cls(str(d.get("output_key", "features")), bool(d.get("normalize", True)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +105,15 @@ def save_model_dir(
     variables: Mapping[str, Any],
     *,
     preprocess: Preprocess,
-    features: FeatureSpec = FeatureSpec(),
+    features: FeatureSpec | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a model directory at `path` (created; must be empty unless `overwrite`).
 
     The variables must match `build_model(arch)` (checked before anything is written).
+    `features` defaults to `FeatureSpec()` (the L2-normalized "features" output).
     """
+    features = FeatureSpec() if features is None else features
     path = Path(path).absolute()
     check_variables(arch, variables, f"save_model_dir({path})")
     if path.exists():

@@ -60,7 +60,6 @@ from jaxrec.search.backends import (
     faiss_available,
     ivf_nlist,
 )
-from jaxrec.search.cli import main, parse_delimiter
 from jaxrec.search.index import (
     DEFAULT_THRESHOLD,
     Entry,
@@ -89,7 +88,5 @@ __all__ = [
     "check_threshold",
     "faiss_available",
     "ivf_nlist",
-    "main",
-    "parse_delimiter",
     "read_gallery_list",
 ]

@@ -1,6 +1,6 @@
 """The training loop: `train(config, workdir)`.
 
-Data flow: config -> `config.resolve` -> Run -> (data.builders: loader) -> (step: jitted,
+Data flow: config -> `config.resolve` -> Run -> (inputs: loader) -> (step: jitted,
 donated train step) -> checkpoint (WORKDIR/checkpoints, best/) with evaluation
 (evaluation.RetrievalEvaluator, built once) at epoch ends.
 
@@ -23,18 +23,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrec import logging_lib, workdir_lock
-from jaxrec.checkpoint import Checkpoints
-from jaxrec.config import Run, check_resume_config, resolve, save_config
-from jaxrec.config.paddle_out import save_paddleclas_yaml
-from jaxrec.data import builders
+from jaxrec import inputs
+from jaxrec.config import Run, resolve
 from jaxrec.errors import CheckpointMismatchError, TrainingDivergedError
 from jaxrec.losses import build_loss
 from jaxrec.models import build_model
-from jaxrec.optim import build_optimizer
+from jaxrec.paddle.yaml_out import save_paddleclas_yaml
 from jaxrec.parallel import AXIS, make_mesh
-from jaxrec.pretrained import apply_pretrained
-from jaxrec.step import create_state, init_params, make_train_step
+from jaxrec.training import tensorboard as logging_lib
+from jaxrec.training import workdir_lock
+from jaxrec.training.checkpoint import Checkpoints
+from jaxrec.training.optimizer import build_optimizer
+from jaxrec.training.pretrained import apply_pretrained
+from jaxrec.training.train_step import create_state, init_params, make_train_step
+from jaxrec.training.workdir import check_resume_config, save_config
 
 
 def _log0(msg: str) -> None:
@@ -112,7 +114,7 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     model = build_model(run.model_arch(training=True, axis_name=AXIS))
     loss = build_loss(list(run.loss))
     class_num = (run.arch.get("Head") or {}).get("class_num")
-    loader = builders.train_loader(run.train, mesh, run.seed, class_num=class_num)
+    loader = inputs.train_loader(run.train, mesh, run.seed, class_num=class_num)
     os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
     workdir_lock.acquire(workdir)  # one run per workdir, before anything is written
     spe, epochs = loader.steps_per_epoch, run.loop.epochs

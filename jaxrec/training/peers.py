@@ -146,7 +146,7 @@ def _resume_hint() -> str:
     step = None
     if workdir is not None:
         try:
-            from jaxrec.checkpoint import steps_in  # noqa: PLC0415
+            from jaxrec.training.checkpoint import steps_in  # noqa: PLC0415
 
             steps = steps_in(workdir, "latest")
             step = steps[-1] if steps else None

@@ -248,7 +248,7 @@ def paddleclas_yaml(config: Any) -> str:
     _note_unrunnable(plain, notes)
     order = [s for s in _SECTIONS if s in plain] + [s for s in plain if s not in _SECTIONS]
     parts = [
-        "# PaddleClas config written by jaxrec (jaxrec.config.paddle_out) from a jaxrec run.\n"
+        "# PaddleClas config written by jaxrec (jaxrec.paddle.yaml_out) from a jaxrec run.\n"
         "# Train with PaddleClas: python tools/train.py -c THIS.yaml\n"
     ]
     for section in order:
@@ -333,7 +333,7 @@ def inference_rec_yaml(
         glob["use_onnx"] = True
     h, w = preprocess.input_size
     head = _comment(
-        "PP-ShiTu recognition config written by jaxrec (jaxrec.config.paddle_out) with the "
+        "PP-ShiTu recognition config written by jaxrec (jaxrec.paddle.yaml_out) with the "
         f"model's own preprocessing: {preprocess.describe()}; input [batch, 3, {h}, {w}] "
         "float32."
     ) + (

@@ -14,11 +14,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrec.checkpoint import restore_variables
 from jaxrec.evaluation.evaluator import RetrievalEvaluator
 from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
 from jaxrec.parallel import make_mesh
+from jaxrec.training.checkpoint import restore_variables
 
 
 def evaluate_workdir(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrec.config.spec import OptimSpec
+from jaxrec.treepath import path_names
 
 PyTree = Any
 Schedule = Callable[[Any], jax.Array]
@@ -50,19 +51,6 @@ def cosine_warmup_schedule(
         return jnp.where(t < w, warm, cos)
 
     return schedule
-
-
-def path_names(path) -> tuple[str, ...]:
-    """Key names of a pytree path (dict keys, attribute names, sequence indices)."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
 
 
 def _bn_module_paths(batch_stats: PyTree) -> set[tuple[str, ...]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -340,68 +339,3 @@ def write_pdparams(
         tmp.unlink(missing_ok=True)
         raise PdparamsError(f"{path}: cannot write ({e.strerror})") from e
     return path
-
-
-# ----------------------------------------------------------- state dicts of jaxrec models
-
-_FUSION_TARGET = re.compile(r"^(.*)\.dw_conv\.(weight|bias)$")
-
-# PaddleClas's state-dict order: sublayers in registration order (RecModel: backbone, neck,
-# head; PPLCNetV2: stem, stages, last_conv, fc; RepDepthwiseSeparable: dw_conv_list, dw_conv,
-# se, pw_conv(_1, _2); ConvBNLayer: conv, bn; SE: conv1, conv2), then each layer's parameters
-# (weight, bias) and buffers (_mean, _variance). Siblings never share a name, so one ranking
-# orders every level.
-_PADDLE_ORDER = {
-    name: i
-    for i, name in enumerate(
-        "backbone neck head stem stages last_conv dw_conv_list dw_conv se pw_conv pw_conv_1 "
-        "pw_conv_2 conv bn conv1 conv2 feat_bn fc weight bias _mean _variance".split()
-    )
-}
-
-
-def is_fusion_target(key: str, state: Mapping[str, Any]) -> bool:
-    """Whether `key` is a rep block's `dw_conv.weight/bias` (the re-parameterization target
-    next to its `dw_conv_list.*` branches) in a training-form state dict."""
-    m = _FUSION_TARGET.match(key)
-    return m is not None and f"{m.group(1)}.dw_conv_list.0.conv.weight" in state
-
-
-def paddle_order_key(key: str) -> tuple:
-    """Sort key putting PP-LCNetV2 / RecModel state-dict keys in PaddleClas's own order."""
-    return tuple(
-        (0, int(p), "") if p.isdigit() else (1 + _PADDLE_ORDER.get(p, len(_PADDLE_ORDER)), 0, p)
-        for p in key.split(".")
-    )
-
-
-def paddle_state_dict(variables: Mapping[str, Any], *, head: bool = True) -> dict[str, np.ndarray]:
-    """PaddleClas's training-form state dict of training-form jaxrec variables: structured
-    names, Paddle layouts, float32, in PaddleClas's order, BN running statistics included.
-
-    Rep blocks also get their `dw_conv.weight/bias` entries. PaddleClas's training-form model
-    owns these tensors (the re-parameterization target: unused in training, overwritten by
-    `re_parameterize()` before export), so without them loading would warn about missing keys
-    and keep stale values. They are written with the fused values of the branches
-    (`jaxrec.models.reparameterize`), i.e. what `re_parameterize()` computes: every key
-    PaddleClas's model has is present, with honest content. Readers ignore them.
-    `head=False` drops the classifier head (`head.*`).
-    """
-    from jaxrec.models import reparameterize  # noqa: PLC0415 - keeps file I/O free of flax
-    from jaxrec.models.naming import to_paddle_state_dict  # noqa: PLC0415
-
-    state = to_paddle_state_dict(variables)
-    if any(_FUSION_TARGET.match(k) for k in state):
-        raise PdparamsError(
-            "the variables are in the deploy (re-parameterized) form; PaddleClas's state dict "
-            "needs the training form with the rep-block branches"
-        )
-    for key, value in to_paddle_state_dict(reparameterize(variables)).items():
-        if key not in state and is_fusion_target(key, state):
-            state[key] = value
-    if not head:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    return {
-        k: np.ascontiguousarray(state[k], dtype=np.float32)
-        for k in sorted(state, key=paddle_order_key)
-    }

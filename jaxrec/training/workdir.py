@@ -7,6 +7,7 @@ import os
 import warnings
 from typing import Any
 
+from jaxrec.config import Run, resolve
 from jaxrec.config.plain import config_diff, to_plain
 from jaxrec.errors import ConfigChangedError, JaxrecError
 
@@ -72,3 +73,8 @@ def check_resume_config(config: Any, workdir: str, allow_change: bool) -> None:
         f"({os.path.join(workdir, CONFIG_FILE)}), or pass "
         "--config.Global.allow_config_change=True to resume anyway."
     )
+
+
+def load_run(workdir: str | os.PathLike) -> Run:
+    """The resolved run of a training workdir (from its config.json)."""
+    return resolve(load_config(workdir))

@@ -9,6 +9,8 @@ jaxrec module names mirror Paddle's with indices joined by "_": `stages_2_0` <->
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -120,3 +122,36 @@ def jaxrec_path(key: str, ndim: int) -> tuple[str, tuple[str, ...]]:
             return "params", (*mods, "weight")
         return "params", (*mods, "kernel")
     raise KeyError(f"no jaxrec name for Paddle key {key!r}")
+
+
+# ------------------------------------------------------------- state-dict key order
+
+FUSION_TARGET = re.compile(r"^(.*)\.dw_conv\.(weight|bias)$")
+
+# PaddleClas's state-dict order: sublayers in registration order (RecModel: backbone, neck,
+# head; PPLCNetV2: stem, stages, last_conv, fc; RepDepthwiseSeparable: dw_conv_list, dw_conv,
+# se, pw_conv(_1, _2); ConvBNLayer: conv, bn; SE: conv1, conv2), then each layer's parameters
+# (weight, bias) and buffers (_mean, _variance). Siblings never share a name, so one ranking
+# orders every level.
+_PADDLE_ORDER = {
+    name: i
+    for i, name in enumerate(
+        "backbone neck head stem stages last_conv dw_conv_list dw_conv se pw_conv pw_conv_1 "
+        "pw_conv_2 conv bn conv1 conv2 feat_bn fc weight bias _mean _variance".split()
+    )
+}
+
+
+def is_fusion_target(key: str, state: Mapping[str, Any]) -> bool:
+    """Whether `key` is a rep block's `dw_conv.weight/bias` (the re-parameterization target
+    next to its `dw_conv_list.*` branches) in a training-form state dict."""
+    m = FUSION_TARGET.match(key)
+    return m is not None and f"{m.group(1)}.dw_conv_list.0.conv.weight" in state
+
+
+def paddle_order_key(key: str) -> tuple:
+    """Sort key putting PP-LCNetV2 / RecModel state-dict keys in PaddleClas's own order."""
+    return tuple(
+        (0, int(p), "") if p.isdigit() else (1 + _PADDLE_ORDER.get(p, len(_PADDLE_ORDER)), 0, p)
+        for p in key.split(".")
+    )

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.errors import JaxrecError
-from jaxrec.optim import path_names
+from jaxrec.models import load_model_dir
+from jaxrec.paddle.convert import load_pdparams_variables
+from jaxrec.treepath import path_names
 
 PyTree = Any
 
@@ -58,14 +60,10 @@ def merge_pretrained(
 def load_pretrained_variables(path: str) -> dict:
     """Variables from a jaxrec model directory or a PaddleClas `.pdparams` file (or prefix)."""
     if os.path.isdir(path):
-        from jaxrec.models import load_model_dir
-
         return dict(load_model_dir(path).variables)
     for candidate in (path, path + ".pdparams"):
         if os.path.isfile(candidate):
-            from jaxrec import convert
-
-            return dict(convert.load_pdparams_variables(candidate))
+            return dict(load_pdparams_variables(candidate))
     raise JaxrecError(
         f"Global.pretrained_model={path!r}: neither a jaxrec model directory nor a .pdparams "
         "file (a prefix without .pdparams also works)"

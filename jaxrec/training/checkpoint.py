@@ -2,7 +2,7 @@
 
 Layout of a training workdir (the only place that knows it):
 
-    WORKDIR/config.json              the run's config (jaxrec.config.workdir)
+    WORKDIR/config.json              the run's config (jaxrec.training.workdir)
     WORKDIR/checkpoints/STEP/state   orbax tree of the TrainState {step, params{model, loss},
                                      batch_stats, opt_state}, saved as host numpy arrays
     WORKDIR/checkpoints/STEP/meta    JSON: epoch, iteration, step, best metric, loader state,
@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jaxrec.errors import CheckpointMismatchError, JaxrecError
-from jaxrec.optim import path_names
+from jaxrec.treepath import path_names
 
 LATEST, BEST = "checkpoints", "best"
 WHICH = {"latest": LATEST, "best": BEST}
@@ -232,8 +232,8 @@ def restore_variables(
     newest readable checkpoint in WORKDIR/checkpoints is used with a warning naming it. Nothing
     in the workdir is moved or deleted. Variables are float32 numpy arrays.
     """
-    from jaxrec.config import load_run
     from jaxrec.models import abstract_variables, build_model
+    from jaxrec.training.workdir import load_run
 
     wd = Path(workdir).absolute()
     run = load_run(str(wd))
