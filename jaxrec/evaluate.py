@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +20,7 @@ from jaxrec.evaluation.evaluator import RetrievalEvaluator
 from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
 from jaxrec.parallel import make_mesh
-from jaxrec.training.checkpoint import restore_variables
+from jaxrec.training.checkpoint import restore_variables, steps_in
 
 
 def evaluate_workdir(
@@ -31,13 +33,27 @@ def evaluate_workdir(
     """Evaluate a checkpoint of a training run; returns {"step", "metrics", "json", "png",
     "source"}. Writes `eval_step{N}.json` and (num_visualize > 0) `ranklist_step{N}.png` into
     `output` (default WORKDIR/eval)."""
-    from jaxrec.models import build_model
-
     workdir = os.path.abspath(workdir)
     run, variables, n, desc = restore_variables(workdir, which, step)
-    mesh = make_mesh()
-    model = build_model(run.model_arch(training=False))
-    evaluator = RetrievalEvaluator(run.eval, model, mesh)
+    evaluator = _evaluator(run)
+    return _evaluate(workdir, evaluator, variables, n, desc, output, num_visualize)
+
+
+def _evaluator(run: Any) -> RetrievalEvaluator:
+    from jaxrec.models import build_model
+
+    return RetrievalEvaluator(run.eval, build_model(run.model_arch(training=False)), make_mesh())
+
+
+def _evaluate(
+    workdir: str,
+    evaluator: RetrievalEvaluator,
+    variables: Any,
+    n: int,
+    desc: str,
+    output: str | None,
+    num_visualize: int,
+) -> dict[str, Any]:
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]
     out_dir = output or os.path.join(workdir, "eval")
@@ -45,14 +61,49 @@ def evaluate_workdir(
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         jpath = os.path.join(out_dir, f"eval_step{n}.json")
-        with open(jpath, "w") as f:
+        tmp = f"{jpath}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"workdir": workdir, "step": n, "metrics": metrics}, f, indent=2)
             f.write("\n")
+        os.replace(tmp, jpath)
         result["json"] = jpath
         if num_visualize > 0:
             png = os.path.join(out_dir, f"ranklist_step{n}.png")
             result["png"] = draw_ranklist(evaluator, res, png, num_visualize)
     return result
+
+
+def follow_workdir(
+    workdir: str,
+    report: Callable[[dict[str, Any]], None],
+    poll_seconds: float = 10.0,
+    idle_seconds: float = 600.0,
+    output: str | None = None,
+    num_visualize: int = 0,
+) -> list[dict[str, Any]]:
+    """Evaluate each new checkpoint of a (running) training run as it appears, like a
+    TensorBoard beside it: the newest one in WORKDIR/checkpoints, again whenever a newer one is
+    saved (checkpoints saved while an evaluation runs are skipped for the newest). `report` gets
+    each result. Returns after `idle_seconds` without a new checkpoint (the run ended or
+    stalled). The evaluator is built (compiled) once."""
+    workdir = os.path.abspath(workdir)
+    done, evaluator, results = -1, None, []
+    last_new = time.monotonic()
+    while True:
+        steps = steps_in(workdir, "latest")
+        if steps and steps[-1] > done:
+            run, variables, n, desc = restore_variables(workdir, "latest")
+            last_new = time.monotonic()
+            if n > done:
+                evaluator = evaluator or _evaluator(run)
+                res = _evaluate(workdir, evaluator, variables, n, desc, output, num_visualize)
+                report(res)
+                results.append(res)
+                done = n
+                continue
+        if time.monotonic() - last_new > idle_seconds:
+            return results
+        time.sleep(poll_seconds)
 
 
 def draw_ranklist(evaluator: RetrievalEvaluator, res: dict, path: str, num: int, k: int = 5) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,27 @@ def read_checkpoint(
     return step, jax.tree.map(np.asarray, state), meta
 
 
+class _Vanished(Exception):
+    """The checkpoint directory disappeared while it was read (rotated out by a live run)."""
+
+
+def _read_live(ckpt: Path) -> tuple[dict, dict]:
+    """`_read` for a workdir a trainer may be writing: a checkpoint deleted while being read
+    (the trainer keeps only the last K) raises `_Vanished`, not a damage error. A read that
+    fails on a checkpoint that is still there is retried once before it counts as damage."""
+    for attempt in range(2):
+        try:
+            return _read(ckpt)
+        except Exception:  # noqa: BLE001 - orbax raises many kinds for damaged files
+            for _ in range(10):  # a rotation deletes file by file: give it a moment
+                if not (ckpt / "state").is_dir():
+                    raise _Vanished(str(ckpt)) from None
+                time.sleep(0.05)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
 def restore_variables(
     workdir: str | os.PathLike, which: str = "best", step: int | None = None
 ) -> tuple[Any, dict[str, Any], int, str]:
@@ -231,6 +253,9 @@ def restore_variables(
     "best" (the best evaluation) or "latest". If that checkpoint is missing or unreadable, the
     newest readable checkpoint in WORKDIR/checkpoints is used with a warning naming it. Nothing
     in the workdir is moved or deleted. Variables are float32 numpy arrays.
+
+    Safe beside a running trainer: a checkpoint that the trainer rotates out while it is read
+    is not "unreadable"; the newest checkpoint is picked again (with a warning naming both).
     """
     from jaxrec.models import abstract_variables, build_model
     from jaxrec.training.workdir import load_run
@@ -239,6 +264,36 @@ def restore_variables(
     run = load_run(str(wd))
     if which not in WHICH:
         raise JaxrecError(f"which={which!r}: use best or latest")
+    model = build_model(run.model_arch(training=False))
+    want = abstract_variables(model)
+    rotated: list[str] = []
+    for _attempt in range(_LIVE_RETRIES):
+        try:
+            found = _pick(wd, which, step, want, rotated)
+        except _Vanished as gone:
+            if step is not None:
+                avail = sorted(set(steps_in(wd, "latest")) | set(steps_in(wd, "best")))
+                raise CheckpointMismatchError(
+                    f"checkpoint {gone} was removed while it was read (a running trainer keeps "
+                    f"only its last checkpoints); pick a newer --step: available {avail}"
+                ) from None
+            rotated.append(str(gone))
+            continue
+        kind, s, variables = found
+        variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+        return run, variables, int(s), f"workdir {wd} ({WHICH[kind]} step {s})"
+    raise CheckpointMismatchError(
+        f"{wd}: the running trainer removed {_LIVE_RETRIES} checkpoints in a row while they were "
+        f"read ({', '.join(rotated)}); raise Global.keep_checkpoints or try again"
+    )
+
+
+_LIVE_RETRIES = 5
+
+
+def _pick(wd: Path, which: str, step: int | None, want: Any, rotated: list[str]):
+    """(kind, step, variables) of the checkpoint `restore_variables` picks; `_Vanished` when
+    the one being read disappears."""
     if step is not None:
         dirs = [d for d in ("latest", "best") if step in steps_in(wd, d)]
         if not dirs:
@@ -254,15 +309,15 @@ def restore_variables(
         candidates += [("latest", s) for s in reversed(steps_in(wd, "latest"))]
     if not candidates:
         raise CheckpointMismatchError(f"no checkpoint found in {wd}/{LATEST} or {wd}/{BEST}")
-    model = build_model(run.model_arch(training=False))
-    want = abstract_variables(model)
     problems = []
     if step is None and which == "best" and not steps_in(wd, "best"):
         problems.append(f"{wd}/{BEST} holds no checkpoint (no evaluation ran)")
     for kind, s in candidates:
         ckpt = wd / WHICH[kind] / str(s)
         try:
-            state, _meta = _read(ckpt)
+            state, _meta = _read_live(ckpt)
+        except _Vanished:
+            raise
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
             if step is not None:
                 raise CheckpointMismatchError(
@@ -275,12 +330,17 @@ def restore_variables(
         want_sig = signature(want["params"], want.get("batch_stats", {}))
         if [g.rsplit(" ", 1)[0] for g in got_sig] != [w.rsplit(" ", 1)[0] for w in want_sig]:
             raise _mismatch(str(ckpt), got_sig, want_sig)
+        if rotated:
+            problems.insert(
+                0,
+                f"{', '.join(rotated)} was removed by the running trainer while it was read "
+                "(it keeps only its last checkpoints)",
+            )
         if problems:
             warnings.warn(
-                "; ".join(problems) + f"; using {ckpt} instead (nothing was moved)", stacklevel=2
+                "; ".join(problems) + f"; using {ckpt} instead (nothing was moved)", stacklevel=3
             )
-        variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
-        return run, variables, int(s), f"workdir {wd} ({WHICH[kind]} step {s})"
+        return kind, s, variables
     raise CheckpointMismatchError(
         f"no readable checkpoint in {wd}: " + "; ".join(problems) + ". Training (train.py on "
         "this workdir) moves unreadable checkpoints aside and resumes from the last good one."
