@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrec.errors import CheckpointMismatchError, JaxrecError
+from jaxrec.errors import CheckpointMismatchError, JaxrecError, disk_full, is_disk_full
 from jaxrec.treepath import path_names
 
 LATEST, BEST = "checkpoints", "best"
@@ -59,6 +60,47 @@ def _mismatch(where: str, got: list[str], want: list[str]) -> CheckpointMismatch
     )
 
 
+def quiet_orbax_background_errors() -> None:
+    """Keep orbax's background-thread reports of a failed save off the terminal: the error
+    reaches `Checkpoints.save` anyway (and becomes one line there). Drops orbax's ERROR log of
+    a signaling thread's exception, and tensorstore callbacks' "Event loop is closed" after a
+    failed save's event loop has shut down. Idempotent."""
+    import logging  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if getattr(quiet_orbax_background_errors, "done", False):
+        return
+    quiet_orbax_background_errors.done = True
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.ERROR
+            and "orbax" in record.pathname
+            and "raised an exception" in record.getMessage()
+        )
+
+    logging.getLogger("absl").addFilter(drop)
+    logging.getLogger().addFilter(drop)
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+
+    sys.excepthook = excepthook
+    unraisable = sys.unraisablehook
+
+    def unraisablehook(info):  # tensorstore reports callback errors this way
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == (
+            "Event loop is closed"
+        ):
+            return
+        unraisable(info)
+
+    sys.unraisablehook = unraisablehook
+
+
 class Checkpoints:
     """The workdir's two orbax CheckpointManagers, for training: `checkpoints/` keeps the last
     `max_to_keep`, `best/` keeps one. Each checkpoint holds the state and a JSON `meta`."""
@@ -67,6 +109,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        quiet_orbax_background_errors()
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.latest = self._manager(LATEST, max_to_keep)
         self.best = self._manager(BEST, 1)
@@ -92,8 +135,33 @@ class Checkpoints:
             return
         ocp = self._ocp
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
-        mgr.save(step, args=args, force=True)
-        mgr.wait_until_finished()
+        try:
+            mgr.save(step, args=args, force=True)
+            mgr.wait_until_finished()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise self._disk_full(mgr, step, host) from None
+
+    def _disk_full(self, mgr, step: int, host: Any) -> JaxrecError:
+        """Remove the half-written checkpoint (orbax never lists it) and say what happened."""
+        directory = os.fspath(mgr.directory)
+        for name in os.listdir(directory) if jax.process_index() == 0 else []:
+            if name.startswith(f"{step}.") and "tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        needed = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(host))
+        done = self.steps("latest")
+        return disk_full(
+            f"checkpoint step {step}",
+            directory,
+            needed,
+            (
+                f"the last complete checkpoint is step {done[-1]}"
+                if done
+                else "no checkpoint was completed yet"
+            )
+            + "; rerun the same command to resume from it",
+        )
 
     def steps(self, which: str = "latest") -> list[int]:
         mgr = self.best if which == "best" else self.latest
