@@ -56,9 +56,7 @@ def _rotating_read(monkeypatch, victims):
     monkeypatch.setattr(C, "_read", read)
 
 
-def test_checkpoint_rotated_out_while_read_falls_to_the_newest_and_says_so(
-    workdir, monkeypatch
-):
+def test_checkpoint_rotated_out_while_read_falls_to_the_newest_and_says_so(workdir, monkeypatch):
     _rotating_read(monkeypatch, ["9"])
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
