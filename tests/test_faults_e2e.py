@@ -204,6 +204,14 @@ def test_evaluate_beside_a_run_that_rotates_checkpoints_every_step(setup):
         assert os.path.isfile(os.path.join(wd, "eval", f"eval_step{n}.json"))
 
 
+def _two_process_env(setup):
+    """Its own compilation cache per 2-process launch: with a warm cache on process 0 only
+    (JAX writes it from process 0), process 1 compiles for longer than gloo's 30 s rendezvous."""
+    env = _env(setup, 4)
+    env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrec_2proc_cache_")
+    return env
+
+
 def _two_process_cmds(setup, wd, port):
     return [
         _train_cmd(
@@ -221,10 +229,11 @@ def _two_process_cmds(setup, wd, port):
 def test_killed_peer_ends_the_survivor_with_one_line_and_resume_works(setup, reference, victim):
     wd = str(setup["base"] / f"peer{victim}")
     cmds = _two_process_cmds(setup, wd, _free_port())
+    env = _two_process_env(setup)
     procs = [
         subprocess.Popen(
             c,
-            env=_env(setup, 4),
+            env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -249,10 +258,11 @@ def test_killed_peer_ends_the_survivor_with_one_line_and_resume_works(setup, ref
     assert "Resume by rerunning on every host: python" in line and "--process_id=" in line
     # Resume: both processes again, to the end.
     cmds = _two_process_cmds(setup, wd, _free_port())
+    env = _two_process_env(setup)
     procs = [
         subprocess.Popen(
             c,
-            env=_env(setup, 4),
+            env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -181,7 +181,10 @@ def exit_on_peer_failure(err: BaseException) -> None:
     if text:
         _exit(_describe(text))
     first = next((s.strip() for s in str(err).splitlines() if s.strip()), type(err).__name__)
-    _exit(f"a peer process of this {jax.process_count()}-process run is gone ({first[:200]})")
+    _exit(
+        f"a collective with the other processes of this {jax.process_count()}-process run "
+        f"failed (a peer is gone or far behind): {first[:200]}"
+    )
 
 
 def _describe(text: str) -> str:
@@ -198,8 +201,8 @@ def _describe(text: str) -> str:
     others = sorted({t for t in tasks if t != me})
     if others:
         who = ", ".join(f"process {t}" for t in others)
-        how = "stopped answering" if "heartbeat" in text else "is gone"
-        return f"{who} of the multi-host run {how}"
+        how = " (it stopped answering the coordinator)" if "heartbeat" in text else ""
+        return f"{who} of the multi-host run is gone{how}"
     if me not in (None, 0):
         where = _state["coordinator"] or "its address"
         return f"the coordinator (process 0 at {where}) is gone"
