@@ -73,6 +73,10 @@ def is_disk_full(err: BaseException) -> bool:
             return True
         if any(t in str(err) for t in _DISK_FULL_TEXT):
             return True
+        # numpy's tofile reports a short write without errno; on a regular file that is a
+        # full filesystem (or quota).
+        if isinstance(err, OSError) and err.errno is None and " requested and " in str(err):
+            return True
         err = err.__cause__ or err.__context__
     return False
 
