@@ -84,3 +84,33 @@ def test_explicit_step_rotated_out_is_a_clear_error(workdir, monkeypatch):
     _rotating_read(monkeypatch, ["7"])
     with pytest.raises(CheckpointMismatchError, match=r"removed while it was read .* \[3, 9\]"):
         C.restore_variables(workdir, step=7)
+
+
+def test_evaluate_cli_prints_the_fallback_as_one_warning_line(workdir):
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for f in (workdir / "checkpoints" / "9" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * f.stat().st_size)
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu")
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(repo, "evaluate.py"),
+            f"--workdir={workdir}",
+            "--latest",
+            "--num_visualize=0",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    warn = [x for x in p.stderr.splitlines() if x.startswith("warning:")]
+    assert len(warn) == 1 and "checkpoints/9 is unreadable" in warn[0], p.stderr[-2000:]
+    assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr
+    assert "evaluated workdir" in p.stdout and "(checkpoints step 7)" in p.stdout

@@ -44,7 +44,7 @@ from jaxrec.export.artifacts import (
 )
 
 NOISE_FLOOR = 16 * 2.0**-24  # 16 units of float32 roundoff (about 9.5e-7)
-FACTOR = 16.0
+FACTOR = 32.0
 MAX_TOL = 1e-3
 RULE = (
     f"per image ||artifact - ref|| / ||ref|| <= tol and cosine >= 1 - tol^2, against a float64 "
