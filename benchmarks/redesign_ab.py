@@ -133,7 +133,7 @@ def child_eval() -> dict:
         mesh = make_mesh()
         model = build_model(run.model_arch(training=False))
         variables = init_variables(model, seed=0, image_size=48)
-        evaluator = RetrievalEvaluator(run.eval, model, mesh)
+        evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
 
         def evaluate():
             return evaluator.evaluate(variables)

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from jaxrec.data.preprocess import INFERENCE_REC
 from jaxrec.errors import JaxrecError
-from jaxrec.models import FeatureSpec, load_model_dir, save_model_dir
+from jaxrec.models import FeatureSpec, save_model_dir
 from jaxrec.paddle.convert import convert_pdparams, export_pdparams, paddleclas_notes
 from jaxrec.paddle.naming import is_fusion_target
 from jaxrec.paddle.pdparams import PdparamsError
-from jaxrec.training.checkpoint import restore_model
+from jaxrec.training.checkpoint import open_model
+from jaxrec.training.workdir import Workdir
 
 
 def _to_pdparams(args: argparse.Namespace) -> int:
@@ -43,10 +44,7 @@ def _to_pdparams(args: argparse.Namespace) -> int:
         raise PdparamsError(f"--out {out}: the file name must end with .pdparams")
     if out.exists() and not args.overwrite:
         raise PdparamsError(f"--out {out} exists (use --overwrite)")
-    if args.model is not None:
-        model = load_model_dir(args.model)
-    else:
-        model = restore_model(args.workdir, which=args.which or "best", step=args.step)
+    model = open_model(args.model or args.workdir, which=args.which or "best", step=args.step)
     state = export_pdparams(model, out, head=not args.no_head, overwrite=args.overwrite)
     n_fused = sum(1 for k in state if is_fusion_target(k, state))
     print(f"wrote {out}: {len(state)} tensors, {sum(v.size for v in state.values()):,} values")
@@ -54,8 +52,8 @@ def _to_pdparams(args: argparse.Namespace) -> int:
     print(f"Arch: {json.dumps(model.arch)}")
     prefix = str(out.absolute())[: -len(".pdparams")]
     print(f"PaddleClas loads it with -o Global.pretrained_model={prefix}")
-    run_yaml = Path(args.workdir or "", "paddleclas.yaml")  # written by the trainer
-    if args.workdir and run_yaml.is_file():
+    run_yaml = Workdir(args.workdir).paddleclas_yaml if args.workdir else None
+    if run_yaml is not None and run_yaml.is_file():
         print(
             f"export it for PP-ShiTu from a PaddleClas checkout: python tools/export_model.py "
             f"-c {run_yaml.absolute()} -o Global.pretrained_model={prefix} "

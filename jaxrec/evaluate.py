@@ -21,6 +21,7 @@ from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
 from jaxrec.parallel import make_mesh
 from jaxrec.training.checkpoint import restore_variables, steps_in
+from jaxrec.training.workdir import Workdir
 
 
 def evaluate_workdir(
@@ -42,7 +43,8 @@ def evaluate_workdir(
 def _evaluator(run: Any) -> RetrievalEvaluator:
     from jaxrec.models import build_model
 
-    return RetrievalEvaluator(run.eval, build_model(run.model_arch(training=False)), make_mesh())
+    model = build_model(run.model_arch(training=False))
+    return RetrievalEvaluator.for_model(run.eval, model, make_mesh())
 
 
 def _evaluate(
@@ -56,7 +58,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]
-    out_dir = output or os.path.join(workdir, "eval")
+    out_dir = output or str(Workdir(workdir).eval)
     result = {"step": n, "metrics": metrics, "json": None, "png": None, "source": desc}
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)

@@ -21,17 +21,18 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
 import numpy as np
 
 from jaxrec.data import image as image_lib
 from jaxrec.data.lists import resolve_images
-from jaxrec.errors import JaxrecError, ModelDirError, warnings_as_lines
-
-if TYPE_CHECKING:
-    from jaxrec.data.preprocess import Preprocess
-    from jaxrec.models import FeatureSpec, ModelDir
+from jaxrec.data.preprocess import FeatureSpec, Preprocess
+from jaxrec.errors import JaxrecError, warnings_as_lines
+from jaxrec.models import ModelDir, build_model, reparameterize
+from jaxrec.models.features import feature_fn
+from jaxrec.training.checkpoint import open_model
 
 PIXEL_SCALES = {"1/255": image_lib.SCALE_TRAIN, "deploy": image_lib.SCALE_DEPLOY}
 
@@ -40,48 +41,22 @@ PIXEL_SCALES = {"1/255": image_lib.SCALE_TRAIN, "deploy": image_lib.SCALE_DEPLOY
 
 
 def load_model(path: str | os.PathLike) -> ModelDir:
-    """The model at `path`: a model directory, or a training workdir (its best checkpoint, fed
-    with the run's own preprocessing). Raises a `JaxrecError` naming what is wrong."""
-    if not Path(path).is_dir():
-        raise ModelDirError(
-            f"{path} is not a directory: give a jaxrec model directory (`python -m jaxrec.export` "
-            "or `python -m jaxrec.convert` output) or a training workdir"
-        )
-    from jaxrec.models import load_model_dir  # noqa: PLC0415
-    from jaxrec.training.checkpoint import is_workdir, restore_model  # noqa: PLC0415
-
-    if is_workdir(path):
-        return restore_model(path, which="best")
-    return load_model_dir(path)
+    """The model at `path` (a model directory, or a training workdir's best checkpoint); see
+    `jaxrec.training.checkpoint.open_model`."""
+    return open_model(path)
 
 
 # ---- the forward function ---------------------------------------------------------------------
 
 
 @functools.cache
-def _jitted_forward():
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from jaxrec.ops import l2_normalize  # noqa: PLC0415
-
-    def forward(model, preprocess, output_key, normalize, variables, x):
-        out = model.apply(variables, preprocess.normalize(x), train=False)[output_key]
-        out = out.astype(jnp.float32)
-        return l2_normalize(out) if normalize else out
-
-    # Model and specs are static: equal models (same Arch) and specs share compiled executables.
-    return jax.jit(forward, static_argnums=(0, 1, 2, 3))
-
-
 def make_forward(
     model: Any, preprocess: Preprocess, features: FeatureSpec
 ) -> Callable[[Mapping[str, Any], Any], Any]:
-    """Jitted ``(variables, uint8 NHWC) -> float32 features``: pixel normalization, the model in
-    eval mode, the output ``features.output_key``, L2 normalization if ``features.normalize``."""
-    return functools.partial(
-        _jitted_forward(), model, preprocess, features.output_key, bool(features.normalize)
-    )
+    """Jitted ``(variables, uint8 NHWC) -> float32 features``: `jaxrec.models.feature_fn` with
+    the model's pixel normalization. Cached: equal models (same Arch) and specs share one
+    compiled function."""
+    return jax.jit(feature_fn(model, features, preprocess.pixel))
 
 
 def _load(path: str, preprocess: Preprocess) -> np.ndarray:
@@ -109,8 +84,6 @@ def extract_features(
     dict, recorded there as path -> message. ``forward`` may be a prebuilt :func:`make_forward`
     for the same model and specs (to share its compilation across calls).
     """
-    import jax  # noqa: PLC0415
-
     preprocess = model.preprocess if preprocess is None else preprocess
     features = model.features if features is None else features
     paths = list(paths)
@@ -208,8 +181,6 @@ def feeding_from_flags(
 ) -> tuple[Preprocess, FeatureSpec, list[str]]:
     """The model's own preprocessing and feature spec with the given flags applied, and one note
     per flag whose value differs from the model's own (for the CLI to print)."""
-    from jaxrec.models import FeatureSpec  # noqa: PLC0415
-
     pre, feat, notes = model.preprocess, model.features, []
     if image_size is not None:
         new = dataclasses.replace(
@@ -327,13 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fused(md: ModelDir) -> ModelDir:
-    from jaxrec import models  # noqa: PLC0415
-
     if md.arch.get("deploy", False):
         return md
     arch = {**md.arch, "deploy": True}
     return dataclasses.replace(
-        md, model=models.build_model(arch), variables=models.reparameterize(md.variables), arch=arch
+        md, model=build_model(arch), variables=reparameterize(md.variables), arch=arch
     )
 
 

@@ -1,4 +1,4 @@
-"""Training losses with PaddleClas semantics (spec section 5), as pure JAX functions.
+"""Training losses with PaddleClas semantics (ref §5), as pure JAX functions.
 
 Every loss is a small object with a ``name`` (the PaddleClas class name, which is also the logged
 key), ``init(rng) -> params`` (learnable state; empty for all but CenterLoss) and

@@ -11,3 +11,23 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxrec_test_xla_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+import pytest  # noqa: E402
+
+#: PaddleClas's own PP-ShiTuV2 recipe, unchanged (its SOURCE.md says where it comes from); it sits
+#: in ../shared/reference/paddleclas/ beside the repository, here and in CI.
+REFERENCE_YAML = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared",
+    "reference",
+    "paddleclas",
+    "GeneralRecognitionV2_PPLCNetV2_base.yaml",
+)
+
+
+@pytest.fixture
+def reference_yaml() -> str:
+    """Path of PaddleClas's recipe; a missing file fails the test (it never skips)."""
+    if not os.path.isfile(REFERENCE_YAML):
+        pytest.fail(f"{REFERENCE_YAML} is missing: it must sit beside the repository, as in CI")
+    return REFERENCE_YAML

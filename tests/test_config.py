@@ -19,9 +19,11 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 
 import general_v2  # noqa: E402
 
-YAML = (
-    "/work/PaddleClas/ppcls/configs/GeneralRecognitionV2/GeneralRecognitionV2_PPLCNetV2_base.yaml"
-)
+
+def _reference_yaml(path: str):
+    yaml = pytest.importorskip("yaml")
+    with open(path) as f:
+        return _normalize(yaml.safe_load(f))
 
 
 def _normalize(x):
@@ -32,12 +34,8 @@ def _normalize(x):
     return x
 
 
-def test_general_v2_matches_the_reference_yaml():
-    yaml = pytest.importorskip("yaml")
-    if not os.path.exists(YAML):
-        pytest.skip("PaddleClas checkout not available")
-    with open(YAML) as f:
-        ref = _normalize(yaml.safe_load(f))
+def test_general_v2_matches_the_reference_yaml(reference_yaml):
+    ref = _reference_yaml(reference_yaml)
     ours = config_lib.to_plain(general_v2.get_config())
 
     def check(r, o, path):
@@ -54,6 +52,19 @@ def test_general_v2_matches_the_reference_yaml():
             assert o == r, f"{path}: {o!r} != {r!r}"
 
     check(ref, ours, "")
+    # The check above can fail: a changed leaf is caught.
+    broken = _normalize(config_lib.to_plain(general_v2.get_config()))
+    broken["Optimizer"]["lr"]["learning_rate"] = 0.05
+    with pytest.raises(AssertionError, match="Optimizer.lr.learning_rate"):
+        check(ref, broken, "")
+
+
+def test_the_test_fixture_yaml_is_the_reference_recipe(reference_yaml):
+    """tests/fixtures/paddleclas/general_v2_base.yaml (written for the YAML-reader tests) holds
+    the same values as PaddleClas's file."""
+    yaml = pytest.importorskip("yaml")
+    with open(os.path.join(REPO, "tests", "fixtures", "paddleclas", "general_v2_base.yaml")) as f:
+        assert _normalize(yaml.safe_load(f)) == _reference_yaml(reference_yaml)
 
 
 def test_key_values_of_the_recipe():

@@ -28,6 +28,7 @@ from jaxrec.paddle import convert, naming, pdparams
 from jaxrec.paddle.convert import convert_pdparams, convert_state_dict
 from jaxrec.paddle.naming import to_paddle_state_dict
 from jaxrec.paddle.pdparams import PdparamsError, read_pdparams
+from jaxrec.training.workdir import Workdir
 
 FIX = Path(__file__).parent / "fixtures"
 SHITU = FIX / "model_shitu.pdparams"
@@ -559,7 +560,7 @@ def test_to_pdparams_from_a_training_workdir(tmp_path, capsys):
     assert convert_cli.main(["--to-pdparams", "--workdir", workdir, "--out", str(f)]) == 0
     printed = capsys.readouterr().out
     assert "from workdir" in printed and "this model has 0.25" in printed  # no stock YAML
-    assert f"tools/export_model.py -c {workdir}/paddleclas.yaml" in printed
+    assert f"tools/export_model.py -c {Workdir(workdir).paddleclas_yaml}" in printed
     md = restore_model(workdir, which="best")
     _, back, report = convert_pdparams(f, arch=md.arch, strict=True)
     assert report.ok

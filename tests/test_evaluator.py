@@ -42,7 +42,7 @@ def test_two_evaluations_compile_once_and_match_the_kernel(tmp_path, no_persiste
     model = build_model(run.model_arch(training=False))
     v1 = init_variables(model, seed=0, image_size=32)
     v2 = init_variables(model, seed=1, image_size=32)
-    evaluator = RetrievalEvaluator(run.eval, model, mesh)
+    evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
 
     before = len(_COMPILES)
     r1 = evaluator.evaluate(v1, return_features=True)

@@ -247,7 +247,8 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     assert md.preprocess == OWN
     paths = [str(image_tree / n) for n in ("gray.jpg", "b/rocket.jpg", "a/cat.jpg")]
     errors = {}
-    before = extract._jitted_forward()._cache_size()
+    forward = extract.make_forward(md.model, md.preprocess, md.features)
+    before = forward._cache_size()
     feats, kept = extract.extract_features(
         md, paths * 3 + [str(image_tree / "notes.md")], batch_size=7, skip_bad=True, errors=errors
     )
@@ -255,7 +256,7 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     np.testing.assert_allclose(feats, np.tile(reference(variables, paths), (3, 1)), atol=2e-5)
     extract.extract_features(md, paths[:2] * 4, batch_size=7)
     # 9 + 8 images in batches of 7 (the last of each call padded); no other test uses 7.
-    assert extract._jitted_forward()._cache_size() == before + 1
+    assert forward._cache_size() == before + 1
     # Overrides through the library: another preprocessing and the raw backbone output.
     pre = Preprocess(resize=(32, 40))
     feats, _ = extract.extract_features(

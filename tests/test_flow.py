@@ -71,7 +71,9 @@ def test_training_and_evaluation_use_the_configured_normalization(run_dir):
     assert run.preprocess.input_size == (SIZE, SIZE) and run.preprocess.std == STD
     md = restore_model(wd)
     assert md.preprocess == run.preprocess
-    evaluator = RetrievalEvaluator(run.eval, build_model(run.model_arch(False)), make_mesh())
+    evaluator = RetrievalEvaluator.for_model(
+        run.eval, build_model(run.model_arch(False)), make_mesh()
+    )
     feats = evaluator.features(md.variables, "query")
     want = _manual_features(md, evaluator.query.paths)
     np.testing.assert_allclose(feats, want, atol=2e-5)
@@ -100,7 +102,9 @@ def test_export_and_extract_use_the_trained_size_and_normalization(run_dir, tmp_
     assert rec["Global"]["rec_inference_model_dir"] == str(out)
     assert resolve(load_yaml(out / PADDLECLAS_YAML)).preprocess == run.preprocess
 
-    evaluator = RetrievalEvaluator(run.eval, build_model(run.model_arch(False)), make_mesh())
+    evaluator = RetrievalEvaluator.for_model(
+        run.eval, build_model(run.model_arch(False)), make_mesh()
+    )
     eval_feats = evaluator.features(restore_model(wd).variables, "query")
     paths = list(evaluator.query.paths)
     for model_dir in (load_model_dir(out), restore_model(wd)):

@@ -47,11 +47,11 @@ def _rotating_read(monkeypatch, victims):
     """The trainer deletes each of `victims` just as the reader opens it."""
     real = C._read
 
-    def read(ckpt):
-        if ckpt.name in victims:
-            victims.remove(ckpt.name)
-            shutil.rmtree(ckpt)
-        return real(ckpt)
+    def read(wd, which, step):
+        if str(step) in victims:
+            victims.remove(str(step))
+            shutil.rmtree(wd.checkpoint(which, step))
+        return real(wd, which, step)
 
     monkeypatch.setattr(C, "_read", read)
 

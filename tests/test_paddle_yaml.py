@@ -20,8 +20,13 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 import general_v2  # noqa: E402
 
 
-def test_yaml_equals_general_v2_key_for_key():
-    cfg = load_yaml(os.path.join(FIX, "general_v2_base.yaml"))
+@pytest.mark.parametrize("which", ["fixture", "paddleclas"])
+def test_yaml_equals_general_v2_key_for_key(which, request):
+    if which == "fixture":
+        path = os.path.join(FIX, "general_v2_base.yaml")
+    else:
+        path = request.getfixturevalue("reference_yaml")
+    cfg = load_yaml(path)
     assert config_diff(to_plain(general_v2.get_config()), to_plain(cfg)) == []
     cfg.Arch.Backbone.pretrained = False
     ref = general_v2.get_config()

@@ -21,6 +21,7 @@ from jaxrec.evaluate import evaluate_workdir
 from jaxrec.training import loop as trainer
 from jaxrec.training import tensorboard as logging_lib
 from jaxrec.training.checkpoint import Checkpoints, read_checkpoint
+from jaxrec.training.workdir import Workdir
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def trained():
 
 def test_training_reduces_loss_and_logs(trained):
     _, cfg, workdir, metrics = trained
-    events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    events = glob.glob(os.path.join(Workdir(workdir).tensorboard, "events.out.tfevents.*"))
     assert len(events) == 1
     scalars = logging_lib.read_scalars(events[0])
     loss = [v for _, tag, v in sorted(scalars) if tag == "train/loss"]
@@ -67,7 +68,7 @@ def test_training_reduces_loss_and_logs(trained):
 
 def test_checkpoints_config_and_best(trained):
     _, cfg, workdir, _ = trained
-    saved = json.load(open(os.path.join(workdir, "config.json")))
+    saved = json.loads(Workdir(workdir).config.read_text())
     assert saved == to_plain(cfg) or config_diff(saved, to_plain(cfg)) == []
     ck = Checkpoints(workdir)
     try:
@@ -120,8 +121,8 @@ def test_evaluate_with_unreadable_best_falls_back_and_moves_nothing(trained, tmp
     _, _, workdir, _ = trained
     wd = str(tmp_path / "run")
     shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("eval"))
-    (best,) = [d for d in os.listdir(os.path.join(wd, "best")) if d.isdigit()]
-    for d, _, files in os.walk(os.path.join(wd, "best", best, "state")):
+    (best,) = [d for d in os.listdir(Workdir(wd).checkpoints("best")) if d.isdigit()]
+    for d, _, files in os.walk(Workdir(wd).checkpoint("best", int(best)) / "state"):
         for f in files:
             with open(os.path.join(d, f), "wb") as fh:
                 fh.write(b"\x00truncated")
@@ -196,12 +197,12 @@ def test_prepared_set_with_on_device_augmentation_resumes_exactly(tmp_path):
     trainer.train(cfg, ref)
     cut = str(tmp_path / "cut")
     shutil.copytree(ref, cut)
-    ck = os.path.join(cut, "checkpoints")
+    ck = str(Workdir(cut).checkpoints("latest"))
     first = min(int(d) for d in os.listdir(ck) if d.isdigit())
     for d in os.listdir(ck):
         if d.isdigit() and int(d) > first:
             shutil.rmtree(os.path.join(ck, d))  # as if killed right after the first checkpoint
-    shutil.rmtree(os.path.join(cut, "best"), ignore_errors=True)
+    shutil.rmtree(Workdir(cut).checkpoints("best"), ignore_errors=True)
     trainer.train(cfg, cut)
     (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(cut)
     assert s1 == s2 > first
@@ -220,7 +221,7 @@ def test_restore_step_moves_later_checkpoints_aside_and_resumes(tmp_path):
     shutil.copytree(ref, wd)
     steps = Checkpoints(wd).steps("latest")
     trainer.train(cfg, wd, restore_step=steps[0])
-    ck = os.path.join(wd, "checkpoints")
+    ck = str(Workdir(wd).checkpoints("latest"))
     assert all(os.path.isdir(os.path.join(ck, f"{s}.discarded")) for s in steps[1:])
     (s1, a, _), (s2, b, _) = read_checkpoint(ref), read_checkpoint(wd)
     assert s1 == s2

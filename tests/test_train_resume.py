@@ -19,6 +19,7 @@ import pytest
 from train_data_util import make_tiny_dataset
 
 from jaxrec.training.checkpoint import read_checkpoint
+from jaxrec.training.workdir import Workdir
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +113,7 @@ def _assert_trees_equal(a, b):
 
 def test_sigkill_and_restart_is_bit_identical(setup, reference):
     wd = str(setup["base"] / "killed")
-    ckdir = os.path.join(wd, "checkpoints")
+    ckdir = str(Workdir(wd).checkpoints("latest"))
     proc = subprocess.Popen(
         _train_cmd(setup, wd),
         env=_env(setup, 8),
@@ -147,7 +148,7 @@ def test_unreadable_latest_checkpoint_falls_back(setup, reference):
 
     wd = str(setup["base"] / "corrupt")
     shutil.copytree(str(setup["base"] / "ref"), wd)
-    ck = os.path.join(wd, "checkpoints")
+    ck = str(Workdir(wd).checkpoints("latest"))
     latest = max(int(d) for d in os.listdir(ck) if d.isdigit())
     for dirpath, _, files in os.walk(os.path.join(ck, str(latest), "state")):
         for f in files:

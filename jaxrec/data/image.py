@@ -424,8 +424,3 @@ def preprocess_for_rec(img: np.ndarray, size: int | Sequence[int] = 224) -> np.n
     """Resize a decoded uint8 RGB image to the recognition input (224x224, aspect ignored)."""
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return resize_bilinear(img, hw)
-
-
-def load_for_rec(path_or_bytes: bytes | str | os.PathLike, size: int = 224) -> np.ndarray:
-    """Decode and resize in one call: ``uint8 [size, size, 3]`` RGB, as ``predict_rec`` feeds."""
-    return preprocess_for_rec(decode_image(path_or_bytes), size)

@@ -16,37 +16,42 @@ import numpy as np
 
 from jaxrec import inputs
 from jaxrec.config.spec import EvalSpec
+from jaxrec.errors import ConfigError
 from jaxrec.evaluation.retrieval import retrieval_metrics
-from jaxrec.ops import l2_normalize
+from jaxrec.models.features import FeatureFn, feature_fn
 from jaxrec.parallel import data_sharding, host_array, replicated
 
 PyTree = Any
 
 
 class RetrievalEvaluator:
-    """Recall@k / mAP (and the other configured metrics) of a model on the run's eval sets."""
+    """Recall@k / mAP (and the other configured metrics) of a feature function on the run's
+    eval sets. `features` is `(variables, uint8 NHWC) -> [N, D] float32`
+    (`jaxrec.models.feature_fn`); `for_model` builds it from the run's spec."""
 
-    def __init__(self, spec: EvalSpec, model: Any, mesh: Any) -> None:
+    def __init__(self, spec: EvalSpec, features: FeatureFn, mesh: Any) -> None:
         if spec.data is None:
-            raise ValueError("the config has no DataLoader.Eval section to evaluate on")
-        self.spec, self.model, self.mesh = spec, model, mesh
+            raise ConfigError("the config has no DataLoader.Eval section to evaluate on")
+        self.spec, self.mesh = spec, mesh
         self.data = spec.data
         self.query, self.gallery = inputs.eval_sources(self.data)
         self.batch_size = self.data.global_batch(mesh.devices.size)
-        dtype = jnp.dtype(spec.compute_dtype)
-        pixel = self.data.preprocess.pixel
-        key, normalize = spec.feature.output_key, spec.feature.normalize
-
-        def features(variables, images):
-            x = pixel(images).astype(dtype)
-            f = model.apply(variables, x, train=False)[key].astype(jnp.float32)
-            return l2_normalize(f) if normalize else f
-
         self.feature_fn = jax.jit(
             features,
             in_shardings=(replicated(mesh), data_sharding(mesh)),
             out_shardings=data_sharding(mesh),
         )
+
+    @classmethod
+    def for_model(cls, spec: EvalSpec, model: Any, mesh: Any) -> RetrievalEvaluator:
+        """The evaluator of `model` fed as the run says: eval pixel normalization, compute
+        dtype, feature output key and L2 normalization."""
+        if spec.data is None:
+            raise ConfigError("the config has no DataLoader.Eval section to evaluate on")
+        fn = feature_fn(
+            model, spec.feature, spec.data.preprocess.pixel, jnp.dtype(spec.compute_dtype)
+        )
+        return cls(spec, fn, mesh)
 
     def features(self, variables: PyTree, which: str) -> np.ndarray:
         """[N, D] float32 features of the query or gallery images, in list order."""

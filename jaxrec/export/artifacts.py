@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ExportError
+from jaxrec.models.features import feature_fn
 
 JAX_EXPORT_FILE = "inference.jaxexport"
 ONNX_FILE = "inference.onnx"
@@ -55,8 +57,10 @@ def folded(arch: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[Any, 
 
 
 def features_fn(model: Any, variables: Mapping[str, Any], output_key: str):
-    """x (normalized float32 NHWC) -> the model's `output_key` output, weights closed over."""
-    return lambda x: model.apply(variables, x, train=False)[output_key]
+    """x (normalized float32 NHWC) -> the model's `output_key` output (`feature_fn`, without L2
+    normalization: deployments normalize), weights closed over."""
+    fn = feature_fn(model, FeatureSpec(output_key, normalize=False))
+    return lambda x: fn(variables, x)
 
 
 def export_jax(

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ExportError
 from jaxrec.export.artifacts import (
     CHECK_FILE,
@@ -42,6 +43,7 @@ from jaxrec.export.artifacts import (
     onnx_missing,
     onnx_session,
 )
+from jaxrec.models.features import feature_fn
 
 NOISE_FLOOR = 16 * 2.0**-24  # 16 units of float32 roundoff (about 9.5e-7)
 FACTOR = 32.0
@@ -199,14 +201,15 @@ def reference_features(
     """The source model's `output_key` output in eval mode (in the model's own dtype)."""
     import jax  # noqa: PLC0415
 
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False)[output_key])
+    fn = jax.jit(feature_fn(model, FeatureSpec(output_key, normalize=False)))
     return np.asarray(fn(variables, images))
 
 
 def reference_features64(
     arch: Mapping[str, Any], variables: Mapping[str, Any], images: np.ndarray, output_key: str
 ) -> np.ndarray:
-    """The training-form model (`arch`) computed in float64 (x64 enabled only for this call)."""
+    """The training-form model (`arch`) computed in float64 (x64 enabled only for this call).
+    Not `models.features.feature_fn`: that one casts to float32, this must not."""
     import jax  # noqa: PLC0415
 
     from jaxrec.models import build_model  # noqa: PLC0415
@@ -238,8 +241,7 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
 
         def run_model_dir(x):
             md = load_model_dir(out)
-            key = md.features.output_key
-            f = jax.jit(lambda v, a: md.model.apply(v, a, train=False)[key])
+            f = jax.jit(feature_fn(md.model, FeatureSpec(md.features.output_key, normalize=False)))
             return f(md.variables, x)
 
         runners["model_dir"] = run_model_dir

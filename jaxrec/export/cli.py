@@ -14,6 +14,8 @@ from jaxrec.errors import ExportError, JaxrecError, warnings_as_lines
 from jaxrec.export import artifacts as A
 from jaxrec.export.check import check, load_check_images
 from jaxrec.export.writer import check_out, check_platforms, write_export
+from jaxrec.training.checkpoint import open_model
+from jaxrec.training.workdir import Workdir
 
 DESCRIPTION = """\
 Export a recognition model for inference and prove every artifact equals the trained model.
@@ -102,17 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_source(args: argparse.Namespace) -> Any:
     """The ModelDir to export: a model directory, or a training run's checkpoint."""
-    if args.model is not None:
-        if args.step is not None:
-            raise ExportError("--step goes with --workdir, not --model")
-        from jaxrec.models import load_model_dir  # noqa: PLC0415
-
-        return load_model_dir(args.model)
-    from jaxrec.training.checkpoint import restore_model  # noqa: PLC0415
-
-    if not Path(args.workdir).is_dir():
-        raise ExportError(f"--workdir {args.workdir}: no such directory")
-    return restore_model(args.workdir, which=args.which, step=args.step)
+    if args.model is not None and args.step is not None:
+        raise ExportError("--step goes with --workdir, not --model")
+    if args.workdir is not None and not Workdir(args.workdir).is_workdir():
+        raise ExportError(
+            f"--workdir {args.workdir}: not a training workdir (no config.json with checkpoints/)"
+        )
+    return open_model(args.model or args.workdir, which=args.which, step=args.step)
 
 
 def float32_reference(source: Any) -> Any:

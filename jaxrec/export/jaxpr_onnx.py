@@ -1,8 +1,8 @@
 """Translate a traced JAX function (its jaxpr) into an ONNX graph.
 
-The ONNX export is not a second description of the network: `jaxrec.export.onnx_graph` traces
-the BN-folded Flax model with `jax.make_jaxpr` and this module maps the jaxpr's equations to
-ONNX nodes, one by one:
+The ONNX export is not a second description of the network: `jaxrec.export.artifacts.build_onnx`
+traces the BN-folded Flax model with `jax.make_jaxpr` and this module maps the jaxpr's equations
+to ONNX nodes, one by one:
 
 - Equations whose inputs are all constants (the weights are closed over, so they are constants
   of the jaxpr) are evaluated here: kernel slicing and casts end up as initializers, not nodes.

@@ -42,7 +42,8 @@ def _short(fp: str | None) -> str:
 
 
 def _load_model(model: str | None, index: GalleryIndex | None, index_dir: str) -> ModelDir:
-    from jaxrec.extract import load_model  # noqa: PLC0415 (jax is needed only to embed images)
+    # jax, flax and orbax load only for the commands that embed images.
+    from jaxrec.training.checkpoint import open_model  # noqa: PLC0415
 
     path = model or (index.model_dir if index is not None else None)
     if not path:
@@ -50,7 +51,7 @@ def _load_model(model: str | None, index: GalleryIndex | None, index_dir: str) -
     if not os.path.isdir(path):
         where = "--model" if model else f"the model dir recorded in {index_dir}"
         raise GalleryError(f"{where} {path} does not exist (see `python -m jaxrec.export`)")
-    return load_model(path)
+    return open_model(path)
 
 
 def model_mismatch(

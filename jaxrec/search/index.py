@@ -217,9 +217,6 @@ class GalleryIndex:
         found = {e.line for e in self.entries if e.line in wanted}
         return self.remove(ids), sorted(wanted - found)
 
-    def has_line(self, line: str) -> bool:
-        return any(e.line == line.strip() for e in self.entries)
-
     # ---- search
     def search(self, queries: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Raw search: (scores [q, k], ids [q, k]); id -1 where fewer than k vectors exist."""

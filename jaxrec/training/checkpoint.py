@@ -1,26 +1,27 @@
-"""Training checkpoints: the workdir layout, saving, and restoring for training or for use.
+"""Training checkpoints: saving, and restoring for training or for use.
 
-Layout of a training workdir (the only place that knows it):
+The paths are `jaxrec.training.workdir.Workdir`'s. Each checkpoint is an orbax step folder
+(WORKDIR/checkpoints/STEP or WORKDIR/best/STEP) with two items:
 
-    WORKDIR/config.json              the run's config (jaxrec.training.workdir)
-    WORKDIR/checkpoints/STEP/state   orbax tree of the TrainState {step, params{model, loss},
-                                     batch_stats, opt_state}, saved as host numpy arrays
-    WORKDIR/checkpoints/STEP/meta    JSON: epoch, iteration, step, best metric, loader state,
-                                     signature of the parameter tree
-    WORKDIR/best/STEP/...            the same for the best evaluation so far (one kept)
+    state   orbax tree of the TrainState {step, params{model, loss}, batch_stats, opt_state},
+            saved as host numpy arrays
+    meta    JSON: epoch, iteration, step, best metric, loader state, signature of the
+            parameter tree, largest |parameter|
 
 orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-process killed mid-save leaves the previous checkpoints intact.
+process killed mid-save leaves the previous checkpoints intact; every read goes through orbax's
+CheckpointManager, which lists completed steps only.
 
-Two ways in: `Checkpoints` (training: saves, and restores the full state; an unreadable newest
-checkpoint is moved aside to STEP.unreadable, with a warning, and the previous one is used), and
-`restore_variables` / `restore_model` (evaluation, export, extraction: read-only, they never
-move or delete anything).
+Which checkpoint is used is decided in one place, `candidates` (an explicit step; else the
+newest "latest", or the best with the newest "latest" ones as fall-backs), and read in one
+place, `_restore`. Two ways in: `Checkpoints` (training: saves, and restores the full state; an
+unreadable checkpoint is moved aside to STEP.unreadable, with a warning, and the previous one is
+used), and `restore_variables` / `restore_model` / `read_checkpoint` (evaluation, export,
+extraction, conversion, tools: read-only, they never move or delete anything).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -30,12 +31,19 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-from jaxrec.errors import CheckpointMismatchError, JaxrecError, disk_full, is_disk_full
+from jaxrec.errors import (
+    CheckpointMismatchError,
+    JaxrecError,
+    ModelDirError,
+    disk_full,
+    is_disk_full,
+)
+from jaxrec.models import ModelDir, abstract_variables, build_model, load_model_dir
+from jaxrec.parallel import host_copy
+from jaxrec.training.workdir import KINDS, Workdir, load_run
 from jaxrec.treepath import path_names
-
-LATEST, BEST = "checkpoints", "best"
-WHICH = {"latest": LATEST, "best": BEST}
 
 
 def signature(params: Any, batch_stats: Any) -> list[str]:
@@ -58,6 +66,75 @@ def _mismatch(where: str, got: list[str], want: list[str]) -> CheckpointMismatch
         "Loss?):\n" + "\n".join(diff) + "\nUse a fresh --workdir for a different model, or "
         "restore the run's own config."
     )
+
+
+def _manager(wd: Workdir, which: str, keep: int | None = None) -> ocp.CheckpointManager:
+    """The orbax manager of WORKDIR/checkpoints or WORKDIR/best: read-only unless `keep`."""
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=keep is not None,
+        read_only=keep is None,
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(wd.checkpoints(which), options=opts, item_names=("state", "meta"))
+
+
+def _steps(wd: Workdir, which: str) -> list[int]:
+    """Completed checkpoint steps of `which`, oldest first."""
+    if not wd.checkpoints(which).is_dir():
+        return []
+    mgr = _manager(wd, which)
+    try:
+        return sorted(mgr.all_steps())
+    finally:
+        mgr.close()
+
+
+def candidates(
+    wd: Workdir, which: str = "latest", step: int | None = None
+) -> list[tuple[str, int]]:
+    """The checkpoints to try, in order, as (which, step): the one step-selection rule.
+
+    With `step`: that step, from checkpoints/ or else best/ (an error when neither has it).
+    Otherwise `which` "latest" gives the latest steps newest first; "best" gives the best one,
+    then the latest steps newest first as fall-backs.
+    """
+    if which not in KINDS:
+        raise JaxrecError(f"which={which!r}: use best or latest")
+    latest, best = _steps(wd, "latest"), _steps(wd, "best")
+    if step is not None:
+        if step in latest:
+            return [("latest", step)]
+        if step in best:
+            return [("best", step)]
+        raise CheckpointMismatchError(
+            f"no checkpoint for step {step} in {wd}; available: {sorted(set(latest) | set(best))}"
+        )
+    out = [("latest", s) for s in reversed(latest)]
+    if which == "best":
+        out = [("best", s) for s in reversed(best)][:1] + out
+    return out
+
+
+def _restore(mgr: ocp.CheckpointManager, step: int, target: Any = None) -> tuple[Any, dict]:
+    """(state, meta) of one checkpoint; `target` gives structure, dtypes and shardings (None:
+    as saved, on the default device)."""
+    abstract = None
+    if target is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+        )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    restored = mgr.restore(step, args=args)
+    return restored["state"], dict(restored["meta"])
+
+
+def _read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+    return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err)[:300]}"
 
 
 def quiet_orbax_background_errors() -> None:
@@ -106,34 +183,23 @@ class Checkpoints:
     `max_to_keep`, `best/` keeps one. Each checkpoint holds the state and a JSON `meta`."""
 
     def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3) -> None:
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
         quiet_orbax_background_errors()
-        self.workdir = os.path.abspath(os.fspath(workdir))
-        self.latest = self._manager(LATEST, max_to_keep)
-        self.best = self._manager(BEST, 1)
+        self.wd = Workdir(workdir)
+        self.workdir = str(self.wd)
+        self.latest = _manager(self.wd, "latest", max_to_keep)
+        self.best = _manager(self.wd, "best", 1)
 
-    def _manager(self, sub: str, keep: int):
-        ocp = self._ocp
-        opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
-        )
-        return ocp.CheckpointManager(
-            os.path.join(self.workdir, sub), options=opts, item_names=("state", "meta")
-        )
+    def _mgr(self, which: str) -> ocp.CheckpointManager:
+        return self.best if which == "best" else self.latest
 
     def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
         """Save a replicated state (this process's host copy) with its meta."""
-        from jaxrec.parallel import host_copy
-
         host = host_copy(state)
         largest = max((float(np.max(np.abs(a))) for a in jax.tree.leaves(host.params)), default=0)
         meta = dict(meta, signature=signature(host.params, host.batch_stats), param_max_abs=largest)
         mgr = self.best if best else self.latest
         if step in mgr.all_steps():
             return
-        ocp = self._ocp
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
         try:
             mgr.save(step, args=args, force=True)
@@ -164,53 +230,31 @@ class Checkpoints:
         )
 
     def steps(self, which: str = "latest") -> list[int]:
-        mgr = self.best if which == "best" else self.latest
-        return sorted(mgr.all_steps())
+        return sorted(self._mgr(which).all_steps())
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """Restore the newest readable checkpoint (or `step`) into the structure and shardings
         of `target`; None when there is none. Unreadable checkpoints are moved aside."""
-        ocp = self._ocp
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
-        )
         want = signature(target.params, target.batch_stats)
-        if step is not None:
-            mgr = self.latest if step in self.latest.all_steps() else self.best
-            if step not in mgr.all_steps():
-                raise CheckpointMismatchError(
-                    f"no checkpoint for step {step} in {self.workdir}; available: "
-                    f"{sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))}"
-                )
-            candidates = [(mgr, step)]
-        else:
-            candidates = [(self.latest, s) for s in sorted(self.latest.all_steps(), reverse=True)]
-        for mgr, s in candidates:
+        for which, s in candidates(self.wd, "latest", step):
+            mgr = self._mgr(which)
             try:
-                meta = mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+                meta = _read_meta(mgr, s)
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
                 self._quarantine(mgr, s, e)
                 continue
             sig = meta.get("signature")
             if sig is not None and sig != want:
                 raise _mismatch(f"{mgr.directory}/{s}", sig, want)
             try:
-                args = ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                )
-                restored = mgr.restore(s, args=args)
+                return _restore(mgr, s, target)
             except Exception as e:  # noqa: BLE001
                 self._quarantine(mgr, s, e)
-                continue
-            return restored["state"], dict(restored["meta"])
         return None
 
     def meta(self, step: int) -> dict:
         """The JSON meta of checkpoint `step` in checkpoints/."""
-        ocp = self._ocp
-        return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        return _read_meta(self.latest, step)
 
     def discard_after(self, step: int, log=print) -> None:
         """`train.py --restore_step N`: move the checkpoints after N aside (STEP.discarded) so
@@ -221,9 +265,10 @@ class Checkpoints:
                 f"--restore_step {step}: no such checkpoint in {self.workdir}; available: "
                 f"{available}"
             )
-        for mgr in (self.latest, self.best):
+        for which in KINDS:
+            mgr = self._mgr(which)
             for s in [s for s in mgr.all_steps() if s > step]:
-                path = os.path.join(os.fspath(mgr.directory), str(s))
+                path = self.wd.checkpoint(which, s)
                 log(
                     f"--restore_step {step}: moving the later checkpoint {path} to {path}.discarded"
                 )
@@ -235,8 +280,8 @@ class Checkpoints:
         path = os.path.join(os.fspath(mgr.directory), str(step))
         aside = f"{path}.unreadable"
         warnings.warn(
-            f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:300]}); "
-            f"training moves it to {aside} and falls back to the previous one",
+            f"checkpoint {path} is unreadable ({_why(err)}); training moves it to {aside} and "
+            "falls back to the previous one",
             stacklevel=3,
         )
         if jax.process_index() == 0 and os.path.exists(path):
@@ -249,28 +294,22 @@ class Checkpoints:
 
 
 # --------------------------------------------------------------------------------------------
-# Read-only access (evaluate, export, extract, convert)
+# Read-only access (evaluate, export, extract, convert, tools)
 
 
 def steps_in(workdir: str | os.PathLike, which: str) -> list[int]:
     """Completed checkpoint steps in WORKDIR/checkpoints ("latest") or WORKDIR/best ("best")."""
-    d = Path(workdir) / WHICH[which]
-    if not d.is_dir():
-        return []
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+    return _steps(Workdir(workdir), which)
 
 
-def _read(ckpt: Path) -> tuple[dict, dict]:
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.StandardCheckpointer()
+def _read(wd: Workdir, which: str, step: int) -> tuple[dict, dict]:
+    """(state tree, meta) of one checkpoint, read-only and as saved."""
+    mgr = _manager(wd, which)
     try:
-        state = ckptr.restore(ckpt / "state")
+        state, meta = _restore(mgr, step)
     finally:
-        ckptr.close()
-    meta_file = ckpt / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if not isinstance(state, dict) or "params" not in state or "model" not in state["params"]:
+        mgr.close()
+    if not isinstance(state, dict) or "model" not in state.get("params", {}):
         raise ValueError("not a jaxrec TrainState (no params/model)")
     return state, meta
 
@@ -280,28 +319,27 @@ def read_checkpoint(
 ) -> tuple[int, dict, dict]:
     """(step, state tree as numpy, meta) of the newest checkpoint in `which` (or of `step`),
     read-only and without any check: for tools and tests that inspect a run."""
-    wd = Path(workdir)
-    if step is None:
-        steps = steps_in(wd, which)
-        if not steps:
-            raise CheckpointMismatchError(f"no checkpoint in {wd / WHICH[which]}")
-        step = steps[-1]
-    kind = which if step in steps_in(wd, which) else ("best" if which == "latest" else "latest")
-    state, meta = _read(wd / WHICH[kind] / str(step))
-    return step, jax.tree.map(np.asarray, state), meta
+    wd = Workdir(workdir)
+    found = candidates(wd, which, step)
+    if not found:
+        raise CheckpointMismatchError(f"no checkpoint in {wd.checkpoints(which)}")
+    kind, s = found[0]
+    state, meta = _read(wd, kind, s)
+    return s, jax.tree.map(np.asarray, state), meta
 
 
 class _Vanished(Exception):
     """The checkpoint directory disappeared while it was read (rotated out by a live run)."""
 
 
-def _read_live(ckpt: Path) -> tuple[dict, dict]:
+def _read_live(wd: Workdir, which: str, step: int) -> tuple[dict, dict]:
     """`_read` for a workdir a trainer may be writing: a checkpoint deleted while being read
     (the trainer keeps only the last K) raises `_Vanished`, not a damage error. A read that
     fails on a checkpoint that is still there is retried once before it counts as damage."""
+    ckpt = Path(wd.checkpoint(which, step))
     for attempt in range(2):
         try:
-            return _read(ckpt)
+            return _read(wd, which, step)
         except Exception:  # noqa: BLE001 - orbax raises many kinds for damaged files
             for _ in range(10):  # a rotation deletes file by file: give it a moment
                 if not (ckpt / "state").is_dir():
@@ -310,6 +348,9 @@ def _read_live(ckpt: Path) -> tuple[dict, dict]:
             if attempt:
                 raise
     raise AssertionError("unreachable")
+
+
+_LIVE_RETRIES = 5
 
 
 def restore_variables(
@@ -323,79 +364,61 @@ def restore_variables(
     in the workdir is moved or deleted. Variables are float32 numpy arrays.
 
     Safe beside a running trainer: a checkpoint that the trainer rotates out while it is read
-    is not "unreadable"; the newest checkpoint is picked again (with a warning naming both).
+    is not "unreadable"; the checkpoints are listed again and the newest is read (with a
+    warning naming both).
     """
-    from jaxrec.models import abstract_variables, build_model
-    from jaxrec.training.workdir import load_run
-
-    wd = Path(workdir).absolute()
-    run = load_run(str(wd))
-    if which not in WHICH:
-        raise JaxrecError(f"which={which!r}: use best or latest")
+    wd = Workdir(workdir)
+    run = load_run(wd.root)
     model = build_model(run.model_arch(training=False))
     want = abstract_variables(model)
+    want_sig = signature(want["params"], want.get("batch_stats", {}))
     rotated: list[str] = []
     for _attempt in range(_LIVE_RETRIES):
         try:
-            found = _pick(wd, which, step, want, rotated)
+            kind, s, variables = _pick(wd, which, step, want_sig, rotated)
         except _Vanished as gone:
             if step is not None:
-                avail = sorted(set(steps_in(wd, "latest")) | set(steps_in(wd, "best")))
+                avail = sorted(set(_steps(wd, "latest")) | set(_steps(wd, "best")))
                 raise CheckpointMismatchError(
                     f"checkpoint {gone} was removed while it was read (a running trainer keeps "
                     f"only its last checkpoints); pick a newer --step: available {avail}"
                 ) from None
             rotated.append(str(gone))
             continue
-        kind, s, variables = found
         variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
-        return run, variables, int(s), f"workdir {wd} ({WHICH[kind]} step {s})"
+        return run, variables, int(s), f"workdir {wd} ({KINDS[kind]} step {s})"
     raise CheckpointMismatchError(
         f"{wd}: the running trainer removed {_LIVE_RETRIES} checkpoints in a row while they were "
         f"read ({', '.join(rotated)}); raise Global.keep_checkpoints or try again"
     )
 
 
-_LIVE_RETRIES = 5
-
-
-def _pick(wd: Path, which: str, step: int | None, want: Any, rotated: list[str]):
-    """(kind, step, variables) of the checkpoint `restore_variables` picks; `_Vanished` when
-    the one being read disappears."""
-    if step is not None:
-        dirs = [d for d in ("latest", "best") if step in steps_in(wd, d)]
-        if not dirs:
-            avail = sorted(set(steps_in(wd, "latest")) | set(steps_in(wd, "best")))
-            raise CheckpointMismatchError(
-                f"{wd}: no checkpoint for step {step}; available: {avail}"
-            )
-        candidates = [(dirs[0], step)]
-    else:
-        candidates = [(which, s) for s in reversed(steps_in(wd, which))]
-        if which == "best":
-            candidates = candidates[:1]
-        candidates += [("latest", s) for s in reversed(steps_in(wd, "latest"))]
-    if not candidates:
-        raise CheckpointMismatchError(f"no checkpoint found in {wd}/{LATEST} or {wd}/{BEST}")
+def _pick(wd: Workdir, which: str, step: int | None, want_sig: list[str], rotated: list[str]):
+    """(kind, step, variables) of the checkpoint `restore_variables` uses; `_Vanished` when the
+    one being read disappears."""
+    found = candidates(wd, which, step)
+    if not found:
+        raise CheckpointMismatchError(
+            f"no checkpoint found in {wd.checkpoints('latest')} or {wd.checkpoints('best')}"
+        )
     problems = []
-    if step is None and which == "best" and not steps_in(wd, "best"):
-        problems.append(f"{wd}/{BEST} holds no checkpoint (no evaluation ran)")
-    for kind, s in candidates:
-        ckpt = wd / WHICH[kind] / str(s)
+    if step is None and which == "best" and not _steps(wd, "best"):
+        problems.append(f"{wd.checkpoints('best')} holds no checkpoint (no evaluation ran)")
+    for kind, s in found:
+        ckpt = wd.checkpoint(kind, s)
         try:
-            state, _meta = _read_live(ckpt)
+            state, _meta = _read_live(wd, kind, s)
         except _Vanished:
             raise
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
             if step is not None:
                 raise CheckpointMismatchError(
-                    f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {str(e)[:200]})"
+                    f"checkpoint {ckpt} is unreadable ({_why(e)})"
                 ) from None
-            problems.append(f"{ckpt} is unreadable ({type(e).__name__}: {str(e)[:200]})")
+            problems.append(f"{ckpt} is unreadable ({_why(e)})")
             continue
         variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
         got_sig = signature(variables["params"], variables["batch_stats"])
-        want_sig = signature(want["params"], want.get("batch_stats", {}))
         if [g.rsplit(" ", 1)[0] for g in got_sig] != [w.rsplit(" ", 1)[0] for w in want_sig]:
             raise _mismatch(str(ckpt), got_sig, want_sig)
         if rotated:
@@ -406,7 +429,7 @@ def _pick(wd: Path, which: str, step: int | None, want: Any, rotated: list[str])
             )
         if problems:
             warnings.warn(
-                "; ".join(problems) + f"; using {ckpt} instead (nothing was moved)", stacklevel=3
+                "; ".join(problems) + f"; using {ckpt} instead (nothing was moved)", stacklevel=4
             )
         return kind, s, variables
     raise CheckpointMismatchError(
@@ -415,11 +438,11 @@ def _pick(wd: Path, which: str, step: int | None, want: Any, rotated: list[str])
     )
 
 
-def restore_model(workdir: str | os.PathLike, which: str = "best", step: int | None = None):
+def restore_model(
+    workdir: str | os.PathLike, which: str = "best", step: int | None = None
+) -> ModelDir:
     """The model of a training run as a `ModelDir` (variables, the run's preprocessing and
     feature spec), read-only; see `restore_variables`."""
-    from jaxrec.models import ModelDir, build_model
-
     run, variables, _, desc = restore_variables(workdir, which, step)
     arch = run.model_arch(training=False)
     return ModelDir(
@@ -432,7 +455,25 @@ def restore_model(workdir: str | os.PathLike, which: str = "best", step: int | N
     )
 
 
+def open_model(path: str | os.PathLike, which: str = "best", step: int | None = None) -> ModelDir:
+    """The model at `path`, the one opener of extract, export, convert and search: a model
+    directory (`python -m jaxrec.export` / `convert` output), or a training workdir (its `which`
+    checkpoint or `step`, fed with the run's own preprocessing). Raises a `JaxrecError` naming
+    what is wrong."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelDirError(
+            f"{path} is not a directory, so not a jaxrec model directory or a training workdir: "
+            "give a model directory (`python -m jaxrec.export` or `python -m jaxrec.convert` "
+            "output) or a training workdir (train.py)"
+        )
+    if Workdir(p).is_workdir():
+        return restore_model(p, which=which, step=step)
+    if step is not None:
+        raise ModelDirError(f"{path} is a model directory, not a training workdir: it has no steps")
+    return load_model_dir(p)
+
+
 def is_workdir(path: str | os.PathLike) -> bool:
     """Whether `path` looks like a training workdir (config.json and a checkpoint folder)."""
-    p = Path(path)
-    return (p / "config.json").is_file() and ((p / LATEST).is_dir() or (p / BEST).is_dir())
+    return Workdir(path).is_workdir()

@@ -36,7 +36,7 @@ from jaxrec.training.checkpoint import Checkpoints
 from jaxrec.training.optimizer import build_optimizer
 from jaxrec.training.pretrained import apply_pretrained
 from jaxrec.training.train_step import create_state, init_params, make_train_step
-from jaxrec.training.workdir import check_resume_config, save_config
+from jaxrec.training.workdir import Workdir, check_resume_config, save_config
 
 
 def _log0(msg: str) -> None:
@@ -171,8 +171,8 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
         from jaxrec.evaluation import RetrievalEvaluator
 
         eval_model = build_model(run.model_arch(training=False))
-        evaluator = RetrievalEvaluator(ev, eval_model, mesh)
-    writer = logging_lib.EventWriter(os.path.join(workdir, "tensorboard")) if _is0() else None
+        evaluator = RetrievalEvaluator.for_model(ev, eval_model, mesh)
+    writer = logging_lib.EventWriter(str(Workdir(workdir).tensorboard)) if _is0() else None
     gbs = loader.global_rows
     _log0(
         f"training on {mesh.devices.size} device(s) / {jax.process_count()} process(es): global "
