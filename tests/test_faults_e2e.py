@@ -155,7 +155,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_resumes_exactly(setup, re
 
 def test_evaluate_beside_a_run_that_rotates_checkpoints_every_step(setup):
     wd = str(setup["base"] / "live")
-    extra = ["--config.Global.keep_checkpoints=1", "--config.Global.epochs=5"]
+    extra = ["--config.Global.keep_checkpoints=1", "--config.Global.epochs=40"]
     train = subprocess.Popen(
         _train_cmd(setup, wd, *extra),
         env=_env(setup, 8),
@@ -198,7 +198,7 @@ def test_evaluate_beside_a_run_that_rotates_checkpoints_every_step(setup):
         int(s) for s in re.findall(r"evaluated workdir \S+ \(checkpoints step (\d+)\)", f_out)
     ]
     assert len(evaluated) >= 2 and evaluated == sorted(set(evaluated)), f_out
-    assert evaluated[-1] == 10  # the last checkpoint of the run (5 epochs x 2 steps)
+    assert evaluated[-1] == 80  # the last checkpoint of the run (40 epochs x 2 steps)
     assert len(reads) >= 5 and reads == sorted(reads)
     for n in evaluated:
         assert os.path.isfile(os.path.join(wd, "eval", f"eval_step{n}.json"))

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 HEARTBEAT_S = 20  # seconds without a heartbeat before a process is declared dead
 EXIT_CODE = 1
-_WAIT_FOR_SERVICE_S = 15.0
+_WAIT_FOR_SERVICE_S = HEARTBEAT_S + 10.0  # the service names a dead peer within HEARTBEAT_S
 
 _state: dict[str, Any] = {"workdir": None, "coordinator": None, "fatal": [], "stderr": 2}
 _exiting = threading.Lock()
