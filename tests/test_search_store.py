@@ -77,7 +77,7 @@ CRASH = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from jaxrec.search import GalleryIndex
+    from jaxrec.search import store
     d, nth = sys.argv[1], int(sys.argv[2])
     idx = store.load(d)
     x = np.random.default_rng(7).normal(size=(5, idx.dim)).astype(np.float32)
