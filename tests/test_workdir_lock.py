@@ -57,7 +57,8 @@ def test_second_locker_is_refused_with_the_holder_and_a_killed_holder_frees_it(t
 def test_held_during_releases_on_return_and_on_error(tmp_path):
     @held_during
     def run(fail: bool):
-        assert acquire(tmp_path) is not None
+        first = acquire(tmp_path)
+        assert first is not None and acquire(tmp_path) is first  # early and late call: one lock
         with pytest.raises(WorkdirBusyError):  # even this process cannot take it twice
             WorkdirLock(tmp_path).acquire()
         if fail:

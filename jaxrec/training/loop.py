@@ -107,6 +107,8 @@ def train(config: Any, workdir: str, restore_step: int | None = None) -> dict:
     last evaluation metrics (may be empty)."""
     run: Run = resolve(config)
     workdir = os.path.abspath(workdir)
+    if os.path.isdir(workdir) and jax.process_count() == 1:
+        workdir_lock.acquire(workdir)  # a resubmitted run stops here, before any work
     check_resume_config(config, workdir, run.loop.allow_config_change)
     if run.train is None:
         raise CheckpointMismatchError("the config has no DataLoader.Train section to train on")

@@ -116,9 +116,15 @@ def held_during(fn: F) -> F:
 def acquire(workdir: str | os.PathLike) -> WorkdirLock | None:
     """Lock `workdir` for training: process 0 takes the lock, and in a multi-host run every
     process learns whether it succeeded (the others then stop too). Returns the lock on process
-    0, None elsewhere; raises `WorkdirBusyError` on every process when it is taken."""
+    0, None elsewhere; raises `WorkdirBusyError` on every process when it is taken. Calling it
+    again inside the same `held_during` function returns the lock already held."""
     import jax  # noqa: PLC0415
 
+    held = _HELD.get()
+    path = os.path.abspath(os.fspath(workdir))
+    for lock in held or []:
+        if lock.workdir == path and lock.held:
+            return lock  # taken earlier in this run
     lock, error = None, None
     if jax.process_index() == 0:
         try:
@@ -137,7 +143,6 @@ def acquire(workdir: str | os.PathLike) -> WorkdirLock | None:
             )
     if error is not None:
         raise error
-    held = _HELD.get()
     if held is not None and lock is not None:
         held.append(lock)
     return lock
