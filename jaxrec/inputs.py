@@ -7,13 +7,14 @@ classifier head on the way (a label outside the head is an error naming the list
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from jaxrec.config.spec import DatasetSpec, EvalDataSpec, TrainDataSpec
+from jaxrec.config.spec import DatasetSpec, EvalDataSpec, TFDSSpec, TrainDataSpec
 from jaxrec.data import datasets
 from jaxrec.data.preprocess import Preprocess
 from jaxrec.errors import LabelError
@@ -32,7 +33,26 @@ def host_threads(num_workers: int | None) -> int | None:
 
 def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
     """The dataset a spec names (list files are parsed and every image checked to exist; a
-    prepared dataset must have been prepared at the training `size`)."""
+    prepared dataset must have been prepared at the training `size`), restricted to the
+    spec's `classes` and then relabelled when it says so."""
+    if spec.classes is None:
+        return _open_source(spec, size)
+    from jaxrec.data import protocols
+
+    source = protocols.select_classes(
+        _open_source(dataclasses.replace(spec, relabel=False), size),
+        spec.classes,
+        f"{spec.key}.classes",
+    )
+    return protocols.relabelled(source) if spec.relabel else source
+
+
+def _open_source(spec: DatasetSpec, size: int | None) -> datasets.Source:
+    if spec.kind == "TFDSDataset":
+        from jaxrec.data import protocols
+
+        source = tfds_source(spec.tfds)
+        return protocols.relabelled(source) if spec.relabel else source
     if spec.kind == "PreparedDataset":
         source = datasets.load_prepared(spec.prepared_dir, size=size, relabel=spec.relabel)
         if spec.label_path is not None:
@@ -44,6 +64,18 @@ def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
         )
     return datasets.load_list(
         spec.label_path, spec.image_root, delimiter=spec.delimiter, relabel=spec.relabel
+    )
+
+
+def tfds_source(t: TFDSSpec) -> datasets.Source:
+    """The tfds split a `TFDSSpec` names (offline; a clear error when it is not prepared)."""
+    return datasets.load_tfds(
+        t.name,
+        t.split,
+        data_dir=t.data_dir,
+        image_key=t.image_key,
+        label_key=t.label_key,
+        uid_key=t.uid_key,
     )
 
 
@@ -144,7 +176,13 @@ def eval_batches(
 
 
 def eval_sources(spec: EvalDataSpec) -> tuple[datasets.Source, datasets.Source]:
-    """(query, gallery) sources; the same object when both sections name the same list."""
+    """(query, gallery) sources; the same object when both sections name the same list (a tfds
+    set without ids then gets its record index as ids)."""
     query = load_source(spec.query)
+    if spec.same_lists and spec.query.kind == "TFDSDataset":
+        from jaxrec.data.protocols import with_index_uids
+
+        # The benchmarks' query == gallery protocol: no image retrieves itself.
+        query = with_index_uids(query)
     gallery = query if spec.same_lists else load_source(spec.gallery)
     return query, gallery

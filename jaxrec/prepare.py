@@ -2,6 +2,12 @@
 
     python -m jaxrec.prepare --list data/train_list.txt --out /data/shitu_224 --size 224
     python -m jaxrec.prepare --folder images/train --out /data/demo_48 --size 48 --codec raw
+    python -m jaxrec.prepare --tfds caltech_birds2011 --split train+test --classes 0 99 \
+        --data-dir ~/tensorflow_datasets --out /data/cub_train_224 --size 224
+
+A tensorflow-datasets split (``--tfds``, offline from ``--data-dir``) is a source like a list:
+large benchmark sets then feed a GPU the same way (``--classes`` keeps a protocol's training
+classes; the config's ``classes`` key may select them again, which changes nothing).
 
 Then train from it with ``DataLoader.Train.dataset.name: PreparedDataset`` and
 ``DataLoader.Train.dataset.prepared_dir: /data/shitu_224`` (read by
@@ -69,12 +75,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrec.config.spec import TFDSSpec
 from jaxrec.data import datasets
 from jaxrec.data.datasets import Source
 from jaxrec.data.image import cv2
 from jaxrec.data.loader import BadImageError, Decoder, decode_pool
+from jaxrec.data.protocols import select_classes
 from jaxrec.data.transforms import TrainTransform
 from jaxrec.errors import DatasetError, JaxrecError, disk_full, is_disk_full
+from jaxrec.inputs import tfds_source
 
 CODECS = ("jpeg", "raw")
 _PLAN = "plan.json"
@@ -372,19 +381,53 @@ def prepare(
         return _finish(out, source, plan, num_shards)
 
 
+def add_source_args(ap: argparse.ArgumentParser, *, tfds: bool, classes: bool) -> None:
+    """--list | --folder (| --tfds with its options), --image-root, --delimiter (, --classes)."""
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--list", help="PaddleClas list file: 'path label' per line")
+    src.add_argument("--folder", help="image folder with one sub-folder per class")
+    ap.add_argument(
+        "--image-root", help="root the list's paths are relative to (default: its folder)"
+    )
+    ap.add_argument("--delimiter", default=" ", help="list field delimiter (default: one space)")
+    if tfds:
+        src.add_argument("--tfds", help="tensorflow-datasets name, read offline from --data-dir")
+        ap.add_argument("--split", default="train", help="tfds split (default train)")
+        ap.add_argument("--data-dir", help="folder `tfds build` wrote (default: tfds's default)")
+        ap.add_argument("--image-key", default="image", help="tfds image feature (default image)")
+        ap.add_argument("--label-key", default="label", help="tfds label feature (default label)")
+    if classes:
+        ap.add_argument(
+            "--classes",
+            type=int,
+            nargs=2,
+            metavar=("FIRST", "LAST"),
+            help="keep only labels FIRST..LAST (inclusive), e.g. a protocol's training classes",
+        )
+
+
+def source_from_args(args: argparse.Namespace) -> datasets.Source:
+    """The source the parsed arguments name (DatasetError when it cannot be opened)."""
+    if args.list:
+        source = datasets.load_list(args.list, args.image_root, delimiter=args.delimiter)
+    elif getattr(args, "tfds", None):
+        source = tfds_source(
+            TFDSSpec(args.tfds, args.split, args.data_dir, args.image_key, args.label_key)
+        )
+    else:
+        source = datasets.load_image_folder(args.folder)
+    if getattr(args, "classes", None):
+        source = select_classes(source, args.classes, "--classes")
+    return source
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m jaxrec.prepare",
         description="Decode a training set once and store it at the training size, in shards "
         "(resumable: rerun the same command after an interruption).",
     )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--list", help="PaddleClas training list: 'path label' per line")
-    src.add_argument("--folder", help="image folder with one sub-folder per class")
-    ap.add_argument(
-        "--image-root", help="root the list's paths are relative to (default: its folder)"
-    )
-    ap.add_argument("--delimiter", default=" ", help="list field delimiter (default: one space)")
+    add_source_args(ap, tfds=True, classes=True)
     ap.add_argument("--out", required=True, help="output folder (new, or a partial run to resume)")
     ap.add_argument(
         "--size", type=int, required=True, help="training size (the train chain's ResizeImage)"
@@ -404,10 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         settings = PrepareSettings(args.size, args.codec, args.quality, args.shard_size)
-        if args.list:
-            source = datasets.load_list(args.list, args.image_root, delimiter=args.delimiter)
-        else:
-            source = datasets.load_image_folder(args.folder)
+        source = source_from_args(args)
         manifest = prepare(
             source,
             args.out,

@@ -190,8 +190,11 @@ def test_tfds_source(tmp_path):
     assert seen == {i: i % 3 for i in range(7)}
     with pytest.raises(DatasetError, match="no feature 'camera'"):
         load_tfds("jaxrec_tiny_images", "train", data_dir=tmp_path, uid_key="camera")
-    with pytest.raises(DatasetError, match="could not be opened"):
+    with pytest.raises(DatasetError, match="is not prepared in data_dir .*tfds build jaxrec_tiny"):
         load_tfds("jaxrec_tiny_images", "train", data_dir=tmp_path / "elsewhere")
+    with pytest.raises(DatasetError, match="split 'validation' could not be opened") as err:
+        load_tfds("jaxrec_tiny_images", "validation", data_dir=tmp_path)
+    assert "\n" not in str(err.value)
 
 
 def test_tfds_source_through_threaded_loader(tmp_path):

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
         "jaxrec.search",
         "jaxrec.prepare",
         "jaxrec.convert",
+        "jaxrec.holdout",
     ),
 ]
 APPS = len(LAYERS) - 1

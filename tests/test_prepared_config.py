@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
-from train_data_util import make_tiny_dataset, tiny_config
+from train_data_util import assert_same_batches, make_tiny_dataset, tiny_config
 
 from jaxrec import inputs
 from jaxrec.config import resolve
@@ -60,14 +59,7 @@ def test_prepared_set_feeds_the_same_batches_as_the_list(prepared):
     mesh = make_mesh(jax.devices()[:1])
     a = inputs.train_loader(resolve(tiny_config(data)).train, mesh, seed=0, class_num=4)
     b = inputs.train_loader(resolve(_config(data, out)).train, mesh, seed=0, class_num=4)
-    try:
-        for _ in range(2):
-            x, y = next(a), next(b)
-            np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
-            np.testing.assert_array_equal(np.asarray(x["label"]), np.asarray(y["label"]))
-    finally:
-        a.close()
-        b.close()
+    assert_same_batches(a, b, 2)
 
 
 def test_prepared_from_another_list_is_an_error(prepared, tmp_path):

@@ -89,3 +89,16 @@ def tiny_config(data: dict, epochs: int = 3, batch_per_device: int = 4, size: in
         ev.sampler.batch_size = 8
         ev.loader.num_workers = 1
     return c
+
+
+def assert_same_batches(a, b, steps: int) -> None:
+    """The next `steps` batches of two train loaders are identical (images and labels); both
+    loaders are closed afterwards."""
+    try:
+        for _ in range(steps):
+            x, y = next(a), next(b)
+            np.testing.assert_array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+            np.testing.assert_array_equal(np.asarray(x["label"]), np.asarray(y["label"]))
+    finally:
+        a.close()
+        b.close()

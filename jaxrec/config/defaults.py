@@ -26,6 +26,9 @@ JAXREC_KEYS: dict[str, dict[str, Any]] = {
         "allow_config_change": False,
         # Also evaluate the freshly initialized network (step 0; not used for best selection).
         "eval_before_training": False,
+        # Excluded query/gallery pairs (same label and id) leave the ranking instead of ranking
+        # at similarity 0 (PaddleClas); the benchmarks' query == gallery protocol.
+        "drop_excluded": False,
     },
     "AMP": {
         # Compute dtype when AMP.use_amp (parameters, BNNeck statistics and losses stay float32).
@@ -39,6 +42,31 @@ JAXREC_KEYS: dict[str, dict[str, Any]] = {
         # With name PreparedDataset: the folder `python -m jaxrec.prepare` wrote.
         "prepared_dir": None,
     },
+}
+
+#: Keys of a `DataLoader.*.dataset` section with `name: TFDSDataset` (jaxrec's own source: a
+#: tensorflow-datasets split read offline), with their defaults; `tfds_name` and `split` are
+#: required. They are read only with that name (and an error with any other).
+TFDS_KEYS: dict[str, Any] = {
+    # The tfds dataset name, e.g. caltech_birds2011, cars196, stanford_online_products.
+    "tfds_name": None,
+    # A tfds split expression, e.g. train, test, train+test.
+    "split": None,
+    # The folder `tfds build` wrote (None: tfds's default, ~/tensorflow_datasets).
+    "data_dir": None,
+    # The feature holding the encoded image.
+    "image_key": "image",
+    # The integer (ClassLabel) feature holding the class.
+    "label_key": "label",
+    # An integer feature used as the third-column id (None: none; a set that is both query and
+    # gallery then uses the record index, so no image retrieves itself).
+    "uid_key": None,
+}
+
+#: Keys every `DataLoader.*.dataset` section may have (jaxrec's own), with their defaults.
+DATASET_KEYS: dict[str, Any] = {
+    # [first, last] label kept (inclusive), for class-disjoint protocols; None keeps all.
+    "classes": None,
 }
 
 #: PaddleClas keys that are absent from its YAML files but have defaults that matter.

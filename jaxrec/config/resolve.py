@@ -25,13 +25,21 @@ from jaxrec.config.spec import (
     OptimSpec,
     Run,
     SamplerSpec,
+    TFDSSpec,
     TrainDataSpec,
 )
 from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ConfigError
 
 _AMP_DTYPES = ("bfloat16", "float32")
-_METRICS = {"Recallk": "recall", "mAP": "mAP", "mINP": "mINP", "Precisionk": "precision"}
+# PaddleClas's Metric.Eval names, plus jaxrec's MAP@R (the metric-learning benchmarks' metric).
+_METRICS = {
+    "Recallk": "recall",
+    "mAP": "mAP",
+    "mINP": "mINP",
+    "Precisionk": "precision",
+    "MAP@R": "MAP@R",
+}
 
 
 def resolve(config: Any) -> Run:
@@ -233,6 +241,12 @@ def _dataset(r: Reader, key: str, allowed: tuple[str, ...]) -> DatasetSpec:
     kind = r.get(f"{key}.name")
     if kind not in allowed:
         raise ConfigError(f"{key}.name", f"{kind!r}: use {' or '.join(allowed)}")
+    classes = _classes(r, f"{key}.classes")
+    if kind == "TFDSDataset":
+        return _tfds_dataset(r, key, classes)
+    stray = [k for k in defaults.TFDS_KEYS if r.peek(f"{key}.{k}") is not None]
+    if stray:
+        raise ConfigError(f"{key}.{stray[0]}", f"is only read with name TFDSDataset, not {kind}")
     prepared = r.get(f"{key}.prepared_dir", None)
     if kind == "PreparedDataset":
         if not prepared:
@@ -246,6 +260,7 @@ def _dataset(r: Reader, key: str, allowed: tuple[str, ...]) -> DatasetSpec:
             delimiter=r.get(f"{key}.delimiter", " "),
             relabel=bool(r.get(f"{key}.relabel", False)),
             prepared_dir=str(prepared),
+            classes=classes,
         )
     if prepared:
         raise ConfigError(
@@ -258,6 +273,47 @@ def _dataset(r: Reader, key: str, allowed: tuple[str, ...]) -> DatasetSpec:
         image_root=r.get(f"{key}.image_root", None),
         delimiter=r.get(f"{key}.delimiter", " ") if kind == "ImageNetDataset" else None,
         relabel=bool(r.get(f"{key}.relabel", False)),
+        classes=classes,
+    )
+
+
+def _classes(r: Reader, key: str) -> tuple[int, int] | None:
+    value = r.get(key, defaults.DATASET_KEYS["classes"])
+    if value is None:
+        return None
+    pair = list(value) if isinstance(value, list | tuple) else None
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        or not 0 <= pair[0] <= pair[1]
+    ):
+        raise ConfigError(key, f"{value!r}: give [first, last] labels kept, 0 <= first <= last")
+    return (pair[0], pair[1])
+
+
+def _tfds_dataset(r: Reader, key: str, classes: tuple[int, int] | None) -> DatasetSpec:
+    for other in ("cls_label_path", "image_root", "delimiter", "prepared_dir"):
+        if r.peek(f"{key}.{other}") is not None:
+            raise ConfigError(f"{key}.{other}", "is not read with name TFDSDataset; remove it")
+        r.mark(f"{key}.{other}")
+    values = {k: r.get(f"{key}.{k}", v) for k, v in defaults.TFDS_KEYS.items()}
+    for required in ("tfds_name", "split"):
+        if not values[required] or not isinstance(values[required], str):
+            raise ConfigError(f"{key}.{required}", "is required (a string) with name TFDSDataset")
+    return DatasetSpec(
+        key,
+        "TFDSDataset",
+        relabel=bool(r.get(f"{key}.relabel", False)),
+        classes=classes,
+        tfds=TFDSSpec(
+            name=values["tfds_name"],
+            split=values["split"],
+            data_dir=None if values["data_dir"] is None else str(values["data_dir"]),
+            image_key=str(values["image_key"]),
+            label_key=str(values["label_key"]),
+            uid_key=values["uid_key"] or None,
+        ),
     )
 
 
@@ -268,7 +324,7 @@ def _workers(r: Reader, key: str) -> int | None:
 
 def _train_data(r: Reader) -> TrainDataSpec:
     base = "DataLoader.Train"
-    dataset = _dataset(r, f"{base}.dataset", ("ImageNetDataset", "PreparedDataset"))
+    dataset = _dataset(r, f"{base}.dataset", ("ImageNetDataset", "PreparedDataset", "TFDSDataset"))
     transform, pixel = train_chain(r, f"{base}.dataset.transform_ops")
     s = f"{base}.sampler"
     if r.get(f"{s}.name") != "PKSampler":
@@ -310,7 +366,7 @@ def _eval_data(r: Reader) -> EvalDataSpec:
         raise ConfigError(base, f"needs Query and Gallery sections (or exactly one), got {parts}")
     specs, chains = {}, {}
     for role, key in names.items():
-        specs[role] = _dataset(r, f"{key}.dataset", ("VeriWild", "ImageNetDataset"))
+        specs[role] = _dataset(r, f"{key}.dataset", ("VeriWild", "ImageNetDataset", "TFDSDataset"))
         chains[role] = eval_chain(r, f"{key}.dataset.transform_ops")
         if r.get(f"{key}.sampler.drop_last", False):
             raise ConfigError(f"{key}.sampler.drop_last", "jaxrec evaluates every image; use False")
@@ -391,9 +447,19 @@ def _eval(r: Reader, compute_dtype: str) -> EvalSpec:
         feature=FeatureSpec(feature_from, bool(r.get("Global.feature_normalize"))),
         re_ranking=bool(r.get("Global.re_ranking")),
         block_size=_pos_int(r, "Global.sim_block_size"),
+        drop_excluded=_drop_excluded(r),
         compute_dtype=compute_dtype if fp16_test else "float32",
         data=_eval_data(r) if has_data else None,
     )
+
+
+def _drop_excluded(r: Reader) -> bool:
+    drop = bool(r.get("Global.drop_excluded"))
+    if drop and bool(r.get("Global.re_ranking")):
+        raise ConfigError(
+            "Global.drop_excluded", "is not implemented with Global.re_ranking; set one False"
+        )
+    return drop
 
 
 def _image_size(r: Reader, train: TrainDataSpec | None, ev: EvalSpec) -> int:

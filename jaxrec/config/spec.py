@@ -15,15 +15,30 @@ from jaxrec.data.transforms import TrainTransform
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One labelled image list (or a prepared dataset), and where in the config it came from."""
+    """One labelled image list (or a prepared or tfds dataset), and where in the config it came
+    from."""
 
     key: str  # e.g. "DataLoader.Train.dataset", for messages
-    kind: str  # "ImageNetDataset" | "VeriWild" | "PreparedDataset"
+    kind: str  # "ImageNetDataset" | "VeriWild" | "PreparedDataset" | "TFDSDataset"
     label_path: str | None = None
     image_root: str | None = None
     delimiter: str | None = " "  # None: any whitespace (VeriWild)
     relabel: bool = False
     prepared_dir: str | None = None
+    classes: tuple[int, int] | None = None  # inclusive label range kept (a protocol's classes)
+    tfds: TFDSSpec | None = None  # with kind TFDSDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class TFDSSpec:
+    """A tensorflow-datasets split read offline from a prepared ``data_dir``."""
+
+    name: str
+    split: str
+    data_dir: str | None = None  # None: tfds's default (~/tensorflow_datasets)
+    image_key: str = "image"
+    label_key: str = "label"
+    uid_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +92,7 @@ class EvalSpec:
     feature: FeatureSpec
     re_ranking: bool
     block_size: int  # PaddleClas sim_block_size (query blocks for block-weighted metrics)
+    drop_excluded: bool  # excluded pairs leave the ranking (else similarity 0, PaddleClas)
     compute_dtype: str
     data: EvalDataSpec | None
 

@@ -352,6 +352,16 @@ def load_prepared(
     )
 
 
+def tfds_build_hint(name: str, data_dir: str | os.PathLike | None) -> str:
+    """How to get a tfds dataset onto an offline machine (one line, for error messages)."""
+    where = data_dir or "~/tensorflow_datasets"
+    return (
+        f"prepare it on a connected machine with `tfds build {name.split(':')[0]} "
+        f"--file_format=array_record --data_dir=DIR`, then copy DIR/{name.split(':')[0]} "
+        f"into {where}"
+    )
+
+
 def load_tfds(
     name: str,
     split: str,
@@ -365,7 +375,8 @@ def load_tfds(
     """A tensorflow-datasets dataset through ``tfds.data_source`` (array_record; no TensorFlow).
 
     Images are read undecoded (``SkipDecoding``) so the pipeline decodes them exactly like files.
-    The dataset must already be prepared under ``data_dir`` unless ``download=True``.
+    The dataset must already be prepared under ``data_dir`` (``tfds build`` on a connected
+    machine, then copy the folder); an absent one is a one-line :class:`DatasetError` saying so.
     """
     try:
         import tensorflow_datasets as tfds
@@ -374,18 +385,30 @@ def load_tfds(
             f"tfds dataset {name!r} needs the optional tensorflow-datasets package: "
             'pip install -e ".[tfds]" (or pip install "jaxrec[tfds]")'
         ) from None
-    try:
-        ds = tfds.data_source(
-            name,
-            split=split,
-            data_dir=None if data_dir is None else str(data_dir),
-            download=download,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-        )
-    except Exception as e:  # tfds raises several unrelated types for "not found"
+    folder = os.path.join(os.fspath(data_dir), name.split(":")[0]) if data_dir else None
+    if folder is not None and not download and not os.path.isdir(folder):
         raise DatasetError(
-            f"tfds dataset {name!r} split {split!r} could not be opened from data_dir={data_dir}: "
-            f"{e}. Prepare it first (tfds build --file_format=array_record) or pass download=True."
+            f"tfds dataset {name!r} is not prepared in data_dir {data_dir} (no folder {folder}): "
+            f"{tfds_build_hint(name, data_dir)}"
+        )
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
+        if download:
+            builder.download_and_prepare(file_format="array_record")
+        # Every image feature stays encoded: the pipeline decodes the one it uses, and reading
+        # the labels must not decode the others (e.g. CUB's segmentation masks).
+        skip = {
+            key: tfds.decode.SkipDecoding()
+            for key, feature in builder.info.features.items()
+            if isinstance(feature, tfds.features.Image)
+        }
+        skip[image_key] = tfds.decode.SkipDecoding()
+        ds = builder.as_data_source(split=split, decoders=skip)
+    except Exception as e:  # tfds raises several unrelated types for "not found"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetError(
+            f"tfds dataset {name!r} split {split!r} could not be opened from data_dir={data_dir} "
+            f"({first}): {tfds_build_hint(name, data_dir)}"
         ) from e
     n = len(ds)
     if n == 0:

@@ -79,6 +79,7 @@ class RetrievalEvaluator:
             sim_block_size=self.spec.block_size,
             mesh=self.mesh,
             re_ranking=self.spec.re_ranking,
+            drop_excluded=self.spec.drop_excluded,
         )
         metrics = {k: float(out[k]) for k in self.spec.keys}
         if return_features:

@@ -5,6 +5,9 @@ Vocabulary:
   (cameras / unique ids, the third list column) are given. Excluded pairs get similarity
   **0** (the similarity is multiplied by ``keep``): they still occupy a rank slot but are never
   relevant.
+- ``drop_excluded=True`` (jaxrec's ``Global.drop_excluded``) removes excluded pairs from the
+  ranking instead (similarity -inf), as pytorch-metric-learning and the metric-learning
+  benchmarks do when the query set is its own gallery.
 - Ranking: each gallery row is sorted by similarity, descending. Ties are broken by gallery
   index (lower index first, a stable sort). PaddleClas uses ``paddle.argsort``, whose tie order
   is unspecified (it is not stable on CPU), so tie cases can only be compared with this rule.
@@ -17,6 +20,12 @@ a block without one gives NaN). ``block_weighting=True`` (the **default**) repro
 numbers are comparable with PaddleClas logs and published results; ``block_weighting=False``
 gives the textbook pooled values (mean over all valid queries). Both are identical when every
 query has a relevant item.
+
+MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020; pytorch-metric-learning's
+``mean_average_precision_at_r``): with R the number of relevant gallery items of a query,
+``MAP@R = (1/R) * sum_{i<=R} P(i) * rel(i)`` over the first R ranks (P(i) the precision at rank
+i). Ranks follow the rules above (excluded pairs keep their slot, ties to the lower gallery
+index), so it is exact for the evaluator's ranking and aggregated like mAP.
 
 mINP: the standard definition is ``#relevant / rank_of_last_relevant`` (1-based). PaddleClas
 divides by the 0-based position instead (``inf`` when the only relevant item is at rank 1) and
@@ -63,10 +72,12 @@ def ranked_relevance(
     query_labels: np.ndarray,
     gallery_labels: np.ndarray,
     keep: np.ndarray | None = None,
+    drop_excluded: bool = False,
 ) -> np.ndarray:
     """[Q, G] bool: is the r-th ranked gallery item relevant (same label and kept)?
 
-    ``similarity`` is the raw similarity; when ``keep`` is given it is multiplied in first.
+    ``similarity`` is the raw similarity; when ``keep`` is given it is multiplied in first
+    (``drop_excluded``: excluded pairs get -inf instead, so they rank below everything).
     """
     sim = np.asarray(similarity)
     ql, gl = _flat(query_labels), _flat(gallery_labels)
@@ -74,7 +85,7 @@ def ranked_relevance(
         raise ValueError(f"similarity shape {sim.shape} != (num_query, num_gallery)")
     rel = ql[:, None] == gl[None, :]
     if keep is not None:
-        sim = sim * keep
+        sim = np.where(keep, sim, -np.inf) if drop_excluded else sim * keep
         rel &= keep
     order = np.argsort(-sim, axis=1, kind="stable")
     return np.take_along_axis(rel, order, axis=1)
@@ -89,6 +100,7 @@ class PerQuery:
     last_rank: np.ndarray  # int [Q]: 0-based rank of the last relevant item (-1 if none)
     num_rel: np.ndarray  # int [Q]
     ap: np.ndarray  # float [Q]: average precision (0 where not valid)
+    map_r: np.ndarray  # float [Q]: precision averaged over the first R ranks (R = num_rel)
     hits: dict[int, np.ndarray]  # k -> int [Q]: relevant items within the top k
 
     @classmethod
@@ -100,15 +112,18 @@ class PerQuery:
         last = np.full(q, -1, np.int64)
         num_rel = np.zeros(q, np.int64)
         ap = np.zeros(q, np.float64)
+        map_r = np.zeros(q, np.float64)
         hits = {k: np.zeros(q, np.int64) for k in topk}
         for i, r in enumerate(ranks):
             if r.size == 0:
                 continue
             valid[i], first[i], last[i], num_rel[i] = True, r[0], r[-1], r.size
-            ap[i] = np.mean(np.arange(1, r.size + 1) / (r + 1.0))
+            precision = np.arange(1, r.size + 1) / (r + 1.0)
+            ap[i] = np.mean(precision)
+            map_r[i] = np.sum(precision[r < r.size]) / r.size
             for k in topk:
                 hits[k][i] = np.searchsorted(r, k)
-        return cls(valid, first, last, num_rel, ap, hits)
+        return cls(valid, first, last, num_rel, ap, map_r, hits)
 
     @classmethod
     def from_padded_ranks(cls, ranks: np.ndarray, topk: Sequence[int], num_gallery: int):
@@ -125,8 +140,10 @@ class PerQuery:
         precision = np.arange(1, m + 1)[None, :] / (np.where(real, ranks, 0) + 1.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             ap = np.where(valid, np.sum(precision * real, axis=1) / num_rel, 0.0)
+            within_r = real & (ranks < num_rel[:, None])
+            map_r = np.where(valid, np.sum(precision * within_r, axis=1) / num_rel, 0.0)
         hits = {k: np.sum(real & (ranks < k), axis=1) for k in topk}
-        return cls(valid, first, last, num_rel, ap, hits)
+        return cls(valid, first, last, num_rel, ap, map_r, hits)
 
     @classmethod
     def concatenate(cls, parts: Sequence[PerQuery]):
@@ -155,7 +172,7 @@ class PerQuery:
         return np.where(self.valid, out, np.nan)
 
 
-_ARRAY_FIELDS = ("valid", "first_rank", "last_rank", "num_rel", "ap")
+_ARRAY_FIELDS = ("valid", "first_rank", "last_rank", "num_rel", "ap", "map_r")
 
 
 def _check_topk(topk: Sequence[int], num_gallery: int) -> list[int]:
@@ -178,16 +195,18 @@ def aggregate(
 ) -> dict[str, float]:
     """Combine per-query statistics into the reported metrics.
 
-    ``metrics`` picks from ``recall`` (keys ``recall{k}``), ``mAP``, ``mINP`` and ``precision``
-    (keys ``precision@{k}``, averaged over *all* queries as in PaddleClas); the output keeps that
-    order, so the first key is the one that drives best-model selection.
+    ``metrics`` picks from ``recall`` (keys ``recall{k}``), ``mAP``, ``mINP``, ``precision``
+    (keys ``precision@{k}``, averaged over *all* queries as in PaddleClas) and ``MAP@R``; the
+    output keeps that order, so the first key is the one that drives best-model selection.
     """
     q = stats.valid.size
     if q == 0:
         raise ValueError("no queries to evaluate")
-    unknown = set(metrics) - {"recall", "mAP", "mINP", "precision"}
+    unknown = set(metrics) - {"recall", "mAP", "mINP", "precision", "MAP@R"}
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; use recall, mAP, mINP, precision")
+        raise ValueError(
+            f"unknown metrics {sorted(unknown)}; use recall, mAP, mINP, precision, MAP@R"
+        )
     per_query: dict[str, tuple[np.ndarray, bool]] = {}  # name -> (values, valid-only)
     for name in metrics:
         if name == "recall":
@@ -195,6 +214,8 @@ def aggregate(
                 per_query[f"recall{k}"] = ((stats.first_rank < k).astype(np.float64), True)
         elif name == "mAP":
             per_query["mAP"] = (stats.ap, True)
+        elif name == "MAP@R":
+            per_query["MAP@R"] = (stats.map_r, True)
         elif name == "mINP":
             per_query["mINP"] = (stats.inp(minp_reference_quirk), True)
         else:
@@ -229,12 +250,13 @@ def retrieval_metrics_from_similarity(
     block_size: int = SIM_BLOCK_SIZE,
     block_weighting: bool = True,
     minp_reference_quirk: bool = False,
+    drop_excluded: bool = False,
 ) -> dict[str, float]:
     """Metrics from a full [Q, G] similarity matrix (brute force; `retrieval.py` for big sets)."""
     sim = np.asarray(similarity)
     topk = _check_topk(topk, sim.shape[1])
     keep = keep_mask(query_labels, gallery_labels, query_ids, gallery_ids)
-    rel = ranked_relevance(sim, query_labels, gallery_labels, keep)
+    rel = ranked_relevance(sim, query_labels, gallery_labels, keep, drop_excluded)
     stats = PerQuery.from_relevance(rel, topk)
     return aggregate(stats, topk, metrics, block_size, block_weighting, minp_reference_quirk)
 

@@ -105,12 +105,12 @@ def _varying(x: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def _rank_block_fn(mesh: Mesh, has_ids: bool):
+def _rank_block_fn(mesh: Mesh, has_ids: bool, drop_excluded: bool = False):
     """Jitted (query block, relevant indices, sharded gallery) -> 0-based ranks [B, M]."""
 
     def per_device(q, q_lab, q_id, pos_idx, g, g_lab, g_id, g_valid):
         # Padding rows of the sharded gallery (-inf) never rank above anything.
-        sim = _masked_similarity(q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids)
+        sim = _masked_similarity(q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids, drop_excluded)
         n_local = g.shape[0]
         offset = jax.lax.axis_index(DATA_AXIS) * n_local
         local = pos_idx - offset
@@ -160,6 +160,7 @@ def retrieval_metrics(
     progress: bool = False,
     return_per_query: bool = False,
     normalize: bool = False,
+    drop_excluded: bool = False,
 ):
     """Exact retrieval metrics for L2-normalized features, with PaddleClas semantics.
 
@@ -170,7 +171,7 @@ def retrieval_metrics(
       query_ids, gallery_ids: optional integer ids (the list's third column). Gallery items with
         the same label *and* id as the query are excluded (similarity 0, never relevant).
       topk: k values for ``recall{k}`` (and ``precision@{k}``).
-      metrics: any of "recall", "mAP", "mINP", "precision"; keys come out in this order.
+      metrics: any of "recall", "mAP", "mINP", "precision", "MAP@R"; keys come out in this order.
       block_weighting: True (default) combines per-``sim_block_size`` query blocks weighted by
         size as PaddleClas does; False pools all valid queries (see `metrics.py`).
       query_block: queries per device step (memory ~ query_block * G * 4 bytes / devices).
@@ -179,6 +180,10 @@ def retrieval_metrics(
         metrics over all queries at once as PaddleClas does; only for sets that fit in memory.
       return_per_query: also return the :class:`jaxrec.evaluation.metrics.PerQuery` statistics.
       normalize: L2-normalize both feature sets first (:func:`l2_normalize`).
+      drop_excluded: excluded pairs leave the ranking (similarity -inf: below every item)
+        instead of PaddleClas's similarity 0 with a rank slot; with query == gallery and unique
+        ids this is the removal of each query from its own ranking that pytorch-metric-learning
+        and the metric-learning benchmarks use. Not with ``re_ranking``.
     """
     qf = np.asarray(query_feats, np.float32)
     gf = np.asarray(gallery_feats, np.float32)
@@ -198,11 +203,15 @@ def retrieval_metrics(
     gi = _as_1d(gallery_ids, "gallery_ids", ng) if has_ids else None
     topk = metrics_lib._check_topk(topk, ng)
 
+    if re_ranking and drop_excluded:
+        raise ValueError("drop_excluded is not implemented with re_ranking")
     if re_ranking:
         stats = reranked_stats(qf, ql, gf, gl, qi, gi, topk)
         block = nq  # PaddleClas evaluates the re-ranked matrix as one block
     else:
-        stats = _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress)
+        stats = _blockwise_stats(
+            qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress, drop_excluded
+        )
         block = sim_block_size
     out = metrics_lib.aggregate(
         stats, topk, metrics, block, block_weighting, minp_reference_quirk=minp_reference_quirk
@@ -210,7 +219,7 @@ def retrieval_metrics(
     return (out, stats) if return_per_query else out
 
 
-def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
+def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress, drop_excluded):
     nq, ng = qf.shape[0], gf.shape[0]
     mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
@@ -239,7 +248,7 @@ def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
     # Visit queries grouped by their number of same-label gallery items, so each block pads
     # to a small M; statistics are put back in the original order at the end.
     visit = np.argsort(finder.num_same_label(ql), kind="stable")
-    rank_fn = _rank_block_fn(mesh, has_ids)
+    rank_fn = _rank_block_fn(mesh, has_ids, drop_excluded)
     block = max(1, min(query_block, nq))
     pending: collections.deque = collections.deque()
     parts: list[metrics_lib.PerQuery] = []
@@ -273,12 +282,15 @@ def _blockwise_stats(qf, ql, gf, gl, qi, gi, topk, query_block, mesh, progress):
     return stats.take(np.argsort(visit))
 
 
-def _masked_similarity(q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids: bool):
-    """[B, G_local] similarities; excluded pairs (same label and id) 0, padding rows -inf."""
+def _masked_similarity(
+    q, q_lab, q_id, g, g_lab, g_id, g_valid, has_ids: bool, drop_excluded: bool = False
+):
+    """[B, G_local] similarities; excluded pairs (same label and id) 0 (-inf when dropped),
+    padding rows -inf."""
     sim = jnp.dot(q, g.T, precision=jax.lax.Precision.HIGHEST)
     if has_ids:
         keep = (q_lab[:, None] != g_lab[None, :]) | (q_id[:, None] != g_id[None, :])
-        sim = jnp.where(keep, sim, 0.0)
+        sim = jnp.where(keep, sim, -jnp.inf if drop_excluded else 0.0)
     return jnp.where(g_valid[None, :], sim, -jnp.inf)
 
 

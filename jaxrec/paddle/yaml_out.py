@@ -15,8 +15,9 @@ saying what to change.
 Round trip: `resolve(load_yaml(written))` equals `resolve(config)` except for the dropped
 jaxrec keys, which fall back to their defaults: `Global.checkpoint_every_steps`,
 `keep_checkpoints`, `eval_batch_size_per_device`, `allow_config_change`,
-`eval_before_training`, `AMP.dtype` and `DataLoader.Train.augment_on_device` (and dropped
-backbone size keys leave `Run.arch`, though the model is the same). The seed survives.
+`eval_before_training`, `drop_excluded`, `AMP.dtype` and `DataLoader.Train.augment_on_device`
+(and dropped backbone size keys leave `Run.arch`, though the model is the same). The seed
+survives.
 (`Global.sync_bn: True` comes back only once the YAML reader honours `Arch.use_sync_bn`.)
 
 `inference_rec_yaml(preprocess)` writes PP-ShiTu's `deploy/configs/inference_rec.yaml` for a
@@ -58,6 +59,7 @@ DROPPED: dict[str, str] = {
     "Global.allow_config_change": "jaxrec's resume check; PaddleClas resumes from "
     "Global.checkpoints",
     "Global.eval_before_training": "PaddleClas evaluates after training epochs only",
+    "Global.drop_excluded": "PaddleClas ranks excluded pairs (same label and id) at similarity 0",
     "AMP.dtype": "PaddleClas's AMP computes in float16, with AMP.scale_loss loss scaling",
     "DataLoader.Train.augment_on_device": "PaddleClas augments on the host (same distributions)",
     "DataLoader.Train.dataset.prepared_dir": "jaxrec's prepared set (python -m jaxrec.prepare); "
@@ -237,6 +239,32 @@ def _note_unrunnable(plain: dict, notes: dict[str, list[str]]) -> None:
             "have: use name ImageNetDataset with the image_root and cls_label_path it was "
             "prepared from (prepared.json: source)"
         )
+    _note_benchmark_keys(plain, notes)
+
+
+def _note_benchmark_keys(plain: dict, notes: dict[str, list[str]]) -> None:
+    """jaxrec's TFDSDataset, `classes` and MAP@R (the benchmark protocols): kept, with what
+    PaddleClas needs instead."""
+    sections = {"DataLoader.Train.dataset": _node(plain, "DataLoader.Train.dataset")}
+    for part in _node(plain, "DataLoader.Eval") or {}:
+        key = f"DataLoader.Eval.{part}.dataset"
+        sections[key] = _node(plain, key)
+    for key, node in sections.items():
+        node = node if isinstance(node, dict) else {}
+        if node.get("name") == "TFDSDataset":
+            notes["DataLoader"].append(
+                f"{key} is a jaxrec TFDSDataset ({node.get('tfds_name')}, split "
+                f"{node.get('split')}), which PaddleClas does not have: write the split as a "
+                "list file and use ImageNetDataset (training) or VeriWild (query/gallery)"
+            )
+        if node.get("classes") is not None:
+            notes["DataLoader"].append(
+                f"{key}.classes: {_inline(node['classes'])} is jaxrec's label range; PaddleClas "
+                "reads every listed image: list only those classes (python -m jaxrec.holdout)"
+            )
+    for entry in (_node(plain, "Metric") or {}).get("Eval") or []:
+        if isinstance(entry, dict) and "MAP@R" in entry:
+            notes["Metric"].append("Metric.Eval MAP@R is jaxrec's metric; PaddleClas has none")
 
 
 def paddleclas_yaml(config: Any) -> str:
