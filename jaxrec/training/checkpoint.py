@@ -80,14 +80,22 @@ def _manager(wd: Workdir, which: str, keep: int | None = None) -> ocp.Checkpoint
 
 
 def _steps(wd: Workdir, which: str) -> list[int]:
-    """Completed checkpoint steps of `which`, oldest first."""
-    if not wd.checkpoints(which).is_dir():
-        return []
-    mgr = _manager(wd, which)
-    try:
-        return sorted(mgr.all_steps())
-    finally:
-        mgr.close()
+    """Completed checkpoint steps of `which`, oldest first. Listing a live run's folder can
+    meet a step that the trainer deletes meanwhile: the listing is then taken again."""
+    for attempt in range(5):
+        if not wd.checkpoints(which).is_dir():
+            return []
+        try:
+            mgr = _manager(wd, which)
+            try:
+                return sorted(mgr.all_steps())
+            finally:
+                mgr.close()
+        except OSError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def candidates(
