@@ -114,3 +114,42 @@ def test_evaluate_cli_prints_the_fallback_as_one_warning_line(workdir):
     assert len(warn) == 1 and "checkpoints/9 is unreadable" in warn[0], p.stderr[-2000:]
     assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr
     assert "evaluated workdir" in p.stdout and "(checkpoints step 7)" in p.stdout
+
+
+def test_reading_in_a_loop_beside_real_rotation(workdir):
+    """A thread saves checkpoints with keep=1 (each save deletes the previous one) while this
+    thread reads the newest in a loop: every read succeeds, none says "unreadable"."""
+    import threading
+
+    arch = C.load_run(str(workdir)).model_arch(training=False)
+    v = random_variables(build_model(arch), 0)
+    params = {"model": v["params"], "loss": {}}
+    errors: list[BaseException] = []
+
+    def rotate():
+        try:
+            ck = C.Checkpoints(str(workdir), max_to_keep=1)
+            for step in range(10, 40):
+                state = TrainState(
+                    step=np.asarray(step, np.int32),
+                    params=params,
+                    batch_stats=v["batch_stats"],
+                    opt_state=optax.sgd(0.1).init(params),
+                )
+                ck.save(step, jax.tree_util.tree_map(jax.numpy.asarray, state), {"epoch": 0})
+            ck.close()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=rotate)
+    t.start()
+    reads, notes = [], []
+    while t.is_alive():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            reads.append(C.restore_variables(workdir, "latest")[2])
+        notes += [str(x.message) for x in w]
+    t.join()
+    assert not errors, errors
+    assert len(reads) >= 3 and reads == sorted(reads), reads
+    assert not [n for n in notes if "unreadable" in n], notes
