@@ -375,6 +375,7 @@ def restore_variables(
     is not "unreadable"; the checkpoints are listed again and the newest is read (with a
     warning naming both).
     """
+    quiet_orbax_background_errors()  # a read of a vanishing checkpoint stays quiet too
     wd = Workdir(workdir)
     run = load_run(wd.root)
     model = build_model(run.model_arch(training=False))
