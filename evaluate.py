@@ -13,9 +13,18 @@ metrics as one process; process 0 prints and writes the results.
 Read-only: nothing in the workdir is moved or deleted. If the best checkpoint is unreadable,
 the newest readable checkpoint is evaluated instead, with a warning naming it (an explicit
 --step must be readable).
+
+Beside a running trainer:
+
+    python evaluate.py --workdir runs/general_v2 --follow   # each new checkpoint as it appears
+
+A checkpoint that the trainer rotates out while it is read is not an error: the newest one is
+read instead, and the step evaluated is printed.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 
@@ -30,6 +39,16 @@ _NUM_VIS = flags.DEFINE_integer(
     "num_visualize", 8, "Queries shown in the rank-list picture (0 = no picture)."
 )
 _DISTRIBUTED = define_distributed_flags()
+_FOLLOW = flags.DEFINE_bool(
+    "follow",
+    False,
+    "Evaluate the newest checkpoint, then each newer one as the running trainer saves it; "
+    "stops after --follow_idle_seconds without a new checkpoint (or on Ctrl-C).",
+)
+_POLL = flags.DEFINE_float("poll_seconds", 10.0, "With --follow: how often to look for one.")
+_IDLE = flags.DEFINE_float(
+    "follow_idle_seconds", 600.0, "With --follow: stop after this long without a new checkpoint."
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -38,32 +57,54 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if sum([_STEP.value is not None, _BEST.value, _LATEST.value]) > 1:
         raise app.UsageError("use at most one of --step, --best, --latest")
-    import sys
 
     import jax
     from absl import logging
 
     from jaxrec import parallel
-    from jaxrec.errors import JaxrecError
-    from jaxrec.evaluate import evaluate_workdir
+    from jaxrec.errors import JaxrecError, warnings_as_lines
+    from jaxrec.evaluate import evaluate_workdir, follow_workdir
 
     if not any(a.startswith(("-v", "--v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
 
     which = "latest" if _LATEST.value else "best"
+    if _FOLLOW.value and (_STEP.value is not None or _BEST.value):
+        raise app.UsageError("--follow evaluates the newest checkpoints: no --step or --best")
     try:
         parallel.maybe_initialize_distributed(*(f.value for f in _DISTRIBUTED))
-        res = evaluate_workdir(
-            _WORKDIR.value,
-            which=which,
-            step=_STEP.value,
-            output=_OUTPUT.value,
-            num_visualize=_NUM_VIS.value,
-        )
+        with warnings_as_lines():
+            if _FOLLOW.value:
+                results = follow_workdir(
+                    _WORKDIR.value,
+                    _print,
+                    poll_seconds=_POLL.value,
+                    idle_seconds=_IDLE.value,
+                    output=_OUTPUT.value,
+                    num_visualize=_NUM_VIS.value,
+                )
+                if jax.process_index() == 0:
+                    print(f"no new checkpoint for {_IDLE.value:g}s: {len(results)} evaluated")
+                return
+            res = evaluate_workdir(
+                _WORKDIR.value,
+                which=which,
+                step=_STEP.value,
+                output=_OUTPUT.value,
+                num_visualize=_NUM_VIS.value,
+            )
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if jax.process_index() != 0:
+    except KeyboardInterrupt:
+        sys.exit(130)
+    _print(res)
+
+
+def _print(res: dict) -> None:
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for all
         return
     print(f"evaluated {res['source']}")
     print(f"{'metric':<12}{'value':>10}")
@@ -77,6 +118,7 @@ def main(argv: list[str]) -> None:
         print(f"metrics: {res['json']}")
     if res["png"]:
         print(f"rank list: {res['png']}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
     from jaxrec.config import resolve
     from jaxrec.errors import JaxrecError
     from jaxrec.training import loop as trainer
+    from jaxrec.training import peers
     from jaxrec.training.preemption import EXIT_STATUS, Preempted
 
     if logging.get_verbosity() == logging.INFO and not any(
@@ -62,7 +63,10 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     try:
-        parallel.maybe_initialize_distributed(*(f.value for f in _DISTRIBUTED))
+        parallel.maybe_initialize_distributed(
+            *(f.value for f in _DISTRIBUTED), initialize=peers.initialize
+        )
+        peers.set_workdir(_WORKDIR.value)
         run = resolve(_CONFIG.value)  # the only reading of the config; run.config keeps it
         trainer.train(run, _WORKDIR.value, restore_step=_RESTORE.value)
     except Preempted as e:
@@ -71,6 +75,9 @@ def main(argv: list[str]) -> None:
     except JaxrecError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        peers.exit_on_peer_failure(e)  # multi-host: a lost peer is one line, not a traceback
+        raise
 
 
 if __name__ == "__main__":

@@ -66,6 +66,63 @@ class ExportError(JaxrecError):
     """A model cannot be exported as asked (`jaxrec.export`): bad source, output or options."""
 
 
+class DiskFullError(JaxrecError, OSError):
+    """A write failed because its filesystem is full (or over quota); the message says what
+    could not be written, where, and how much space it needs."""
+
+
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` (or an exception it was raised from) is a full filesystem: an OSError with
+    ENOSPC/EDQUOT, or a wrapped one (tensorstore/orbax report it as text)."""
+    import errno  # noqa: PLC0415
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(err) for t in _DISK_FULL_TEXT):
+            return True
+        # numpy's tofile reports a short write without errno; on a regular file that is a
+        # full filesystem (or quota).
+        if isinstance(err, OSError) and err.errno is None and " requested and " in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full(what: str, path: str, needed: int | None = None, hint: str = "") -> DiskFullError:
+    """The one-line DiskFullError for `what` written under `path` (`needed` bytes, if known)."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        free = shutil.disk_usage(probe or ".").free
+    except OSError:
+        free = None
+    size = []
+    if needed is not None:
+        size.append(f"needs about {_mb(needed)}")
+    if free is not None:
+        size.append(f"{_mb(free)} free there")
+    return DiskFullError(
+        f"no space left on device writing {what} to {path}"
+        + (f" ({', '.join(size)})" if size else "")
+        + "; free space on that filesystem or use another location"
+        + (f"; {hint}" if hint else "")
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def warnings_as_lines():  # returns a context manager
     """Context manager for command-line entry points: Python warnings inside it print as one
     `warning: ...` line on stderr (no file/line/source echo), every time they are issued."""

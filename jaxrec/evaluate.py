@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxrec.config import Run
 from jaxrec.evaluation.evaluator import RetrievalEvaluator
 from jaxrec.evaluation.open_set import open_set_report
 from jaxrec.evaluation.ranklist import save_rank_list
 from jaxrec.evaluation.retrieval import topk_neighbors
+from jaxrec.models import build_model
 from jaxrec.parallel import make_mesh
-from jaxrec.training.checkpoint import restore_variables
+from jaxrec.training.checkpoint import restore_variables, steps_in
 from jaxrec.training.workdir import Workdir
 
 
@@ -34,18 +38,32 @@ def evaluate_workdir(
     """Evaluate a checkpoint of a training run; returns {"step", "metrics", "json", "png",
     "source"}. Writes `eval_step{N}.json` and (num_visualize > 0) `ranklist_step{N}.png` into
     `output` (default WORKDIR/eval)."""
-    from jaxrec.models import build_model
-
     workdir = os.path.abspath(workdir)
     run, variables, n, desc = restore_variables(workdir, which, step)
-    mesh = make_mesh()
+    evaluator = _evaluator(run)
+    return _evaluate(workdir, evaluator, variables, n, desc, output, num_visualize)
+
+
+def _evaluator(run: Run) -> RetrievalEvaluator:
     model = build_model(run.arch, **run.model_options(training=False))
-    evaluator = RetrievalEvaluator.for_model(run.eval, model, mesh)
+    return RetrievalEvaluator.for_model(run.eval, model, make_mesh())
+
+
+def _evaluate(
+    workdir: str,
+    evaluator: RetrievalEvaluator,
+    variables: Any,
+    n: int,
+    desc: str,
+    output: str | None,
+    num_visualize: int,
+) -> dict[str, Any]:
     res = evaluator.evaluate(variables, return_features=True)
     metrics = res["metrics"]
     q, g = evaluator.query, evaluator.gallery
+    feats_q, feats_g = res["query_features"], res["gallery_features"]
     open_set = open_set_report(
-        res["query_features"], q.labels, res["gallery_features"], g.labels, q.uids, g.uids, mesh
+        feats_q, q.labels, feats_g, g.labels, q.uids, g.uids, evaluator.mesh
     )  # None unless the query list holds classes absent from the gallery
     out_dir = output or str(Workdir(workdir).eval)
     result = {"step": n, "metrics": metrics, "json": None, "png": None, "source": desc}
@@ -53,15 +71,50 @@ def evaluate_workdir(
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         jpath = os.path.join(out_dir, f"eval_step{n}.json")
-        with open(jpath, "w") as f:
+        tmp = f"{jpath}.tmp"
+        with open(tmp, "w") as f:
             extra = {} if open_set is None else {"open_set": open_set}
             json.dump({"workdir": workdir, "step": n, "metrics": metrics, **extra}, f, indent=2)
             f.write("\n")
+        os.replace(tmp, jpath)
         result["json"] = jpath
         if num_visualize > 0:
             png = os.path.join(out_dir, f"ranklist_step{n}.png")
             result["png"] = draw_ranklist(evaluator, res, png, num_visualize)
     return result
+
+
+def follow_workdir(
+    workdir: str,
+    report: Callable[[dict[str, Any]], None],
+    poll_seconds: float = 10.0,
+    idle_seconds: float = 600.0,
+    output: str | None = None,
+    num_visualize: int = 0,
+) -> list[dict[str, Any]]:
+    """Evaluate each new checkpoint of a (running) training run as it appears, like a
+    TensorBoard beside it: the newest one in WORKDIR/checkpoints, again whenever a newer one is
+    saved (checkpoints saved while an evaluation runs are skipped for the newest). `report` gets
+    each result. Returns after `idle_seconds` without a new checkpoint (the run ended or
+    stalled). The evaluator is built (compiled) once."""
+    workdir = os.path.abspath(workdir)
+    done, evaluator, results = -1, None, []
+    last_new = time.monotonic()
+    while True:
+        steps = steps_in(workdir, "latest")
+        if steps and steps[-1] > done:
+            run, variables, n, desc = restore_variables(workdir, "latest")
+            last_new = time.monotonic()
+            if n > done:
+                evaluator = evaluator or _evaluator(run)
+                res = _evaluate(workdir, evaluator, variables, n, desc, output, num_visualize)
+                report(res)
+                results.append(res)
+                done = n
+                continue
+        if time.monotonic() - last_new > idle_seconds:
+            return results
+        time.sleep(poll_seconds)
 
 
 def draw_ranklist(evaluator: RetrievalEvaluator, res: dict, path: str, num: int, k: int = 5) -> str:

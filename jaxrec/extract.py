@@ -412,8 +412,11 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {e}\n(pass --skip-bad to skip unreadable images)", file=sys.stderr)
         return 1
     out_npy.parent.mkdir(parents=True, exist_ok=True)
+    replaced = [p for p in (out_npy, out_txt) if p.exists()]
     np.save(out_npy, feats)
     out_txt.write_text("".join(names_by_path[p] + "\n" for p in kept))
+    if replaced:
+        print(f"note: replaced the existing {' and '.join(map(str, replaced))}", file=sys.stderr)
     if errors:
         for p, msg in errors.items():
             print(f"skipped {p}: {msg}", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -62,13 +62,15 @@ def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    initialize: Callable[..., None] | None = None,
 ) -> bool:
     """Start `jax.distributed` when flags are given or a cluster is detected.
 
     Explicit flags win. Without them `jax.distributed.initialize()` is called only when the
     environment looks like a multi-process launch JAX can auto-detect (SLURM with several tasks,
     Open MPI, or `JAX_COORDINATOR_ADDRESS`); a plain single-machine run stays single-process.
-    On CPU the collectives go through gloo. Returns True when initialized.
+    On CPU the collectives go through gloo. `initialize` replaces `jax.distributed.initialize`
+    (train.py passes `jaxrec.training.peers.initialize`). Returns True when initialized.
     """
     if coordinator_address or num_processes:
         if not (coordinator_address and num_processes is not None and process_id is not None):
@@ -92,5 +94,5 @@ def maybe_initialize_distributed(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception as e:  # noqa: BLE001 - optional speed/feature knob
         warnings.warn(f"could not select gloo CPU collectives: {e}", stacklevel=2)
-    jax.distributed.initialize(**kwargs)
+    (initialize or jax.distributed.initialize)(**kwargs)
     return True

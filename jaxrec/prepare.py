@@ -82,7 +82,7 @@ from jaxrec.data.image import cv2
 from jaxrec.data.loader import BadImageError, Decoder, decode_pool
 from jaxrec.data.protocols import select_classes
 from jaxrec.data.transforms import TrainTransform
-from jaxrec.errors import DatasetError, JaxrecError
+from jaxrec.errors import DatasetError, JaxrecError, disk_full, is_disk_full
 from jaxrec.inputs import tfds_source
 
 CODECS = ("jpeg", "raw")
@@ -193,9 +193,33 @@ def _shard_done(out: Path, shard: int) -> dict | None:
 def _prepare_shard(
     decoder: Decoder, settings: PrepareSettings, out: Path, shard: int, lo: int, hi: int
 ) -> int:
-    """Decode, resize and encode records lo..hi-1 into shard ``shard``; returns images kept."""
+    """Decode, resize and encode records lo..hi-1 into shard ``shard``; returns images kept.
+    A full disk is one `DiskFullError` (the partial shard is removed; finished ones are kept)."""
     path = Path(datasets.prepared_shard_path(out, shard))
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        return _write_shard(decoder, settings, out, shard, lo, hi, path, tmp)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        tmp.unlink(missing_ok=True)
+        raise disk_full(
+            f"shard {shard}",
+            str(path.parent),
+            hint="rerun the same command to continue (finished shards are kept)",
+        ) from None
+
+
+def _write_shard(
+    decoder: Decoder,
+    settings: PrepareSettings,
+    out: Path,
+    shard: int,
+    lo: int,
+    hi: int,
+    path: Path,
+    tmp: Path,
+) -> int:
     kept: list[int] = []
     lengths: list[int] = []
     skipped: list[list] = []

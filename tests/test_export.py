@@ -108,7 +108,7 @@ def test_export_writes_artifacts_and_passes_check(exported):
     assert rep["passed"] and rep["n_images"] == 5
     assert {r["artifact"] for r in rep["results"]} == {"model_dir", "jax_export", "onnx"}
     for r in rep["results"]:
-        assert r["ok"] and r["min_cosine"] >= 0.9999 and r["max_abs_err"] < 1e-4 * r["max_abs_ref"]
+        assert r["ok"] and r["max_rel_err"] <= r["tolerance"] <= E.MAX_TOL
     assert "[b, 32, 32, 3] NHWC" in rep["artifacts"][E.JAX_EXPORT_FILE]
     # The model dir is the deploy form without the head, fed like the source model.
     md = load_model_dir(out)
@@ -194,7 +194,7 @@ def test_onnx_graph_and_runtime(tmp_path):
     got = np.concatenate(
         [
             sess.run(["features"], {"x": images[i:j].transpose(0, 3, 1, 2)})[0]
-            for i, j in ((0, 1), (1, 6), (6, 8))
+            for i, j in ((0, 1), (1, 6), (6, len(images)))
         ]
     )
     r = E.compare("onnx", ref, got)

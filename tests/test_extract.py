@@ -317,3 +317,15 @@ def test_training_workdir_as_model(tmp_path, capsys):
     names = (tmp_path / "w.txt").read_text().splitlines()
     want, _ = extract.extract_features(md, [os.path.join(images, n) for n in names])
     np.testing.assert_array_equal(np.load(out), want)
+
+
+def test_replacing_existing_outputs_is_said(tiny_model, image_tree, tmp_path, capsys):
+    mdir, _, _ = tiny_model
+    out = tmp_path / "feats.npy"
+    (tmp_path / "feats.txt").write_text("old names\n")
+    assert run_cli("--model", mdir, "--images", str(image_tree), "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert f"note: replaced the existing {tmp_path / 'feats.txt'}" in err
+    assert "old names" not in (tmp_path / "feats.txt").read_text()
+    assert run_cli("--model", mdir, "--images", str(image_tree), "--out", str(out)) == 0
+    assert f"replaced the existing {out} and {tmp_path / 'feats.txt'}" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def demo_evaluation(config_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     run = resolve(module.get_config())
-    model = build_model(run.model_arch(training=False))
+    model = build_model(run.arch, **run.model_options(training=False))
     size = run.preprocess.input_size[0]
     variables = jax.tree.map(np.asarray, init_variables(model, seed=3, image_size=size))
     return run, model, variables

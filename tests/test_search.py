@@ -113,8 +113,8 @@ def test_append_remove_and_persist(tmp_path, method):
     idx = GalleryIndex(DIM, "IP", method, backend="faiss", model_dir="/some/model")
     ids = idx.add(feats[:40], labels[:40], [f"p{i}" for i in range(40)])
     np.testing.assert_array_equal(ids, np.arange(40))
-    idx.save(str(tmp_path))
-    idx = GalleryIndex.load(str(tmp_path))
+    store.save(idx, str(tmp_path))
+    idx = store.load(str(tmp_path))
     new = idx.add(feats[40:], labels[40:], [f"p{i}" for i in range(40, 60)])
     np.testing.assert_array_equal(new, np.arange(40, 60))  # ids continue from max + 1
     # classes 4 and 5 only exist in the appended part
@@ -125,10 +125,10 @@ def test_append_remove_and_persist(tmp_path, method):
     _, hit_ids = idx.search(centres[[5]], 50)
     assert not set(hit_ids[0].tolist()) & set(range(50, 60))
     assert idx.query(centres[[5]], topk=1, threshold=0.95)[0].prediction == "unknown"
-    idx.save(str(tmp_path))
+    store.save(idx, str(tmp_path))
     # Reload with both backends: same state, same answers.
-    a = GalleryIndex.load(str(tmp_path), backend="faiss")
-    b = GalleryIndex.load(str(tmp_path), backend="exact")
+    a = store.load(str(tmp_path), backend="faiss")
+    b = store.load(str(tmp_path), backend="exact")
     assert len(a) == len(b) == 50
     assert a.model_dir == "/some/model" and a.method == method
     q = centres[[0, 1, 3, 4]]
@@ -171,8 +171,8 @@ def test_search_params_ivf_full_probe_is_exact_and_persist(tmp_path):
     hnsw.add(feats, labels)
     hnsw.search(q, 3)
     assert faiss.downcast_index(hnsw.backend.index.index).hnsw.efSearch == 77
-    hnsw.save(str(tmp_path))
-    again = GalleryIndex.load(str(tmp_path))
+    store.save(hnsw, str(tmp_path))
+    again = store.load(str(tmp_path))
     assert again.ef_search == 77 and again.config["ef_search"] == 77
     with pytest.raises(GalleryError, match="ef_search must be a positive"):
         again.set_search_params(ef_search=0)
@@ -186,12 +186,12 @@ def test_ivf_nlist_formula():
 
 def test_stale_faiss_file_is_rebuilt(tmp_path):
     idx, *_ = make("Flat", "IP", "faiss")
-    idx.save(str(tmp_path))
+    store.save(idx, str(tmp_path))
     small = GalleryIndex(DIM, "IP", "Flat", backend="faiss")
     small.add(np.eye(DIM, dtype=np.float32)[:2], ["a", "b"])
     small.backend.write(str(tmp_path / _meta(tmp_path)["files"]["faiss"]))
     with pytest.warns(UserWarning, match="stale"):
-        again = GalleryIndex.load(str(tmp_path))
+        again = store.load(str(tmp_path))
     assert again.backend.ntotal == len(again) == 60
 
 
@@ -227,7 +227,7 @@ def test_bad_inputs(tmp_path):
     ]
     assert search_cli.parse_delimiter("\\t") == "\t" and search_cli.parse_delimiter("space") == " "
     with pytest.raises(GalleryError, match="not a gallery index"):
-        GalleryIndex.load(str(tmp_path))
+        store.load(str(tmp_path))
     assert search_cli.main(["info", "--index", str(tmp_path)]) == 2
 
 
@@ -339,7 +339,7 @@ def test_cli_build_append_remove_query_on_images(tmp_path, gallery, run):
     # The gallery holds the model's own features: 48 px preprocessing, normalized.
     md = load_model_dir(model, resolve_arch)
     want, _ = extract_features(md, [str(g / n.split("\t")[0]) for n in lines[:6]])
-    np.testing.assert_allclose(GalleryIndex.load(str(index)).features, want, atol=1e-6)
+    np.testing.assert_allclose(store.load(str(index)).features, want, atol=1e-6)
     assert _meta(index)["model_fingerprint"] == md.fingerprint()
     rc, out = run("build", "--model", model, "--images", g / "first.txt", "--index", index)
     assert rc == 2 and "already holds an index" in out.err  # refuses to clobber
@@ -440,7 +440,7 @@ def test_index_without_fingerprint_records_it_at_the_next_append(tmp_path, galle
     assert out.err.count("records no model fingerprint") == 1  # warned once per command
     m = _meta(index)
     assert m["version"] == 2 and m["model_fingerprint"] == fp
-    assert not (index / "features.npy").exists() and len(GalleryIndex.load(str(index))) == 9
+    assert not (index / "features.npy").exists() and len(store.load(str(index))) == 9
 
 
 @pytest.mark.slow
@@ -478,7 +478,7 @@ def test_concurrent_cli_appends_keep_every_image(tmp_path, gallery, run):
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outs]
-    idx = GalleryIndex.load(str(index))
+    idx = store.load(str(index))
     assert len(idx) == 9 and idx.backend.ntotal == 9
     assert sorted(e.path for e in idx.entries) == sorted(f"{g}/{li.split()[0]}" for li in lines)
 

@@ -33,7 +33,7 @@ def saved(tmp_path, method="Flat", metric="IP"):
     )
     idx.add(unit(N, 0), [f"c{i % 4}" for i in range(N)], [f"p{i}.jpg" for i in range(N)])
     d = tmp_path / "idx"
-    idx.save(str(d))
+    store.save(idx, str(d))
     return d, idx
 
 
@@ -66,20 +66,20 @@ def test_generations_commit_and_clean_up(tmp_path):
     assert m["version"] == 2 and m["model_fingerprint"] == "ab" * 32
     assert m["files"] == {"features": "features-000001.npy", "faiss": "vector-000001.index"}
     np.testing.assert_array_equal(np.load(d / "features-000001.npy"), idx.features)
-    idx.save(str(d))
+    store.save(idx, str(d))
     assert sorted(os.listdir(d)) == [
         "features-000002.npy", "index.json", "index.lock", "vector-000002.index"
     ]  # fmt: skip
-    assert_same(GalleryIndex.load(str(d)), idx)
+    assert_same(store.load(str(d)), idx)
 
 
 CRASH = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from jaxrec.search import GalleryIndex
+    from jaxrec.search import store
     d, nth = sys.argv[1], int(sys.argv[2])
-    idx = GalleryIndex.load(d)
+    idx = store.load(d)
     x = np.random.default_rng(7).normal(size=(5, idx.dim)).astype(np.float32)
     idx.add(x / np.linalg.norm(x, axis=1, keepdims=True), ["new"] * 5)
     real, calls = os.replace, []
@@ -89,7 +89,7 @@ CRASH = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         real(src, dst)
     os.replace = replace
-    idx.save(d)
+    store.save(idx, d)
     """
 )
 
@@ -97,7 +97,7 @@ CRASH = textwrap.dedent(
 @pytest.mark.parametrize("nth", [1, 2, 3])  # SIGKILL before renaming features / faiss / index.json
 def test_writer_killed_mid_save_leaves_the_previous_index(tmp_path, nth):
     d, idx = saved(tmp_path)
-    before = GalleryIndex.load(str(d))
+    before = store.load(str(d))
     r = subprocess.run(
         [sys.executable, "-c", CRASH, str(d), str(nth)], capture_output=True, text=True, timeout=300
     )
@@ -106,10 +106,10 @@ def test_writer_killed_mid_save_leaves_the_previous_index(tmp_path, nth):
     assert set(os.listdir(d)) - committed  # the dead writer's files are still there
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loads cleanly: nothing stale, nothing rebuilt
-        after = GalleryIndex.load(str(d))
+        after = store.load(str(d))
     assert_same(after, before)
-    after.save(str(d))  # the next writer commits and removes the leftovers
-    assert len(os.listdir(d)) == 4 and len(GalleryIndex.load(str(d))) == N
+    store.save(after, str(d))  # the next writer commits and removes the leftovers
+    assert len(os.listdir(d)) == 4 and len(store.load(str(d))) == N
 
 
 APPENDER = textwrap.dedent(
@@ -138,7 +138,7 @@ def test_concurrent_appends_lose_nothing(tmp_path):
         for w in range(workers)
     ]
     assert [p.wait(timeout=300) for p in procs] == [0] * workers
-    idx = GalleryIndex.load(str(d))
+    idx = store.load(str(d))
     assert len(idx) == N + workers * n and idx.backend.ntotal == len(idx)
     paths = {e.path for e in idx.entries}
     assert all(f"w{w}_{i}.jpg" in paths for w in range(workers) for i in range(n))
@@ -214,7 +214,7 @@ def test_hand_edited_index_json_gives_one_error_naming_the_key(tmp_path, capsys,
     edit(m)
     (d / search.INDEX_FILE).write_text(json.dumps(m))
     with pytest.raises(GalleryError, match=match):
-        GalleryIndex.load(str(d))
+        store.load(str(d))
     before = snapshot(d)
     for cmd in (["info"], ["repair"], ["remove", "--images", str(d / "index.json")]):
         rc, out = cli(capsys, *cmd, "--index", str(d))
@@ -222,7 +222,7 @@ def test_hand_edited_index_json_gives_one_error_naming_the_key(tmp_path, capsys,
     assert snapshot(d) == before
     (d / search.INDEX_FILE).write_text("{")
     with pytest.raises(GalleryError, match="index.json: not valid JSON"):
-        GalleryIndex.load(str(d))
+        store.load(str(d))
 
 
 def test_truncated_features_name_the_file_and_the_rebuild_command(tmp_path, capsys):
@@ -231,12 +231,12 @@ def test_truncated_features_name_the_file_and_the_rebuild_command(tmp_path, caps
     f.write_bytes(f.read_bytes()[:1000])
     hint = r"python -m jaxrec.search build --model /m --images GALLERY_LIST --index .* --overwrite"
     with pytest.raises(GalleryError, match=rf"{f} is truncated or damaged .*{hint}"):
-        GalleryIndex.load(str(d))
+        store.load(str(d))
     rc, out = cli(capsys, "info", "--index", str(d))
     assert rc == 2 and str(f) in out.err
     f.unlink()
     with pytest.raises(GalleryError, match=rf"{f} is missing"):
-        GalleryIndex.load(str(d))
+        store.load(str(d))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "other-index"])
@@ -255,7 +255,7 @@ def test_damaged_faiss_file_is_rebuilt_from_the_features(tmp_path, capsys, damag
         small.backend.write(str(f))
     store._warned.clear()
     with pytest.warns(UserWarning, match=rf"{f.name} is stale or damaged .*rebuilt .* repair"):
-        again = GalleryIndex.load(str(d))
+        again = store.load(str(d))
     q = unit(5, 9)
     np.testing.assert_array_equal(again.search(q, 3)[1], idx.search(q, 3)[1])
     before = snapshot(d)
@@ -267,7 +267,7 @@ def test_damaged_faiss_file_is_rebuilt_from_the_features(tmp_path, capsys, damag
     assert rc == 0 and f"rewrote {d}: {N} entries" in out.out
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert_same(GalleryIndex.load(str(d)), idx)
+        assert_same(store.load(str(d)), idx)
 
 
 def test_v1_index_loads_with_one_warning_and_is_upgraded_on_write(tmp_path, capsys):
@@ -280,11 +280,11 @@ def test_v1_index_loads_with_one_warning_and_is_upgraded_on_write(tmp_path, caps
     (d / search.INDEX_FILE).write_text(json.dumps({**v1, "version": 1}))
     store._warned.clear()
     with pytest.warns(UserWarning, match="older jaxrec and records no model fingerprint"):
-        old = GalleryIndex.load(str(d))
+        old = store.load(str(d))
     assert old.model_fingerprint is None and old.backend.ntotal == N
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        GalleryIndex.load(str(d))  # warned once per process
+        store.load(str(d))  # warned once per process
     rc, out = cli(capsys, "info", "--index", str(d))
     assert rc == 0 and out.err.count("warning:") == 1
     rc, out = cli(capsys, "repair", "--index", str(d))
@@ -292,4 +292,4 @@ def test_v1_index_loads_with_one_warning_and_is_upgraded_on_write(tmp_path, caps
         "features-000001.npy", "index.json", "index.lock", "vector-000001.index"
     ]  # fmt: skip
     assert meta(d)["version"] == 2 and meta(d)["model_fingerprint"] is None
-    np.testing.assert_array_equal(GalleryIndex.load(str(d)).features, idx.features)
+    np.testing.assert_array_equal(store.load(str(d)).features, idx.features)

@@ -22,14 +22,21 @@ from jaxrec.export.artifacts import (
     onnx_session,
 )
 from jaxrec.export.check import (
-    MAX_REL_ERR,
-    MIN_COSINE,
+    FACTOR,
+    MAX_TOL,
+    NOISE_FLOOR,
+    RULE,
     CheckResult,
     check,
     compare,
+    dead_leaves_images,
+    default_check_images,
     load_check_images,
     reference_features,
+    reference_features64,
+    relative_errors,
     synthetic_images,
+    tolerance,
 )
 from jaxrec.export.cli import main
 from jaxrec.export.passes import ONNX_OPSET
@@ -38,8 +45,10 @@ from jaxrec.export.writer import write_export
 __all__ = [
     "CHECK_FILE",
     "JAX_EXPORT_FILE",
-    "MAX_REL_ERR",
-    "MIN_COSINE",
+    "FACTOR",
+    "MAX_TOL",
+    "NOISE_FLOOR",
+    "RULE",
     "ONNX_FILE",
     "ONNX_OPSET",
     "CheckResult",
@@ -55,6 +64,11 @@ __all__ = [
     "onnx_missing",
     "onnx_session",
     "reference_features",
+    "dead_leaves_images",
+    "default_check_images",
+    "reference_features64",
+    "relative_errors",
     "synthetic_images",
+    "tolerance",
     "write_export",
 ]

@@ -38,10 +38,14 @@ Inputs of both artifacts are images already fed through config.json's `preproces
 features (e.g. BNNeck), not L2-normalized, exactly as PaddleClas exports them; normalize them
 before searching when config.json's `features.normalize` is true.
 
-The check runs the source model (eval mode) and every artifact on the same images (the given
-ones or 8 synthetic ones, fed through the same preprocessing) and requires, per artifact, the
-minimum per-image cosine >= 0.9999 and max|err| <= 1e-4 x max|reference| (an artifact this
-machine cannot run, e.g. a CUDA-only jax.export on a CPU host, is listed as skipped). Exit
+The check runs every artifact and the source model in its training form on the same images
+(the given ones, or 12 default ones: 8 with natural-image statistics and 4 synthetic patterns,
+fed through the same preprocessing) and compares them per image with that model computed in
+float64. Tolerances follow float32 accuracy: eps_model is the float32 training-form model's own
+largest relative error ||f32 - f64|| / ||f64|| on these images (at least 9.5e-7, 16 units of
+float32 roundoff), tol = min(32 x eps_model, 1e-3), and every artifact needs, per image,
+||artifact - f64|| / ||f64|| <= tol and cosine >= 1 - tol^2 (an artifact this machine cannot
+run, e.g. a CUDA-only jax.export on a CPU host, is listed as skipped). Exit
 status 1 if the check fails (OUT is still written, and export_check.json says so), 2 on bad
 input. Everything is written to a temporary directory next to OUT and moved into place at the
 end, so an export that stops with an error or is interrupted leaves no partial OUT."""
@@ -236,7 +240,17 @@ def _main(args: argparse.Namespace) -> int:
         old = out / A.CHECK_FILE
         keep = json.loads(old.read_text()) if old.is_file() else {}
         extra = {k: keep[k] for k in ("source", "artifacts") if k in keep}
-        ok, _ = check(source.model, source.variables, key, out, images, image_source, extra)
+        ok, _ = check(
+            source.model,
+            source.variables,
+            key,
+            out,
+            images,
+            image_source,
+            extra,
+            source.arch,
+            form={"deploy": source.deploy, "fold_bn": source.fold_bn},
+        )
         return 0 if ok else 1
     onnx = not args.no_onnx
     missing = A.onnx_missing() if onnx else None

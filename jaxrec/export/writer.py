@@ -115,6 +115,8 @@ def write_export(
             images,
             image_source,
             extra={"source": source.source, "artifacts": artifact_notes(hw, key, onnx)},
+            arch=reference.arch,
+            form={"deploy": reference.deploy, "fold_bn": reference.fold_bn},
         )
         _install(tmp, out)
     except BaseException:

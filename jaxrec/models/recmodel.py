@@ -59,7 +59,13 @@ class RecModel(nn.Module):
         return out
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 only for references computed with x64 enabled (the export check, jaxrec.export.check).
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "float64": jnp.float64,
+}
 
 
 def _initializer(init: Initializer):

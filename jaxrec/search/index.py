@@ -262,18 +262,3 @@ class GalleryIndex:
                 )
             results.append(QueryResult(hits))
         return results
-
-    # ---- persistence (jaxrec.search.store)
-    def save(self, index_dir: str) -> None:
-        """Write the index to `index_dir` under its lock; the commit is atomic."""
-        from jaxrec.search import store  # noqa: PLC0415
-
-        store.save(self, index_dir)
-
-    @classmethod
-    def load(cls, index_dir: str, backend: str = "auto") -> GalleryIndex:
-        """Read and check an index directory; a damaged or stale faiss file is rebuilt from the
-        features (with a warning)."""
-        from jaxrec.search import store  # noqa: PLC0415
-
-        return store.load(index_dir, backend=backend)

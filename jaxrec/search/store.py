@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from jaxrec.errors import GalleryError
+from jaxrec.errors import GalleryError, disk_full, is_disk_full
 from jaxrec.search.backends import FaissBackend
 from jaxrec.search.index import Entry, GalleryIndex
 from jaxrec.search.schema import FORMAT_NAME, FORMAT_VERSION, LEGACY_FILES, check_meta
@@ -93,9 +93,13 @@ def _write_file(index_dir: str, name: str, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(index_dir, name))
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if is_disk_full(e):
+            raise disk_full(
+                f"index file {name}", index_dir, hint="the index on disk is unchanged"
+            ) from None
         raise
 
 

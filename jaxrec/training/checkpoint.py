@@ -30,6 +30,8 @@ extraction, conversion, tools: read-only, they never move or delete anything).
 from __future__ import annotations
 
 import os
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrec.config import resolve_arch
-from jaxrec.errors import CheckpointMismatchError, JaxrecError, ModelDirError
+from jaxrec.errors import (
+    CheckpointMismatchError,
+    JaxrecError,
+    ModelDirError,
+    disk_full,
+    is_disk_full,
+)
 from jaxrec.models import ModelDir, abstract_variables, build_model, load_model_dir
 from jaxrec.training.sharded_head import is_head_path, unpad_head
 from jaxrec.training.workdir import KINDS, Workdir, load_run
@@ -92,14 +100,22 @@ def _manager(wd: Workdir, which: str, keep: int | None = None) -> ocp.Checkpoint
 
 
 def _steps(wd: Workdir, which: str) -> list[int]:
-    """Completed checkpoint steps of `which`, oldest first."""
-    if not wd.checkpoints(which).is_dir():
-        return []
-    mgr = _manager(wd, which)
-    try:
-        return sorted(mgr.all_steps())
-    finally:
-        mgr.close()
+    """Completed checkpoint steps of `which`, oldest first. Listing a live run's folder can
+    meet a step that the trainer deletes meanwhile: the listing is then taken again."""
+    for attempt in range(5):
+        if not wd.checkpoints(which).is_dir():
+            return []
+        try:
+            mgr = _manager(wd, which)
+            try:
+                return sorted(mgr.all_steps())
+            finally:
+                mgr.close()
+        except OSError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def candidates(
@@ -163,6 +179,47 @@ def _why(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err)[:300]}"
 
 
+def quiet_orbax_background_errors() -> None:
+    """Keep orbax's background-thread reports of a failed save off the terminal: the error
+    reaches `Checkpoints.save` anyway (and becomes one line there). Drops orbax's ERROR log of
+    a signaling thread's exception, and tensorstore callbacks' "Event loop is closed" after a
+    failed save's event loop has shut down. Idempotent."""
+    import logging  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if getattr(quiet_orbax_background_errors, "done", False):
+        return
+    quiet_orbax_background_errors.done = True
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.ERROR
+            and "orbax" in record.pathname
+            and "raised an exception" in record.getMessage()
+        )
+
+    logging.getLogger("absl").addFilter(drop)
+    logging.getLogger().addFilter(drop)
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+
+    sys.excepthook = excepthook
+    unraisable = sys.unraisablehook
+
+    def unraisablehook(info):  # tensorstore reports callback errors this way
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == (
+            "Event loop is closed"
+        ):
+            return
+        unraisable(info)
+
+    sys.unraisablehook = unraisablehook
+
+
 class Checkpoints:
     """The workdir's two orbax CheckpointManagers, for training: `checkpoints/` keeps the last
     `max_to_keep`, `best/` keeps one. Each checkpoint holds the state and a JSON `meta`."""
@@ -172,6 +229,7 @@ class Checkpoints:
     ) -> None:
         """`head_classes`: the real class count of a class-sharded (padded) head, else None."""
         self.head_classes = head_classes
+        quiet_orbax_background_errors()
         self.wd = Workdir(workdir)
         self.workdir = str(self.wd)
         self.latest = _manager(self.wd, "latest", max_to_keep)
@@ -195,8 +253,34 @@ class Checkpoints:
         if step in mgr.all_steps():
             return
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        mgr.save(step, args=args, force=True)
-        mgr.wait_until_finished()
+        try:
+            mgr.save(step, args=args, force=True)
+            mgr.wait_until_finished()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise self._disk_full(mgr, step, state) from None
+
+    def _disk_full(self, mgr, step: int, state: Any) -> JaxrecError:
+        """Remove the half-written checkpoint (orbax never lists it) and say what happened."""
+        directory = os.fspath(mgr.directory)
+        for name in os.listdir(directory) if jax.process_index() == 0 else []:
+            if name.startswith(f"{step}.") and "tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        leaves = jax.tree.leaves(state)
+        needed = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
+        done = self.steps("latest")
+        return disk_full(
+            f"checkpoint step {step}",
+            directory,
+            needed,
+            (
+                f"the last complete checkpoint is step {done[-1]}"
+                if done
+                else "no checkpoint was completed yet"
+            )
+            + "; rerun the same command to resume from it",
+        )
 
     def steps(self, which: str = "latest") -> list[int]:
         return sorted(self._mgr(which).all_steps())
@@ -300,6 +384,31 @@ def read_checkpoint(
     return s, jax.tree.map(np.asarray, state), meta
 
 
+class _Vanished(Exception):
+    """The checkpoint directory disappeared while it was read (rotated out by a live run)."""
+
+
+def _read_live(wd: Workdir, which: str, step: int) -> tuple[dict, dict]:
+    """`_read` for a workdir a trainer may be writing: a checkpoint deleted while being read
+    (the trainer keeps only the last K) raises `_Vanished`, not a damage error. A read that
+    fails on a checkpoint that is still there is retried once before it counts as damage."""
+    ckpt = Path(wd.checkpoint(which, step))
+    for attempt in range(2):
+        try:
+            return _read(wd, which, step)
+        except Exception:  # noqa: BLE001 - orbax raises many kinds for damaged files
+            for _ in range(10):  # a rotation deletes file by file: give it a moment
+                if not (ckpt / "state").is_dir():
+                    raise _Vanished(str(ckpt)) from None
+                time.sleep(0.05)
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+_LIVE_RETRIES = 5
+
+
 def restore_variables(
     workdir: str | os.PathLike, which: str = "best", step: int | None = None
 ) -> tuple[Any, dict[str, Any], int, str]:
@@ -309,24 +418,55 @@ def restore_variables(
     "best" (the best evaluation) or "latest". If that checkpoint is missing or unreadable, the
     newest readable checkpoint in WORKDIR/checkpoints is used with a warning naming it. Nothing
     in the workdir is moved or deleted. Variables are float32 numpy arrays.
+
+    Safe beside a running trainer: a checkpoint that the trainer rotates out while it is read
+    is not "unreadable"; the checkpoints are listed again and the newest is read (with a
+    warning naming both).
     """
+    quiet_orbax_background_errors()  # a read of a vanishing checkpoint stays quiet too
     wd = Workdir(workdir)
     run = load_run(wd.root)
+    model = build_model(run.arch, **run.model_options(training=False))
+    want = abstract_variables(model)
+    want_sig = signature(want["params"], want.get("batch_stats", {}))
+    rotated: list[str] = []
+    for _attempt in range(_LIVE_RETRIES):
+        try:
+            kind, s, variables = _pick(wd, which, step, want_sig, rotated)
+        except _Vanished as gone:
+            if step is not None:
+                avail = sorted(set(_steps(wd, "latest")) | set(_steps(wd, "best")))
+                raise CheckpointMismatchError(
+                    f"checkpoint {gone} was removed while it was read (a running trainer keeps "
+                    f"only its last checkpoints); pick a newer --step: available {avail}"
+                ) from None
+            rotated.append(str(gone))
+            continue
+        variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+        return run, variables, int(s), f"workdir {wd} ({KINDS[kind]} step {s})"
+    raise CheckpointMismatchError(
+        f"{wd}: the running trainer removed {_LIVE_RETRIES} checkpoints in a row while they were "
+        f"read ({', '.join(rotated)}); raise Global.keep_checkpoints or try again"
+    )
+
+
+def _pick(wd: Workdir, which: str, step: int | None, want_sig: list[str], rotated: list[str]):
+    """(kind, step, variables) of the checkpoint `restore_variables` uses; `_Vanished` when the
+    one being read disappears."""
     found = candidates(wd, which, step)
     if not found:
         raise CheckpointMismatchError(
             f"no checkpoint found in {wd.checkpoints('latest')} or {wd.checkpoints('best')}"
         )
-    model = build_model(run.arch, **run.model_options(training=False))
-    want = abstract_variables(model)
-    want_sig = signature(want["params"], want.get("batch_stats", {}))
     problems = []
     if step is None and which == "best" and not _steps(wd, "best"):
         problems.append(f"{wd.checkpoints('best')} holds no checkpoint (no evaluation ran)")
     for kind, s in found:
         ckpt = wd.checkpoint(kind, s)
         try:
-            state, _meta = _read(wd, kind, s)
+            state, _meta = _read_live(wd, kind, s)
+        except _Vanished:
+            raise
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
             if step is not None:
                 raise CheckpointMismatchError(
@@ -338,12 +478,17 @@ def restore_variables(
         got_sig = signature(variables["params"], variables["batch_stats"])
         if [g.rsplit(" ", 1)[0] for g in got_sig] != [w.rsplit(" ", 1)[0] for w in want_sig]:
             raise _mismatch(str(ckpt), got_sig, want_sig)
+        if rotated:
+            problems.insert(
+                0,
+                f"{', '.join(rotated)} was removed by the running trainer while it was read "
+                "(it keeps only its last checkpoints)",
+            )
         if problems:
             warnings.warn(
-                "; ".join(problems) + f"; using {ckpt} instead (nothing was moved)", stacklevel=2
+                "; ".join(problems) + f"; using {ckpt} instead (nothing was moved)", stacklevel=4
             )
-        variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
-        return run, variables, int(s), f"workdir {wd} ({KINDS[kind]} step {s})"
+        return kind, s, variables
     raise CheckpointMismatchError(
         f"no readable checkpoint in {wd}: " + "; ".join(problems) + ". Training (train.py on "
         "this workdir) moves unreadable checkpoints aside and resumes from the last good one."

@@ -31,6 +31,7 @@ from jaxrec.models import build_model
 from jaxrec.paddle.yaml_out import save_paddleclas_yaml
 from jaxrec.parallel import AXIS, make_mesh
 from jaxrec.training import tensorboard as logging_lib
+from jaxrec.training import workdir_lock
 from jaxrec.training.checkpoint import Checkpoints
 from jaxrec.training.optimizer import build_optimizer
 from jaxrec.training.preemption import PreemptionWatch
@@ -102,12 +103,15 @@ class _Divergence:
         )
 
 
+@workdir_lock.held_during
 def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     """Train with the run's recipe, evaluating and checkpointing into `workdir`; returns the
     last evaluation metrics (may be empty). `run.config` (the config the run was resolved from)
     is what WORKDIR/config.json and paddleclas.yaml record and what a resume is checked
     against."""
     workdir = os.path.abspath(workdir)
+    if os.path.isdir(workdir) and jax.process_count() == 1:
+        workdir_lock.acquire(workdir)  # a resubmitted run stops here, before any work
     check_resume_config(run.config, workdir, run.loop.allow_config_change)
     if run.train is None:
         raise ConfigError("DataLoader.Train", "is required to train (the config has none)")
@@ -116,6 +120,7 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     loss = build_loss(run.loss)
     loader = inputs.train_loader(run.train, mesh, run.seed, class_num=run.class_num)
     os.makedirs(workdir, exist_ok=True)  # only once the config and the data are known good
+    workdir_lock.acquire(workdir)  # one run per workdir, before anything is written
     spe, epochs = loader.steps_per_epoch, run.loop.epochs
     total_steps = spe * epochs
 
