@@ -143,10 +143,11 @@ def test_flags_override_with_a_note(tiny_model, image_tree, tmp_path, capsys):
     want = reference(variables, [img], 64, image.SCALE_TRAIN)
     np.testing.assert_allclose(np.load(out), want, atol=2e-5)
     # A flag equal to the model's own value says nothing.
-    assert run_cli("--model", mdir, "--images", img, "--out", str(out), "--image-size", "48",
+    out2 = tmp_path / "o2.npy"  # a new file: replacing one is a note of its own
+    assert run_cli("--model", mdir, "--images", img, "--out", str(out2), "--image-size", "48",
                    "--pixel-scale", "deploy", "--output-key", "features") == 0  # fmt: skip
     assert "note" not in capsys.readouterr().err
-    np.testing.assert_allclose(np.load(out), reference(variables, [img]), atol=2e-5)
+    np.testing.assert_allclose(np.load(out2), reference(variables, [img]), atol=2e-5)
 
 
 def test_v1_model_dir_gets_the_old_defaults_with_a_note(tiny_model, image_tree, tmp_path, capsys):
