@@ -70,3 +70,27 @@ def test_two_evaluations_compile_once_and_match_the_kernel(tmp_path, no_persiste
     )
     for k, v in r1["metrics"].items():
         assert v == want[k]
+
+
+def test_a_block_of_unanswerable_queries_gives_nan_and_says_why(tmp_path):
+    """PaddleClas semantics: a query block in which no query has an item of its class in the
+    gallery makes block-weighted recall/mAP NaN; the evaluator keeps the value and explains."""
+    data = make_tiny_dataset(str(tmp_path), train_classes=1, eval_classes=3, per_class=4)
+    eval_lines = (tmp_path / "eval.txt").read_text().splitlines()
+    unknown = [
+        ln + f" {100 + i}"
+        for i, ln in enumerate((tmp_path / "train.txt").read_text().split("\n")[:4])
+    ]
+    (tmp_path / "query.txt").write_text("\n".join(eval_lines + unknown) + "\n")
+    cfg = tiny_config(data)
+    cfg.DataLoader.Eval.Query.dataset.cls_label_path = str(tmp_path / "query.txt")
+    cfg.Global.sim_block_size = 4
+    run = resolve(cfg)
+    model = build_model(run.arch, **run.model_options(training=False))
+    evaluator = RetrievalEvaluator.for_model(run.eval, model, make_mesh(jax.devices()[:1]))
+    with pytest.warns(UserWarning) as seen:
+        metrics = evaluator.evaluate(init_variables(model, seed=0, image_size=32))
+    assert all(np.isnan(v) for v in metrics.values()), metrics
+    text = " ".join(str(w.message) for w in seen)
+    assert "4 of 16 queries have no item of their class in the gallery" in text
+    assert "query rows 12-15 (blocks of 4)" in text and "recall1" in text

@@ -142,3 +142,32 @@ def test_bad_input_errors():
         metrics.retrieval_metrics_from_similarity(
             np.zeros((2, 3)), [0, 1], [0, 1, 1], topk=[1], metrics=["auc"]
         )
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_has_positive_equals_the_ranked_relevance(with_ids):
+    """`has_positive` (label counts) says exactly which queries the [Q, G] relevance calls
+    valid, with and without the same-id exclusion; blocks without one are the NaN blocks."""
+    from jaxrec.evaluation.metrics import (
+        PerQuery,
+        blocks_without_positives,
+        has_positive,
+        keep_mask,
+        ranked_relevance,
+    )
+
+    rs = np.random.RandomState(0)
+    ql, gl = rs.randint(0, 9, 40), rs.randint(0, 6, 30)
+    qi = gl_i = None
+    if with_ids:
+        qi, gl_i = rs.randint(0, 4, 40), rs.randint(0, 4, 30)
+    keep = keep_mask(ql, gl, qi, gl_i)
+    rel = ranked_relevance(rs.normal(size=(40, 30)), ql, gl, keep, False)
+    want = PerQuery.from_relevance(rel, (1,)).valid
+    got = has_positive(ql, gl, qi, gl_i)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < got.sum() < 40
+    valid = np.ones(10, bool)
+    valid[4:8] = False
+    assert blocks_without_positives(valid, 4) == [1]
+    assert blocks_without_positives(valid, 3) == []

@@ -8,6 +8,7 @@ equality, as in PaddleClas, so any integer labels work there (no range check).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 from jaxrec import inputs
 from jaxrec.config.spec import EvalSpec
 from jaxrec.errors import ConfigError
+from jaxrec.evaluation.metrics import blocks_without_positives, has_positive
 from jaxrec.evaluation.retrieval import retrieval_metrics
 from jaxrec.models.features import FeatureFn, feature_fn
 from jaxrec.parallel import data_sharding, host_array, replicated
@@ -85,6 +87,29 @@ class RetrievalEvaluator:
             drop_excluded=self.spec.drop_excluded,
         )
         metrics = {k: float(out[k]) for k in self.spec.keys}
+        if any(np.isnan(v) for v in metrics.values()):
+            self._explain_nan(metrics)
         if return_features:
             return {"metrics": metrics, "query_features": qf, "gallery_features": gf}
         return metrics
+
+    def _explain_nan(self, metrics: dict[str, float]) -> None:
+        """Say why a metric is NaN when a query block holds no query with a relevant item."""
+        valid = has_positive(
+            self.query.labels, self.gallery.labels, self.query.uids, self.gallery.uids
+        )
+        blocks = blocks_without_positives(valid, self.spec.block_size)
+        if not blocks:
+            return
+        nan = [k for k, v in metrics.items() if np.isnan(v)]
+        size = self.spec.block_size
+        shown = ", ".join(f"{b * size}-{min((b + 1) * size, valid.size) - 1}" for b in blocks[:5])
+        more = f" and {len(blocks) - 5} more" if len(blocks) > 5 else ""
+        warnings.warn(
+            f"{', '.join(nan)} NaN: {int((~valid).sum())} of {valid.size} queries have no item "
+            f"of their class in the gallery, and the query rows {shown}{more} (blocks of {size}) "
+            "hold only such queries; PaddleClas averages per block, so a block without a "
+            "query that can be answered makes the metric NaN (ref §8.4). Shuffle the query list "
+            "so unknown queries are spread out, or list them separately.",
+            stacklevel=2,
+        )

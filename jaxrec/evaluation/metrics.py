@@ -58,6 +58,38 @@ def keep_mask(
     return (ql[:, None] != gl[None, :]) | (qi[:, None] != gi[None, :])
 
 
+def has_positive(
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    query_ids: np.ndarray | None = None,
+    gallery_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """bool [Q]: whether a query has a relevant gallery item (same label, not excluded by the
+    keep mask), without the [Q, G] matrix: label counts minus the excluded same-id pairs."""
+    ql, gl = _flat(query_labels), _flat(gallery_labels)
+    labels, counts = np.unique(gl, return_counts=True)
+    pos = np.searchsorted(labels, ql)
+    found = (pos < labels.size) & (labels[np.minimum(pos, labels.size - 1)] == ql)
+    n = np.where(found, counts[np.minimum(pos, labels.size - 1)], 0)
+    if query_ids is not None and gallery_ids is not None:
+        pairs, pair_counts = np.unique(
+            np.stack([gl, _flat(gallery_ids)], axis=1), axis=0, return_counts=True
+        )
+        table = {(a.item(), b.item()): c for (a, b), c in zip(pairs, pair_counts, strict=True)}
+        n = n - np.array(
+            [table.get((a.item(), b.item()), 0) for a, b in zip(ql, _flat(query_ids), strict=True)],
+            dtype=n.dtype,
+        )
+    return n > 0
+
+
+def blocks_without_positives(valid: np.ndarray, block_size: int = SIM_BLOCK_SIZE) -> list[int]:
+    """The query blocks (0-based) in which no query has a relevant item: PaddleClas's
+    block-weighted recall and mAP are NaN when there is one."""
+    q = valid.size
+    return [b for b, s in enumerate(range(0, q, block_size)) if not valid[s : s + block_size].any()]
+
+
 def _flat(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 2 and x.shape[1] == 1:
