@@ -44,7 +44,9 @@ from jaxrec.evaluation import RetrievalEvaluator
 from jaxrec.parallel import make_mesh
 run, model, variables = demo_evaluation(sys.argv[4])
 mesh = make_mesh()
-res = RetrievalEvaluator(run.eval, model, mesh).evaluate(variables, return_features=True)
+res = RetrievalEvaluator.for_model(run.eval, model, mesh).evaluate(
+    variables, return_features=True
+)
 np.save(sys.argv[5] + f"/features{pid}.npy", res["query_features"])
 print(json.dumps({"metrics": res["metrics"], "devices": int(mesh.devices.size),
                   "processes": jax.process_count()}))
@@ -66,7 +68,8 @@ def test_two_process_evaluation_equals_one_process_on_the_demo(tmp_path):
     exec(_SETUP, namespace)  # the same model and weights, in this single process
     run, model, variables = namespace["demo_evaluation"](DEMO_CONFIG)
     assert jax.process_count() == 1 and jax.device_count() == 8
-    res = RetrievalEvaluator(run.eval, model, make_mesh()).evaluate(variables, return_features=True)
+    evaluator = RetrievalEvaluator.for_model(run.eval, model, make_mesh())
+    res = evaluator.evaluate(variables, return_features=True)
     want = res["metrics"]
     assert set(want) == {"recall1", "recall5", "mAP"} and want["recall1"] > 0.4
     for i, out in enumerate(outs):

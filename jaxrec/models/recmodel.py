@@ -110,11 +110,11 @@ def build_model(
     PaddleClas Arch section).
 
     Runtime options: `dtype` ("float32" | "bfloat16" | "float16", or "float64" for a reference
-    computed with x64 enabled) is the compute dtype (parameters stay float32); `deploy` fuses the rep blocks' branches (ref §2.6); `fold_bn`
-    (with `deploy`) folds every BatchNorm into its conv and the BNNeck into a per-feature affine
-    map, an inference-only form (see `jaxrec.models.fold`); `bn_axis_name` is the mesh axis for
-    synchronized BN batch statistics in training (None: per-device statistics, as the
-    reference).
+    computed with x64 enabled) is the compute dtype (parameters stay float32); `deploy` fuses
+    the rep blocks' branches (ref §2.6); `fold_bn` (with `deploy`) folds every BatchNorm into
+    its conv and the BNNeck into a per-feature affine map, an inference-only form (see
+    `jaxrec.models.fold`); `bn_axis_name` is the mesh axis for synchronized BN batch
+    statistics in training (None: per-device statistics, as the reference).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"build_model: dtype {dtype!r} is not one of {sorted(_DTYPES)}")

@@ -182,8 +182,9 @@ def _why(err: Exception) -> str:
 def quiet_orbax_background_errors() -> None:
     """Keep orbax's background-thread reports of a failed save off the terminal: the error
     reaches `Checkpoints.save` anyway (and becomes one line there). Drops orbax's ERROR log of
-    a signaling thread's exception, and tensorstore callbacks' "Event loop is closed" after a
-    failed save's event loop has shut down. Idempotent."""
+    a signaling thread's exception, asyncio's reports of orbax write futures whose exception was
+    never retrieved, and tensorstore callbacks' "Event loop is closed" after a failed save's
+    event loop has shut down. Idempotent."""
     import logging  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
@@ -198,8 +199,21 @@ def quiet_orbax_background_errors() -> None:
             and "raised an exception" in record.getMessage()
         )
 
+    def drop_unretrieved(record: logging.LogRecord) -> bool:
+        # A failed sharded save fails several write futures; asyncio logs the ones that were
+        # not awaited when their event loop is collected.
+        if "exception was never retrieved" not in record.getMessage():
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return "orbax" not in record.getMessage()
+
     logging.getLogger("absl").addFilter(drop)
     logging.getLogger().addFilter(drop)
+    logging.getLogger("asyncio").addFilter(drop_unretrieved)
     hook = sys.excepthook
 
     def excepthook(kind, value, tb):

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any, NoReturn
 
+from jaxrec.training.workdir import Workdir
+
 HEARTBEAT_S = 20  # seconds without a heartbeat before a process is declared dead
 EXIT_CODE = 1
 _WAIT_FOR_SERVICE_S = HEARTBEAT_S + 10.0  # the service names a dead peer within HEARTBEAT_S
@@ -233,13 +235,15 @@ def _resume_hint() -> str:
     workdir = _state["workdir"]
     step = None
     if workdir is not None:
+        # A plain listing: orbax's CheckpointManager synchronizes all processes when it opens,
+        # which would wait forever for the dead peer. Committed steps are folders named by
+        # their step (orbax writes into a temporary name and renames on commit).
         try:
-            from jaxrec.training.checkpoint import steps_in  # noqa: PLC0415
-
-            steps = steps_in(workdir, "latest")
-            step = steps[-1] if steps else None
-        except Exception:  # noqa: BLE001
-            step = None
+            names = os.listdir(Workdir(workdir).checkpoints("latest"))
+        except OSError:
+            names = []
+        steps = sorted(int(n) for n in names if n.isdigit())
+        step = steps[-1] if steps else None
     cmd = shlex.join(["python", *sys.argv])
     if step is not None:
         ckpt = f"last checkpoint: step {step} in {workdir}/checkpoints"
