@@ -196,7 +196,7 @@ def test_list_and_single_image_inputs(tiny_model, image_tree, tmp_path):
 
 def test_bad_images_fail_with_name_or_are_skipped(tiny_model, image_tree, tmp_path, capsys):
     mdir, _, _ = tiny_model
-    good = open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()  # noqa: SIM115
+    good = open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()
     (tmp_path / "broken.jpg").write_bytes(good[: len(good) // 3])
     lst = tmp_path / "imgs.txt"
     lst.write_text(
