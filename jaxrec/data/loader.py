@@ -201,6 +201,11 @@ class Decoder:
                     self._cache_left -= img.nbytes
         return img
 
+    @property
+    def cached_images(self) -> int:
+        """Prepared images held in the cache (it keeps what fits in ``cache_bytes``)."""
+        return len(self._cache)
+
     def report(self) -> list[str]:
         return [f"{self.source.describe(i)}: {why}" for i, why in sorted(self.bad.items())]
 
@@ -267,6 +272,16 @@ class TrainLoader:
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
+
+    @property
+    def cached_images(self) -> int:
+        """Prepared images held in the decode cache (``cache_bytes``)."""
+        return self._decoder.cached_images
+
+    @property
+    def batches_on_device(self) -> int:
+        """Batches already sent to the devices ahead of use (at most ``device_prefetch``)."""
+        return len(self._inflight.ready)
 
     def state(self) -> dict[str, int]:
         """Position of the next batch, plus what must match on restore."""
