@@ -142,7 +142,8 @@ def test_flags_override_with_a_note(tiny_model, image_tree, tmp_path, capsys):
     )
     want = reference(variables, [img], 64, image.SCALE_TRAIN)
     np.testing.assert_allclose(np.load(out), want, atol=2e-5)
-    # A flag equal to the model's own value says nothing.
+    # A flag equal to the model's own value says nothing (a new --out: replacing one is a note).
+    out = tmp_path / "same.npy"
     assert run_cli("--model", mdir, "--images", img, "--out", str(out), "--image-size", "48",
                    "--pixel-scale", "deploy", "--output-key", "features") == 0  # fmt: skip
     assert "note" not in capsys.readouterr().err
