@@ -26,9 +26,14 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 
+from jaxrec import parallel
 from jaxrec.config.flags import define_distributed_flags
+from jaxrec.errors import JaxrecError, warnings_as_lines
+from jaxrec.evaluate import evaluate_workdir, follow_workdir
+from jaxrec.evaluation.open_set import open_set_lines
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (written by train.py).")
 _STEP = flags.DEFINE_integer("step", None, "Evaluate the checkpoint of this training step.")
@@ -57,13 +62,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if sum([_STEP.value is not None, _BEST.value, _LATEST.value]) > 1:
         raise app.UsageError("use at most one of --step, --best, --latest")
-
-    import jax
-    from absl import logging
-
-    from jaxrec import parallel
-    from jaxrec.errors import JaxrecError, warnings_as_lines
-    from jaxrec.evaluate import evaluate_workdir, follow_workdir
 
     if not any(a.startswith(("-v", "--v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
@@ -102,8 +100,6 @@ def main(argv: list[str]) -> None:
 
 
 def _print(res: dict) -> None:
-    import jax
-
     if jax.process_index() != 0:  # process 0 reports for all
         return
     print(f"evaluated {res['source']}")
@@ -111,8 +107,6 @@ def _print(res: dict) -> None:
     for k, v in res["metrics"].items():
         print(f"{k:<12}{v:>10.4f}")
     if res.get("open_set"):
-        from jaxrec.evaluation.open_set import open_set_lines
-
         print("\n".join(open_set_lines(res["open_set"])))
     if res["json"]:
         print(f"metrics: {res['json']}")

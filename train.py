@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxrec import parallel
+from jaxrec.config import resolve
 from jaxrec.config.flags import define_distributed_flags
+from jaxrec.errors import JaxrecError
+from jaxrec.training import loop as trainer
+from jaxrec.training import peers
+from jaxrec.training.preemption import EXIT_STATUS, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -48,15 +54,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from absl import logging
-
-    from jaxrec import parallel
-    from jaxrec.config import resolve
-    from jaxrec.errors import JaxrecError
-    from jaxrec.training import loop as trainer
-    from jaxrec.training import peers
-    from jaxrec.training.preemption import EXIT_STATUS, Preempted
-
     if logging.get_verbosity() == logging.INFO and not any(
         a.startswith(("-v", "--v")) for a in sys.argv
     ):

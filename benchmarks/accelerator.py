@@ -26,7 +26,9 @@ training), with the recipe of configs/general_v2.py (PPLCNetV2_base_ShiTu + BNNe
 
 With ``--tiny`` (automatic when the only backend is the CPU) everything shrinks (32 px, 64
 classes, 8 per device, 2 timed steps) so that a CPU can check the whole benchmark works. It
-prints one table and, with ``--json``, writes every number.
+prints one table and, with ``--json``, writes every number, with the first step's losses and
+gradient norm of both synthetic rows (the two head placements compute the same step) and the
+shape of the inference features.
 """
 
 from __future__ import annotations
@@ -101,13 +103,15 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int], classes: int, k: int
 
 
 def _timed_steps(step, state, batches, rng, warmup: int, steps: int):
-    """(state, compile_s, step_s): first call, warm-up, then ``steps`` timed steps."""
+    """(state, compile_s, step_s, first): first call, warm-up, then ``steps`` timed steps;
+    ``first`` is the first step's metrics (losses, gradient norm, learning rate)."""
     import jax
 
     t = time.perf_counter()
     state, m = step(state, next(batches), rng)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t
+    first = {k: float(v) for k, v in m.items()}
     for i in range(warmup):
         state, m = step(state, next(batches), jax.random.fold_in(rng, i + 1))
     jax.block_until_ready(m)
@@ -115,7 +119,7 @@ def _timed_steps(step, state, batches, rng, warmup: int, steps: int):
     for i in range(steps):
         state, m = step(state, next(batches), jax.random.fold_in(rng, warmup + i + 1))
     jax.block_until_ready((state.step, m))
-    return state, compile_s, (time.perf_counter() - t) / steps
+    return state, compile_s, (time.perf_counter() - t) / steps, first
 
 
 def run(args: argparse.Namespace, p: dict) -> dict:
@@ -143,6 +147,8 @@ def run(args: argparse.Namespace, p: dict) -> dict:
     loss = build_loss(run_.loss)
     s = p["size"]
     params, stats = init_params(model, loss, (s, s, 3), jax.random.key(0))
+    # On the host: each create_state below gets buffers of its own (the steps donate them).
+    params, stats = jax.device_get((params, stats))
     res["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
     tx, schedule = build_optimizer(run_.optim, 1000, 100, params, stats)
     dtype = jnp.dtype(run_.compute_dtype)
@@ -174,10 +180,10 @@ def run(args: argparse.Namespace, p: dict) -> dict:
     step = new_step()
     state = create_state(params, stats, tx, mesh)
     forever = iter(lambda: synth, None)
-    state, compile_s, dt = _timed_steps(
+    state, compile_s, dt, first = _timed_steps(
         step, state, forever, jax.random.key(1), p["warmup"], p["steps"]
     )
-    res["train_synthetic"] = {"compile_s": compile_s, **rate(dt)}
+    res["train_synthetic"] = {"compile_s": compile_s, **rate(dt), "first_step": first}
 
     # 1b. The same with the class-sharded head.
     plan, why = plan_head(model, loss, ndev)
@@ -185,12 +191,16 @@ def run(args: argparse.Namespace, p: dict) -> dict:
         res["train_synthetic_sharded_head"] = {"skipped": why}
     else:
         sharded_state = create_state(params, stats, tx, mesh, plan)
-        sharded_state, compile_s, dt = _timed_steps(
+        sharded_state, compile_s, dt, first = _timed_steps(
             new_step(head_plan=plan), sharded_state, forever, jax.random.key(1), p["warmup"],
             p["steps"],
         )  # fmt: skip
         del sharded_state
-        res["train_synthetic_sharded_head"] = {"compile_s": compile_s, **rate(dt)}
+        res["train_synthetic_sharded_head"] = {
+            "compile_s": compile_s,
+            **rate(dt),
+            "first_step": first,
+        }
 
     # 2-4. The real loader.
     tmp = tempfile.mkdtemp(prefix="jaxrec_accel_")
@@ -225,11 +235,11 @@ def run(args: argparse.Namespace, p: dict) -> dict:
         for _ in range(n):
             jax.block_until_ready(next(ld))
         res["loader_only"] = {"images_per_s": n * b / (time.perf_counter() - t)}
-        state, _, dt = _timed_steps(step, state, ld, jax.random.key(2), p["warmup"], p["steps"])
+        state, _, dt, _ = _timed_steps(step, state, ld, jax.random.key(2), p["warmup"], p["steps"])
         res["train_loader"] = rate(dt)
     aug_step = new_step(DeviceAugment.from_transform(run_.train.transform))
     with loader(False) as ld:
-        state, compile_s, dt = _timed_steps(
+        state, compile_s, dt, _ = _timed_steps(
             aug_step, state, ld, jax.random.key(3), p["warmup"], p["steps"]
         )
         res["train_loader_device_aug"] = {"compile_s": compile_s, **rate(dt)}
@@ -260,6 +270,11 @@ def run(args: argparse.Namespace, p: dict) -> dict:
         out = fwd(variables, synth["image"])
     jax.block_until_ready(out)
     res["inference"] = {"compile_s": compile_s, **rate((time.perf_counter() - t) / p["steps"])}
+    feats = np.asarray(out, np.float32)
+    res["inference"]["features"] = {
+        "shape": list(feats.shape),
+        "finite": bool(np.isfinite(feats).all()),
+    }
     return res
 
 

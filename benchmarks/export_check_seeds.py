@@ -36,7 +36,7 @@ PHOTOS = [
 
 def config(photos: str, list_file: str, seed: int, steps: int, size: int = 64):
     sys.path.insert(0, os.path.join(REPO, "configs"))
-    import general_v2  # noqa: PLC0415
+    import general_v2
 
     c = general_v2.get_config()
     c.Global.seed = seed
@@ -73,9 +73,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the per-seed results here")
     args = ap.parse_args()
 
-    import jaxrec.export as E  # noqa: PLC0415
-    from jaxrec.config import resolve  # noqa: PLC0415
-    from jaxrec.training import loop  # noqa: PLC0415
+    import jaxrec.export as E
+    from jaxrec.config import resolve
+    from jaxrec.training import loop
 
     os.makedirs(args.work, exist_ok=True)
     photos = os.path.join(args.work, "photos")

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import metric_learning  # noqa: E402
+import metric_learning
 
 
 def get_config(prepared_dir: str | None = None):

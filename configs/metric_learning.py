@@ -34,10 +34,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import general_v2  # noqa: E402
-import ml_collections  # noqa: E402
+import general_v2
+import ml_collections
 
-from jaxrec.config import defaults  # noqa: E402
+from jaxrec.config import defaults
 
 _C = ml_collections.ConfigDict
 

@@ -7,6 +7,14 @@ to fix it. Anything else escaping a command is a bug in jaxrec and keeps its tra
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+
 
 class JaxrecError(ValueError):
     """Base class of the errors a user can act on."""
@@ -77,8 +85,6 @@ _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_c
 def is_disk_full(err: BaseException) -> bool:
     """Whether `err` (or an exception it was raised from) is a full filesystem: an OSError with
     ENOSPC/EDQUOT, or a wrapped one (tensorstore/orbax report it as text)."""
-    import errno  # noqa: PLC0415
-
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -96,9 +102,6 @@ def is_disk_full(err: BaseException) -> bool:
 
 def disk_full(what: str, path: str, needed: int | None = None, hint: str = "") -> DiskFullError:
     """The one-line DiskFullError for `what` written under `path` (`needed` bytes, if known)."""
-    import os  # noqa: PLC0415
-    import shutil  # noqa: PLC0415
-
     probe = path
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -123,21 +126,15 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def warnings_as_lines():  # returns a context manager
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
     """Context manager for command-line entry points: Python warnings inside it print as one
     `warning: ...` line on stderr (no file/line/source echo), every time they are issued."""
-    import contextlib  # noqa: PLC0415 - keeps this module import-free for the error classes
-    import sys  # noqa: PLC0415
-    import warnings  # noqa: PLC0415
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
-    @contextlib.contextmanager
-    def scope():
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            yield
-
-    return scope()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield

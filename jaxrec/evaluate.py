@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxrec.config import Run
+from jaxrec.data.loader import to_rgb_array
 from jaxrec.evaluation.evaluator import RetrievalEvaluator
 from jaxrec.evaluation.open_set import open_set_report
 from jaxrec.evaluation.ranklist import save_rank_list
@@ -119,8 +120,6 @@ def follow_workdir(
 
 def draw_ranklist(evaluator: RetrievalEvaluator, res: dict, path: str, num: int, k: int = 5) -> str:
     """Rank-list PNG of `num` evenly spaced queries and their top-k gallery items."""
-    from jaxrec.data.loader import to_rgb_array
-
     q, g = evaluator.query, evaluator.gallery
     rows = np.unique(np.linspace(0, len(q) - 1, num).round().astype(np.int64))
     has_ids = q.uids is not None and g.uids is not None

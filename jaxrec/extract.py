@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jaxrec.config import resolve_arch
 from jaxrec.data import image as image_lib
@@ -108,8 +109,6 @@ def extract_features(
     workers = num_workers or min(8, (os.cpu_count() or 2) + 2)
     bar = None
     if progress:
-        from tqdm import tqdm  # noqa: PLC0415
-
         bar = tqdm(total=len(paths), unit="img", desc="extract", file=sys.stderr)
 
     def batches(pool: cf.Executor) -> Iterator[tuple[np.ndarray, list[str]]]:
@@ -386,7 +385,7 @@ def _main(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        from jaxrec.export.int8 import onnx_forward  # noqa: PLC0415
+        from jaxrec.export.int8 import onnx_forward  # noqa: PLC0415 - export imports this module
 
         try:
             forward = onnx_forward(args.model, pre, feat.normalize, int8=args.int8)

@@ -12,11 +12,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxrec.config.spec import DatasetSpec, EvalDataSpec, TFDSSpec, TrainDataSpec
-from jaxrec.data import datasets
+from jaxrec.data import datasets, protocols
+from jaxrec.data.loader import EvalLoader, TrainLoader
 from jaxrec.data.preprocess import Preprocess
+from jaxrec.data.sampler import PKSampler
 from jaxrec.errors import LabelError
 
 
@@ -26,8 +29,6 @@ def host_threads(num_workers: int | None) -> int | None:
     number (capped at the host's cores). None keeps the loader's default (all cores)."""
     if not num_workers:
         return None
-    import jax
-
     return max(1, min(num_workers * jax.local_device_count(), os.cpu_count() or 1))
 
 
@@ -37,8 +38,6 @@ def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
     spec's `classes` and then relabelled when it says so."""
     if spec.classes is None:
         return _open_source(spec, size)
-    from jaxrec.data import protocols
-
     source = protocols.select_classes(
         _open_source(dataclasses.replace(spec, relabel=False), size),
         spec.classes,
@@ -49,8 +48,6 @@ def load_source(spec: DatasetSpec, size: int | None = None) -> datasets.Source:
 
 def _open_source(spec: DatasetSpec, size: int | None) -> datasets.Source:
     if spec.kind == "TFDSDataset":
-        from jaxrec.data import protocols
-
         source = tfds_source(spec.tfds)
         return protocols.relabelled(source) if spec.relabel else source
     if spec.kind == "PreparedDataset":
@@ -126,11 +123,10 @@ def check_labels(source: datasets.Source, class_num: int, where: str, relabel: b
     )
 
 
-def train_loader(spec: TrainDataSpec, mesh: Any, seed: int, class_num: int | None = None):
+def train_loader(
+    spec: TrainDataSpec, mesh: Any, seed: int, class_num: int | None = None
+) -> TrainLoader:
     """The PK-sampled, augmented, device-sharded training loader (one PxK group per device)."""
-    from jaxrec.data.loader import TrainLoader
-    from jaxrec.data.sampler import PKSampler
-
     source = load_source(spec.dataset, size=spec.transform.size)
     if class_num is not None:
         check_labels(source, class_num, "Arch.Head.class_num", spec.dataset.relabel)
@@ -168,8 +164,6 @@ def eval_batches(
     num_workers: int | None = None,
 ) -> Iterator[Any]:
     """Global uint8 image batches of a query/gallery source, in order, the last one padded."""
-    from jaxrec.data.loader import EvalLoader
-
     with EvalLoader(source, batch_size, preprocess, mesh=mesh, num_workers=num_workers) as loader:
         for batch in loader:
             yield batch["image"]
@@ -180,9 +174,7 @@ def eval_sources(spec: EvalDataSpec) -> tuple[datasets.Source, datasets.Source]:
     set without ids then gets its record index as ids)."""
     query = load_source(spec.query)
     if spec.same_lists and spec.query.kind == "TFDSDataset":
-        from jaxrec.data.protocols import with_index_uids
-
         # The benchmarks' query == gallery protocol: no image retrieves itself.
-        query = with_index_uids(query)
+        query = protocols.with_index_uids(query)
     gallery = query if spec.same_lists else load_source(spec.gallery)
     return query, gallery

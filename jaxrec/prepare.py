@@ -74,6 +74,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from jaxrec.config.spec import TFDSSpec
 from jaxrec.data import datasets
@@ -137,8 +139,6 @@ class PrepareSettings:
             if not ok:
                 raise RuntimeError("OpenCV could not encode a JPEG")
             return buf.tobytes()
-        from PIL import Image
-
         out = io.BytesIO()
         Image.fromarray(img).save(out, format="JPEG", quality=self.quality, subsampling=0)
         return out.getvalue()
@@ -357,8 +357,6 @@ def prepare(
         }
         bar = None
         if progress:
-            from tqdm import tqdm
-
             done = len(source) - sum(hi - lo for lo, hi in spans.values())
             bar = tqdm(total=len(source), initial=done, unit="img", file=sys.stderr)
         with decode_pool(workers or os.cpu_count(), "jaxrec-prepare") as pool:

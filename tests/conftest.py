@@ -12,7 +12,7 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 #: PaddleClas's own PP-ShiTuV2 recipe, unchanged (its SOURCE.md says where it comes from); it sits
 #: in ../shared/reference/paddleclas/ beside the repository, here and in CI.

@@ -215,7 +215,7 @@ def test_open_set_report_matches_the_curves():
     qf = centres[ql] + 0.8 * rng.normal(size=(40, 8))
     gl = np.repeat(np.arange(2), 5)
     gf = centres[gl] + 0.3 * rng.normal(size=(10, 8))
-    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     qf, gf = unit(qf), unit(gf)
     assert open_set_report(qf[:20], ql[:20], gf, gl) is None  # closed set: nothing to report
     rep = open_set_report(qf, ql, gf, gl)

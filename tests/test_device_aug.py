@@ -24,7 +24,7 @@ def _smooth(rng, n, s=32):
 
 def _to_device(ps: list[AugParams]) -> DeviceAugParams:
     box = [p.erase_box or (0, 0, 0, 0) for p in ps]
-    col = lambda v, dt: jnp.asarray(np.asarray(v), dt)  # noqa: E731
+    col = lambda v, dt: jnp.asarray(np.asarray(v), dt)
     return DeviceAugParams(
         flip=col([p.flip for p in ps], bool),
         top=col([p.top for p in ps], jnp.int32),

@@ -225,7 +225,7 @@ def test_jaxpr_to_onnx_is_generic(tmp_path):
     v = random_variables(build(arch), 2)
     model, fv = E.folded(E.deploy_arch(arch), E.deploy_variables(v))
     x = np.random.default_rng(0).normal(size=(3, SIZE, SIZE, 3)).astype(np.float32)
-    fn = lambda a: model.apply(fv, a)["features"]  # noqa: E731
+    fn = lambda a: model.apply(fv, a)["features"]
     graph, got = _run_converted(fn, x, tmp_path, platform="cpu")
     assert graph.op_counts()["Slice"] > 100 and graph.op_counts()["Pad"] == 7
     assert E.compare("cpu lowering", np.asarray(jax.jit(fn)(x)), got).ok

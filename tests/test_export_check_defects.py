@@ -52,7 +52,7 @@ def _drop_neck_normalization(v):
 
 
 def _transpose_a_weight(v):
-    import jax  # noqa: PLC0415
+    import jax
 
     done = []
 

@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from model_testutil import build
+from model_testutil import build, compiles_of
 
 from jaxrec import extract, models
 from jaxrec.config import resolve, resolve_arch
@@ -197,7 +197,7 @@ def test_list_and_single_image_inputs(tiny_model, image_tree, tmp_path):
 
 def test_bad_images_fail_with_name_or_are_skipped(tiny_model, image_tree, tmp_path, capsys):
     mdir, _, _ = tiny_model
-    good = open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()  # noqa: SIM115
+    good = open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()
     (tmp_path / "broken.jpg").write_bytes(good[: len(good) // 3])
     lst = tmp_path / "imgs.txt"
     lst.write_text(
@@ -251,16 +251,20 @@ def test_extract_features_library_compiles_once_and_help(tiny_model, image_tree)
     paths = [str(image_tree / n) for n in ("gray.jpg", "b/rocket.jpg", "a/cat.jpg")]
     errors = {}
     forward = extract.make_forward(md.model, md.preprocess, md.features)
-    before = forward._cache_size()
-    feats, kept = extract.extract_features(
-        md, paths * 3 + [str(image_tree / "notes.md")], batch_size=12, skip_bad=True, errors=errors
-    )
-    assert kept == paths * 3 and list(errors) == [str(image_tree / "notes.md")]
-    np.testing.assert_allclose(feats, np.tile(reference(variables, paths), (3, 1)), atol=2e-5)
-    extract.extract_features(md, paths[:2] * 6, batch_size=12)
+    with compiles_of(forward) as compiled:
+        feats, kept = extract.extract_features(
+            md,
+            paths * 3 + [str(image_tree / "notes.md")],
+            batch_size=12,
+            skip_bad=True,
+            errors=errors,
+        )
+        assert kept == paths * 3 and list(errors) == [str(image_tree / "notes.md")]
+        np.testing.assert_allclose(feats, np.tile(reference(variables, paths), (3, 1)), atol=2e-5)
+        extract.extract_features(md, paths[:2] * 6, batch_size=12)
     # 9 and 12 images in one batch of 16 rows each (batch 12, at most the image count, rounded up
     # to the 8 devices; padded); no other test feeds 16 rows.
-    assert forward._cache_size() == before + 1
+    assert len(compiled) == 1
     # Overrides through the library: another preprocessing and the raw backbone output.
     pre = Preprocess(resize=(32, 40))
     feats, _ = extract.extract_features(

@@ -201,9 +201,7 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         image.decode_image(missing)
 
-    good = (
-        open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()  # noqa: SIM115
-    )
+    good = open(os.path.join(FILES, "rocket_q80.jpg"), "rb").read()
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(image.ImageDecodeError, match="truncated.jpg"):
@@ -214,7 +212,7 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(image.ImageDecodeError, match=r"garbage\.png.*not a recognised"):
         image.decode_image(garbage)
 
-    corrupt = bytearray(open(os.path.join(FILES, "logo_rgba.png"), "rb").read())  # noqa: SIM115
+    corrupt = bytearray(open(os.path.join(FILES, "logo_rgba.png"), "rb").read())
     corrupt[200:260] = b"\x00" * 60
     with pytest.raises(image.ImageDecodeError, match="my_logo"):
         image.decode_image(bytes(corrupt), name="my_logo.png")
@@ -230,7 +228,7 @@ def test_errors_name_the_file(tmp_path):
 
 def test_malformed_exif_is_ignored_like_opencv():
     # OpenCV 4.6 decodes this file (orientation 6 with its TIFF header overwritten) unrotated.
-    data = bytearray(open(os.path.join(FILES, "chelsea_exif6.jpg"), "rb").read())  # noqa: SIM115
+    data = bytearray(open(os.path.join(FILES, "chelsea_exif6.jpg"), "rb").read())
     i = data.find(b"Exif")
     data[i + 6 : i + 20] = b"\xff" * 14
     got = image.decode_image(bytes(data), name="bad_exif.jpg")

@@ -13,8 +13,8 @@ from jaxrec.models import save_model_dir
 
 pytest.importorskip("onnxruntime")
 
-from model_testutil import build  # noqa: E402
-from test_export import OWN, SIZE, random_variables, tiny_arch  # noqa: E402
+from model_testutil import build
+from test_export import OWN, SIZE, random_variables, tiny_arch
 
 N_CLASSES, PER_CLASS = 4, 12
 

@@ -137,7 +137,7 @@ def test_reading_in_a_loop_beside_real_rotation(workdir):
                 )
                 ck.save(step, jax.tree_util.tree_map(jax.numpy.asarray, state), {"epoch": 0})
             ck.close()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=rotate)

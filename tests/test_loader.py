@@ -111,7 +111,7 @@ def test_cache_gives_identical_batches(dataset):
     cached = TrainLoader(src, sampler, SMALL, seed=5, cache_bytes=10 * 32 * 32 * 3)
     for _ in range(7):
         np.testing.assert_array_equal(_np(next(plain))["image"], _np(next(cached))["image"])
-    assert len(cached._decoder._cache) == 10  # the byte budget holds exactly 10 images
+    assert cached.cached_images == 10  # the byte budget holds exactly 10 images
     plain.close()
     cached.close()
 
@@ -137,7 +137,7 @@ def test_device_prefetch_keeps_batches_and_state(dataset):
         with TrainLoader(src, sampler, SMALL, mesh=mesh, seed=1, device_prefetch=depth) as ld:
             runs[depth] = [_np(next(ld)) for _ in range(4)]
             state = ld.state()
-            assert len(ld._inflight.ready) <= depth
+            assert ld.batches_on_device <= depth
         assert state["step"] == 4 % sampler.steps_per_epoch
     for a, b in zip(runs[0], runs[3], strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])

@@ -466,7 +466,7 @@ def test_depthwise_shift_lowering_equals_grouped_conv(k, stride, size):
     def run(impl):
         with forced_lowering(impl):  # acts at trace time: a fresh jit per lowering
             y = jax.jit(lambda v, x: mod.apply(v, x))(v, x)
-            loss = lambda v, x: jnp.sum(jnp.sin(mod.apply(v, x)))  # noqa: E731
+            loss = lambda v, x: jnp.sum(jnp.sin(mod.apply(v, x)))
             g = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, x)
         return y, g
 

@@ -2,13 +2,14 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from jaxrec import search
 from jaxrec.errors import DatasetError
-from jaxrec.search import GalleryError, GalleryIndex, backends, store
+from jaxrec.search import GalleryError, GalleryIndex, store
 from jaxrec.search import cli as search_cli
 
 faiss = pytest.importorskip("faiss")
@@ -196,7 +197,7 @@ def test_stale_faiss_file_is_rebuilt(tmp_path):
 
 
 def test_exact_fallback_message(monkeypatch):
-    monkeypatch.setattr(backends, "_import_faiss", lambda: None)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes the import fail
     with pytest.warns(UserWarning, match=r"pip install jaxrec\[faiss\]"):
         idx = GalleryIndex(DIM, backend="auto")
     assert idx.backend.name == "exact"
@@ -312,7 +313,7 @@ def gallery(tmp_path_factory):
 @pytest.fixture
 def run(capsys):
     def run(*argv):
-        store._warned.clear()  # each CLI run is a fresh process in real use
+        store.forget_warnings()  # each CLI run is a fresh process in real use
         capsys.readouterr()
         rc = search_cli.main([str(a) for a in argv])
         out = capsys.readouterr()

@@ -52,7 +52,7 @@ def assert_same(a, b):
 
 
 def cli(capsys, *argv):
-    store._warned.clear()  # each CLI run is a fresh process in real use
+    store.forget_warnings()  # each CLI run is a fresh process in real use
     capsys.readouterr()
     rc = search_cli.main(list(argv))
     out = capsys.readouterr()
@@ -253,7 +253,7 @@ def test_damaged_faiss_file_is_rebuilt_from_the_features(tmp_path, capsys, damag
         small = GalleryIndex(DIM, "IP", "HNSW32", backend="faiss")
         small.add(unit(2, 3), ["a", "b"])
         small.backend.write(str(f))
-    store._warned.clear()
+    store.forget_warnings()
     with pytest.warns(UserWarning, match=rf"{f.name} is stale or damaged .*rebuilt .* repair"):
         again = store.load(str(d))
     q = unit(5, 9)
@@ -278,7 +278,7 @@ def test_v1_index_loads_with_one_warning_and_is_upgraded_on_write(tmp_path, caps
     os.unlink(d / "index.lock")
     v1 = {k: m[k] for k in ("format", "config", "backend", "entries")}
     (d / search.INDEX_FILE).write_text(json.dumps({**v1, "version": 1}))
-    store._warned.clear()
+    store.forget_warnings()
     with pytest.warns(UserWarning, match="older jaxrec and records no model fingerprint"):
         old = store.load(str(d))
     assert old.model_fingerprint is None and old.backend.ntotal == N

@@ -211,10 +211,10 @@ def main() -> None:
     jax_raw = np.load(os.path.join(w, "jax_raw.npy"))
     jax_norm = np.load(os.path.join(w, "jax.npy"))
     jax_fused = np.load(os.path.join(w, "jax_fused_raw.npy"))
-    names = open(os.path.join(w, "jax.txt")).read().split()  # noqa: SIM115
-    expect = [os.path.abspath(p) for p in open(images).read().split()]  # noqa: SIM115
+    names = open(os.path.join(w, "jax.txt")).read().split()
+    expect = [os.path.abspath(p) for p in open(images).read().split()]
     assert names == expect, "jaxrec.extract changed the image order"
-    info = json.load(open(os.path.join(w, "paddle_info.json")))  # noqa: SIM115
+    info = json.load(open(os.path.join(w, "paddle_info.json")))
     from jaxrec.data import image as image_lib
 
     paddle_input = np.load(os.path.join(w, "paddle_input.npy"))

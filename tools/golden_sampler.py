@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--freq-batches", type=int, default=20000)
     args = ap.parse_args()
 
-    from ppcls.data.dataloader.pk_sampler import PKSampler  # noqa: PLC0415 (reference)
+    from ppcls.data.dataloader.pk_sampler import PKSampler
 
     labels = make_labels()
     cfg = dict(batch_size=16, sample_per_id=4, id_list=[5, 12, 30, 33], ratio=[3, 0.5])

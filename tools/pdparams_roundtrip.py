@@ -44,7 +44,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fullsize_parity import _l2, _run, compare  # noqa: E402
+from fullsize_parity import _l2, _run, compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML = "ppcls/configs/GeneralRecognitionV2/GeneralRecognitionV2_PPLCNetV2_base.yaml"
@@ -116,7 +116,7 @@ def paddle_side(args: argparse.Namespace) -> None:
     paddle.set_device("cpu")
     init_logger()
     w = args.work
-    spec = json.load(open(os.path.join(w, "model_spec.json")))  # noqa: SIM115
+    spec = json.load(open(os.path.join(w, "model_spec.json")))
     prefix = os.path.join(w, "model")
     overrides = [f"Global.pretrained_model={prefix}", "Global.device=cpu", *spec["overrides"]]
     cfg = ppcls_config.get_config(os.path.join(args.paddleclas, YAML), overrides, show=False)
@@ -169,7 +169,7 @@ def paddle_side(args: argparse.Namespace) -> None:
     base = [f"Global.rec_inference_model_dir={inference_dir}", "Global.cpu_num_threads=2"]
     deploy_overrides = [*base, *spec["deploy_overrides"]]
     dcfg = deploy_config.get_config(deploy_yaml, overrides=deploy_overrides, show=False)
-    images = open(os.path.join(w, "images.txt")).read().split("\n")[:-1]  # noqa: SIM115
+    images = open(os.path.join(w, "images.txt")).read().split("\n")[:-1]
     rgb = [cv2.imread(p)[:, :, ::-1] for p in images]  # predict_rec.py: cv2.imread, BGR->RGB
 
     ops = create_operators(dcfg["RecPreProcess"]["transform_ops"])
@@ -255,7 +255,7 @@ def _pickle_facts(path: str) -> dict:
             seen.add((module, name))
             return super().find_class(module, name)
 
-    data = open(path, "rb").read()  # noqa: SIM115
+    data = open(path, "rb").read()
     obj = Recorder(io.BytesIO(data), encoding="latin1").load()
     names = obj.get("StructuredToParameterName@@", {})
     arrays = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in obj.items() if k in names}
@@ -415,13 +415,13 @@ def main() -> None:
     arrays = ("paddle_raw", "paddle_infer_raw", "jax_raw", "jax_fused_raw", "paddle_input")
     arrays += ("gallery_vectors",)
     load = {k: np.load(os.path.join(w, f"{k}.npy")) for k in arrays}
-    names = open(os.path.join(w, "jax_raw.txt")).read().split("\n")[:-1]  # noqa: SIM115
+    names = open(os.path.join(w, "jax_raw.txt")).read().split("\n")[:-1]
     assert names == images, "jaxrec.extract changed the image order"
     jax_input = np.stack(
         [md.preprocess.normalize(md.preprocess.apply(decode_image(p))).transpose(2, 0, 1)
          for p in images]
     )  # fmt: skip
-    info = json.load(open(os.path.join(w, "paddle_info.json")))  # noqa: SIM115
+    info = json.load(open(os.path.join(w, "paddle_info.json")))
     n = len(images)
     result = {
         "n_images": n,

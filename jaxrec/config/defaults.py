@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ml_collections import config_dict
+
 from jaxrec.data import image as image_lib
 
 #: Keys that jaxrec adds to the PaddleClas sections, with their defaults and meaning.
@@ -279,8 +281,6 @@ def _sections(tree: Any, dotted: str, create: bool) -> Any:
 def _placeholder(node: Any, value: Any) -> Any:
     """None in a ConfigDict becomes a str placeholder, so the command line can set it."""
     if value is None and not isinstance(node, dict):
-        from ml_collections import config_dict
-
         return config_dict.placeholder(str)
     return value
 

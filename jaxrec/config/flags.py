@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from absl import flags
+
 
 def parse_flags_with_config_errors(argv: list[str]) -> list[str]:
     """absl flags parser that turns an unknown `--config.X` override into a short clear error."""
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
@@ -27,8 +27,6 @@ def parse_flags_with_config_errors(argv: list[str]) -> list[str]:
 def define_distributed_flags() -> tuple:
     """The multi-host flags of train.py and evaluate.py: (coordinator_address, num_processes,
     process_id) holders, for `parallel.maybe_initialize_distributed`."""
-    from absl import flags
-
     return (
         flags.DEFINE_string(
             "coordinator_address", None, "Multi-host: host:port of process 0's coordinator."

@@ -22,6 +22,7 @@ naming the file, the line number and what is wrong, and all missing images are r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -277,8 +278,6 @@ def prepared_shard_path(root: str | os.PathLike, shard: int) -> str:
 
 def read_prepared_manifest(root: str | os.PathLike) -> dict:
     """The manifest of a finished prepared dataset, or a DatasetError saying what is wrong."""
-    import json
-
     path = os.path.join(os.fspath(root), PREPARED_MANIFEST)
     if not os.path.isfile(path):
         hint = (
@@ -379,7 +378,7 @@ def load_tfds(
     machine, then copy the folder); an absent one is a one-line :class:`DatasetError` saying so.
     """
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 - optional dependency (jaxrec[tfds])
     except ImportError:
         raise DatasetError(
             f"tfds dataset {name!r} needs the optional tensorflow-datasets package: "

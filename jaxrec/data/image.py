@@ -25,12 +25,14 @@ reference form: same results, slower.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -44,7 +46,7 @@ def _load_opencv() -> Any:
     if os.environ.get("JAXREC_NO_OPENCV", "") not in ("", "0"):
         return None
     try:
-        import cv2
+        import cv2  # noqa: PLC0415 - may be absent or disabled: the numpy kernels stand in
     except ImportError:
         log.warning("OpenCV is not installed: decoding and resizing use the slower numpy kernels")
         return None
@@ -89,8 +91,6 @@ def _tune_malloc() -> None:
         return
     _MALLOC_TUNED = True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 64 << 20)
@@ -408,8 +408,6 @@ def normalize(
     if not _is_jax_array(x):
         x = np.asarray(x)
         return (x.astype(np.float32) * sc - m) / s
-
-    import jax.numpy as jnp
 
     if x.dtype == jnp.uint8:
         levels = np.arange(256, dtype=np.float32)[:, None]

@@ -27,7 +27,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrec.data.datasets import Source
 from jaxrec.data.image import configure_decoding, decode_image
@@ -75,8 +78,6 @@ def _local_shards(
     With a mesh: the positions of this process's devices (they must be contiguous). Without one:
     an even contiguous split of ``num_shards`` over ``process_count`` (default one process).
     """
-    import jax
-
     if mesh is None:
         pc = 1 if process_count is None else int(process_count)
         pi = 0 if process_index is None else int(process_index)
@@ -101,10 +102,6 @@ def _put(batch: dict[str, np.ndarray], mesh: Any, global_rows: int) -> dict[str,
     """Host-local rows -> global arrays sharded over the mesh's data axis (or numpy)."""
     if mesh is None:
         return batch
-    import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     axis = mesh.axis_names[0]
     sharding = NamedSharding(mesh, P(axis))
     return {
@@ -185,7 +182,7 @@ class Decoder:
             return hit
         try:
             img = self.prepare(to_rgb_array(self.source.read(i), self.source.paths[i]))
-        except Exception as e:  # noqa: BLE001 - any failure becomes a named error
+        except Exception as e:  # any failure becomes a named error (or is skipped)
             msg = f"cannot load image {self.source.describe(i)}: {e}"
             if not self.skip_bad:
                 raise BadImageError(
@@ -203,6 +200,11 @@ class Decoder:
                     self._cache[i] = img
                     self._cache_left -= img.nbytes
         return img
+
+    @property
+    def cached_images(self) -> int:
+        """Prepared images held in the cache (it keeps what fits in ``cache_bytes``)."""
+        return len(self._cache)
 
     def report(self) -> list[str]:
         return [f"{self.source.describe(i)}: {why}" for i, why in sorted(self.bad.items())]
@@ -270,6 +272,16 @@ class TrainLoader:
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
+
+    @property
+    def cached_images(self) -> int:
+        """Prepared images held in the decode cache (``cache_bytes``)."""
+        return self._decoder.cached_images
+
+    @property
+    def batches_on_device(self) -> int:
+        """Batches already sent to the devices ahead of use (at most ``device_prefetch``)."""
+        return len(self._inflight.ready)
 
     def state(self) -> dict[str, int]:
         """Position of the next batch, plus what must match on restore."""
@@ -404,8 +416,6 @@ class EvalLoader:
         process_index: int | None = None,
         process_count: int | None = None,
     ) -> None:
-        import jax
-
         self.source = source
         self.preprocess = preprocess or Preprocess()
         self.mesh = mesh

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxrec.errors import GalleryError
 from jaxrec.evaluation import threshold as C
+from jaxrec.evaluation.retrieval import topk_neighbors
 
 TARGETS = (0.9, 0.95)
 
@@ -30,8 +31,6 @@ def open_set_report(
 ) -> dict[str, Any] | None:
     """None when every query class is in the gallery (closed set); else the open-set figures.
     Features are unit vectors (cosine similarity)."""
-    from jaxrec.evaluation.retrieval import topk_neighbors  # noqa: PLC0415
-
     ql, gl = np.asarray(query_labels).reshape(-1), np.asarray(gallery_labels).reshape(-1)
     known = np.isin(ql, gl)
     if known.all():

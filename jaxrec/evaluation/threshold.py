@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from jaxrec.errors import GalleryError
 
@@ -329,8 +330,6 @@ def plot_curves(curves: Curves, choice: Choice, metric: str, path: str, title: s
     """Draw the curves to a PNG: precision, recall and unknown rejection against the fraction of
     queries accepted, labelled with the thresholds (left), precision against recall (right); the
     chosen threshold is marked on both."""
-    from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
-
     font = ImageFont.load_default()
     w, h, pad = 460, 340, 48
     img = Image.new("RGB", (2 * w, h + 30), (255, 255, 255))

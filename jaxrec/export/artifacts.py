@@ -15,10 +15,15 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.config import resolve_arch
 from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ExportError
+from jaxrec.export.jaxpr_onnx import convert
+from jaxrec.models import build_model, fold_variables, reparameterize
 from jaxrec.models.features import feature_fn
 
 JAX_EXPORT_FILE = "inference.jaxexport"
@@ -38,19 +43,12 @@ def deploy_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
 
 def deploy_models(arch: Mapping[str, Any]) -> tuple[Any, Any]:
     """(deploy-form model, BN-folded model) of an Arch section, float32."""
-    from jaxrec.config import resolve_arch  # noqa: PLC0415
-    from jaxrec.models import build_model  # noqa: PLC0415
-
     spec = resolve_arch(arch)
     return build_model(spec, deploy=True), build_model(spec, deploy=True, fold_bn=True)
 
 
 def deploy_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     """Re-parameterized float32 numpy variables without the head's."""
-    import jax  # noqa: PLC0415
-
-    from jaxrec.models import reparameterize  # noqa: PLC0415
-
     v = reparameterize(variables)
     out = {k: {m: x for m, x in v[k].items() if m != "head"} for k in ("params", "batch_stats")}
     return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), out)
@@ -58,8 +56,6 @@ def deploy_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 def folded(arch: Mapping[str, Any], variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """(model, variables) of the BN-folded form of a deploy-form model."""
-    from jaxrec.models import fold_variables  # noqa: PLC0415
-
     return deploy_models(arch)[1], fold_variables(variables)
 
 
@@ -79,9 +75,6 @@ def export_jax(
 ):
     """A `jax.export.Exported` of the model's `output_key` output; input [b, H, W, 3] float32
     NHWC normalized with a symbolic batch `b`; the weights are embedded."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
     (b,) = jax.export.symbolic_shape("b")
     spec = jax.ShapeDtypeStruct((b, *input_hw, 3), jnp.float32)
     consts = jax.tree_util.tree_map(jnp.asarray, variables)
@@ -105,10 +98,6 @@ def build_onnx(
     """(onnx.ModelProto, graph) of the model's `output_key` output: input `x` [batch, 3, H, W]
     float32 NCHW normalized, output `features` [batch, D]; depthwise convs as grouped `Conv`s
     (the lowering of `platform`), affine ops merged into the convs (`passes.simplify`)."""
-    import jax  # noqa: PLC0415
-
-    from jaxrec.export.jaxpr_onnx import convert  # noqa: PLC0415
-
     (b,) = jax.export.symbolic_shape("batch")
     host = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables)
     graph, _ = convert(features_fn(model, host, output_key), (b, *input_hw, 3), NCHW, platform)
@@ -122,7 +111,7 @@ def onnx_session(path: str, threads: int | None = None, spinning: bool = False):
     `spinning=False` stops idle worker threads from busy-waiting: on shared or loaded CPUs that
     made batch-1 inference about 1.6x faster (BENCHMARKS.md); onnxruntime's own default
     (spinning) can be slightly faster on an idle machine."""
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415 - optional dependency (jaxrec[onnx])
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -29,8 +29,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
+from jaxrec.config import resolve_arch
+from jaxrec.data.image import decode_image
+from jaxrec.data.lists import resolve_images
 from jaxrec.data.preprocess import FeatureSpec
 from jaxrec.errors import ExportError
 from jaxrec.export.artifacts import (
@@ -43,6 +47,7 @@ from jaxrec.export.artifacts import (
     onnx_missing,
     onnx_session,
 )
+from jaxrec.models import build_model, load_model_dir
 from jaxrec.models.features import feature_fn
 
 NOISE_FLOOR = 16 * 2.0**-24  # 16 units of float32 roundoff (about 9.5e-7)
@@ -178,9 +183,6 @@ def default_check_images(size: tuple[int, int]) -> np.ndarray:
 def load_check_images(path: str | None, preprocess: Any, limit: int = 16) -> np.ndarray:
     """Normalized float32 NHWC check images fed through `preprocess` (a `Preprocess`): decoded
     from `path` (an image, a folder or a list file; at most `limit`), or the 12 default ones."""
-    from jaxrec.data.image import decode_image  # noqa: PLC0415
-    from jaxrec.data.lists import resolve_images  # noqa: PLC0415
-
     if path is None:
         raw = list(default_check_images(preprocess.input_size))
     else:
@@ -199,8 +201,6 @@ def reference_features(
     model: Any, variables: Mapping[str, Any], images: np.ndarray, output_key: str
 ) -> np.ndarray:
     """The source model's `output_key` output in eval mode (in the model's own dtype)."""
-    import jax  # noqa: PLC0415
-
     fn = jax.jit(feature_fn(model, FeatureSpec(output_key, normalize=False)))
     return np.asarray(fn(variables, images))
 
@@ -217,11 +217,6 @@ def reference_features64(
     """The source model (its Arch section `arch`, in the form `deploy` / `fold_bn` that its
     variables have) computed in float64 (x64 enabled only for this call). Not
     `models.features.feature_fn`: that one casts to float32, this must not."""
-    import jax  # noqa: PLC0415
-
-    from jaxrec.config import resolve_arch  # noqa: PLC0415
-    from jaxrec.models import build_model  # noqa: PLC0415
-
     model = build_model(resolve_arch(arch), dtype="float64", deploy=deploy, fold_bn=fold_bn)
     with jax.enable_x64(True):
         v64 = jax.tree.map(lambda a: np.asarray(a, np.float64), dict(variables))
@@ -231,8 +226,6 @@ def reference_features64(
 
 def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]:
     """Callables running each artifact present in `out_dir` on NHWC normalized images."""
-    import jax  # noqa: PLC0415
-
     out = Path(out_dir)
     runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
@@ -243,8 +236,6 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
         )
 
     if (out / "config.json").is_file():
-        from jaxrec.config import resolve_arch  # noqa: PLC0415
-        from jaxrec.models import load_model_dir  # noqa: PLC0415
 
         def run_model_dir(x):
             md = load_model_dir(out, resolve_arch)
@@ -270,7 +261,7 @@ def artifact_runners(out_dir: str | Path, batch: int = 4) -> dict[str, Callable]
             if onnx_missing() == "onnxruntime":
                 raise _NotRunnableHere('onnxruntime is not installed (pip install -e ".[onnx]")')
             sess = onnx_session(str(out / ONNX_FILE))
-            feed = lambda a: {ONNX_INPUT: np.ascontiguousarray(a.transpose(NCHW))}  # noqa: E731
+            feed = lambda a: {ONNX_INPUT: np.ascontiguousarray(a.transpose(NCHW))}
             return chunks(lambda a: sess.run([ONNX_OUTPUT], feed(a))[0])(x)
 
         runners["onnx"] = run_onnx

@@ -10,12 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+
+from jaxrec.config import resolve_arch
 from jaxrec.errors import ExportError, JaxrecError, warnings_as_lines
 from jaxrec.export import artifacts as A
 from jaxrec.export.check import check, load_check_images
+from jaxrec.export.int8 import add_int8
 from jaxrec.export.writer import check_out, check_platforms, write_export
+from jaxrec.extract import feeding_from_flags
+from jaxrec.models import build_model
+from jaxrec.models.modeldir import read_specs
 from jaxrec.training.checkpoint import open_model
-from jaxrec.training.workdir import Workdir
+from jaxrec.training.workdir import Workdir, load_config
 
 DESCRIPTION = """\
 Export a recognition model for inference and prove every artifact equals the trained model.
@@ -145,11 +152,6 @@ def load_source(args: argparse.Namespace) -> Any:
 
 def float32_reference(source: Any) -> Any:
     """The source model computing in float32 (the check's reference and the export's form)."""
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from jaxrec.config import resolve_arch  # noqa: PLC0415
-    from jaxrec.models import build_model  # noqa: PLC0415
-
     if jnp.dtype(source.model.backbone.dtype) == jnp.float32:
         return source
     spec = resolve_arch(source.arch)
@@ -159,8 +161,6 @@ def float32_reference(source: Any) -> Any:
 
 def feeding(source: Any, image_size: int | None) -> Any:
     """The export's preprocessing: the model's own, or --image-size (with a note)."""
-    from jaxrec.extract import feeding_from_flags  # noqa: PLC0415
-
     if image_size is not None and image_size < 1:
         raise ExportError(f"--image-size {image_size}: must be positive")
     pre, _, notes = feeding_from_flags(source, image_size=image_size)
@@ -174,12 +174,6 @@ def feeding(source: Any, image_size: int | None) -> Any:
     return pre
 
 
-def _run_config(workdir: str) -> dict:
-    from jaxrec.training.workdir import load_config  # noqa: PLC0415
-
-    return load_config(workdir)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -191,8 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _int8(args: argparse.Namespace, out: Path, pre: Any) -> bool:
-    from jaxrec.export.int8 import add_int8  # noqa: PLC0415
-
     if A.onnx_missing():
         raise ExportError(f'--int8 needs {A.onnx_missing()}: pip install -e ".[onnx]"')
     print(f"quantizing {out / A.ONNX_FILE} to int8, calibrated on {args.int8}")
@@ -211,8 +203,6 @@ def _main(args: argparse.Namespace) -> int:
     if (args.int8_eval or args.int8_only) and not args.int8:
         raise ExportError("--int8-eval and --int8-only go with --int8 CALIB_IMAGES")
     if args.int8_only:
-        from jaxrec.models.modeldir import read_specs  # noqa: PLC0415
-
         if not (out / A.ONNX_FILE).is_file():
             raise ExportError(f"--int8-only: {out / A.ONNX_FILE} does not exist")
         return 0 if _int8(args, out, read_specs(out)[0]) else 1
@@ -229,8 +219,6 @@ def _main(args: argparse.Namespace) -> int:
             "(features, backbone or neck), without the classifier head"
         )
     if args.check_only and args.image_size is None and (out / "config.json").is_file():
-        from jaxrec.models.modeldir import read_specs  # noqa: PLC0415
-
         pre = read_specs(out)[0]  # the artifacts take what the export recorded
     else:
         pre = feeding(source, args.image_size)
@@ -271,7 +259,7 @@ def _main(args: argparse.Namespace) -> int:
         platforms=platforms,
         onnx=onnx,
         overwrite=args.overwrite,
-        paddle_config=_run_config(args.workdir) if args.workdir else None,
+        paddle_config=load_config(args.workdir) if args.workdir else None,
     )
     parts = [
         f"BN-folded model {info['folded_params']:,} params",

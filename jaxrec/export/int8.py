@@ -39,7 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxrec.errors import ExportError
+from jaxrec.data.image import decode_image
+from jaxrec.data.lists import parse_label_lines, read_lines, resolve_images
+from jaxrec.errors import ExportError, ImageDecodeError
+from jaxrec.evaluation.metrics import retrieval_metrics_from_similarity
 from jaxrec.export.artifacts import NCHW, ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, onnx_session
 
 INT8_FILE = "inference.int8.onnx"
@@ -56,8 +59,6 @@ def load_nchw(
 ) -> np.ndarray:
     """Images (files) fed through `preprocess` as normalized float32 NCHW, the ONNX input. With
     `limit`, at most that many, evenly spaced over the list (lists are often sorted by class)."""
-    from jaxrec.data.image import ImageDecodeError, decode_image  # noqa: PLC0415
-
     paths = list(paths)
     if limit and len(paths) > limit:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
@@ -73,8 +74,6 @@ def load_nchw(
 
 def calibration_paths(spec: str) -> list[str]:
     """The image files of --int8 CALIB_IMAGES: an image, a folder or a list file."""
-    from jaxrec.data.lists import resolve_images  # noqa: PLC0415
-
     try:
         return [p for _, p in resolve_images(spec)]
     except ValueError as err:
@@ -83,14 +82,16 @@ def calibration_paths(spec: str) -> list[str]:
 
 def quantize(float_onnx: str | Path, out: str | Path, calib: np.ndarray) -> None:
     """Static int8 quantization of `float_onnx` calibrated on `calib` (NCHW float32)."""
-    from onnxruntime.quantization import (  # noqa: PLC0415
+    from onnxruntime.quantization import (  # noqa: PLC0415 - optional dependency (jaxrec[onnx])
         CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+    from onnxruntime.quantization.shape_inference import (  # noqa: PLC0415 - as above
+        quant_pre_process,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -161,8 +162,6 @@ def top1_agreement(ref: np.ndarray, got: np.ndarray, exclude_self: bool = True) 
 def read_eval_list(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     """(image files, labels, unique ids or None) of a PaddleClas query/gallery list
     (`path label [unique_id]`, whitespace-separated, paths relative to the list's folder)."""
-    from jaxrec.data.lists import parse_label_lines, read_lines  # noqa: PLC0415
-
     try:
         rel, labels, ids, _ = parse_label_lines(
             read_lines(path, "eval list"), path, delimiter=None, max_used_fields=3
@@ -177,8 +176,6 @@ def read_eval_list(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None]
 def retrieval(feats: np.ndarray, labels: np.ndarray, ids: np.ndarray | None) -> dict[str, float]:
     """Recall@1/5 and mAP with query == gallery (PaddleClas semantics; ids exclude self-matches,
     without ids the diagonal is excluded the same way, each image its own id)."""
-    from jaxrec.evaluation.metrics import retrieval_metrics_from_similarity  # noqa: PLC0415
-
     u = _unit(feats.astype(np.float64))
     ids = np.arange(len(u)) if ids is None else ids
     m = retrieval_metrics_from_similarity(u @ u.T, labels, labels, ids, ids, topk=(1, 5))

@@ -231,8 +231,8 @@ class Graph:
 
     def to_onnx(self, input_name: str, output_name: str, opset: int = ONNX_OPSET):
         """The graph as an `onnx.ModelProto` (checked); symbolic dims are named "batch"."""
-        import onnx  # noqa: PLC0415
-        from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+        import onnx  # noqa: PLC0415 - optional dependency (jaxrec[onnx])
+        from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415 - as above
 
         rename = {self.input: input_name, self.output: output_name}
 

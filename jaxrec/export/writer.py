@@ -18,6 +18,8 @@ import numpy as np
 from jaxrec.errors import ExportError
 from jaxrec.export import artifacts as A
 from jaxrec.export.check import check
+from jaxrec.models import count_params, save_model_dir
+from jaxrec.paddle.yaml_out import save_inference_rec_yaml, save_paddleclas_yaml
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -70,9 +72,6 @@ def write_export(
     OUT also gets PP-ShiTu's `inference_rec.yaml` with the model's own preprocessing and, given
     the training run's config (`paddle_config`), the run as a PaddleClas YAML (`paddleclas.yaml`).
     """
-    from jaxrec.models import count_params, save_model_dir  # noqa: PLC0415
-    from jaxrec.paddle.yaml_out import save_inference_rec_yaml, save_paddleclas_yaml  # noqa: PLC0415
-
     out = Path(out).absolute()
     check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,7 @@ def write_export(
         exp = A.export_jax(model, variables, key, hw, platforms)
         (tmp / A.JAX_EXPORT_FILE).write_bytes(exp.serialize())
         if onnx:
-            import onnx as onnx_lib  # noqa: PLC0415
+            import onnx as onnx_lib  # noqa: PLC0415 - optional dependency (jaxrec[onnx])
 
             proto, graph = A.build_onnx(model, variables, key, hw)
             onnx_lib.save(proto, str(tmp / A.ONNX_FILE))

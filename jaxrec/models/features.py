@@ -28,9 +28,9 @@ def feature_fn(
     """
     key, normalize = features.output_key, bool(features.normalize)
 
-    def fn(variables: Mapping[str, Any], images: Any) -> Any:
+    def image_features(variables: Mapping[str, Any], images: Any) -> Any:
         x = images if pixel is None else pixel(images)
         out = model.apply(variables, x.astype(dtype), train=False)[key].astype(jnp.float32)
         return l2_normalize(out) if normalize else out
 
-    return fn
+    return image_features

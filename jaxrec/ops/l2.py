@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 EPS = 1e-12
@@ -17,8 +18,6 @@ def l2_normalize(x: Any, eps: float = EPS) -> Any:
     the only case where the two differ. The norm is accumulated in float32.
     """
     if type(x).__module__.startswith(("jax", "jaxlib")):
-        import jax.numpy as jnp
-
         x = x.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
         return x / jnp.maximum(norm, jnp.float32(eps))

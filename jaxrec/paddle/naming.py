@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 _STAGE = re.compile(r"^stages_(\d+)_(\d+)$")
@@ -73,8 +74,6 @@ def to_paddle_state_dict(variables: dict) -> dict[str, np.ndarray]:
 
     The inverse of the converter's mapping (rep-block fusion targets are not produced).
     """
-    import jax
-
     out: dict[str, np.ndarray] = {}
     for collection in ("params", "batch_stats"):
         tree = variables.get(collection, {})

@@ -95,7 +95,7 @@ def load_pickle(path: str | Path) -> Mapping[Any, Any]:
         obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
     except PdparamsError:
         raise
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a pdparams"
+    except Exception as e:  # any unpickling failure means "not a pdparams"
         raise PdparamsError(
             f"{path}: not a .pdparams file (pickle load failed: {type(e).__name__}: {e}); "
             "expected a file written by paddle.save(model.state_dict())"

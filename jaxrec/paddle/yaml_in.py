@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import ml_collections
+import yaml
 from ml_collections import config_dict
 
 from jaxrec.config import defaults
@@ -35,10 +36,6 @@ def _to_config(value: Any) -> Any:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The plain tree of a PaddleClas YAML file; syntax errors name the file and line."""
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - pyyaml is a dependency
-        raise ConfigError("", "reading PaddleClas YAML needs pyyaml: pip install pyyaml") from None
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError("", f"PaddleClas YAML {path} does not exist")

@@ -21,7 +21,7 @@ FAISS_HINT = "install faiss with `pip install jaxrec[faiss]` (or `pip install fa
 
 def _import_faiss():
     try:
-        import faiss  # noqa: PLC0415
+        import faiss  # noqa: PLC0415 - optional dependency (jaxrec[faiss])
     except ImportError:
         return None
     return faiss

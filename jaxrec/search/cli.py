@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jaxrec.data.lists import GalleryItem, read_gallery_list
-from jaxrec.errors import GalleryError, JaxrecError, warnings_as_lines
+from jaxrec.errors import GalleryError, ImageDecodeError, JaxrecError, warnings_as_lines
 from jaxrec.search import store
 from jaxrec.search.backends import BACKENDS, METHODS, METRICS
 from jaxrec.search.index import GalleryIndex, check_threshold
@@ -42,8 +42,7 @@ def _short(fp: str | None) -> str:
 
 
 def _load_model(model: str | None, index: GalleryIndex | None, index_dir: str) -> ModelDir:
-    # jax, flax and orbax load only for the commands that embed images.
-    from jaxrec.training.checkpoint import open_model  # noqa: PLC0415
+    from jaxrec.training.checkpoint import open_model  # noqa: PLC0415 - jax only when embedding
 
     path = model or (index.model_dir if index is not None else None)
     if not path:
@@ -91,15 +90,14 @@ def _embed(
     """Unit features of image files through `jaxrec.extract` with the model's preprocessing.
     The gallery always holds L2-normalized features (as PP-ShiTu's), whatever the model's spec.
     `runtime` "onnx" / "int8" runs the model dir's float32 / int8 ONNX graph instead of JAX."""
-    from jaxrec.data.image import ImageDecodeError  # noqa: PLC0415
-    from jaxrec.extract import extract_features  # noqa: PLC0415
-    from jaxrec.models import FeatureSpec  # noqa: PLC0415
+    from jaxrec.extract import extract_features  # noqa: PLC0415 - jax only when embedding
+    from jaxrec.models import FeatureSpec  # noqa: PLC0415 - as above
 
     if batch_size < 1:
         raise GalleryError(f"--batch-size must be positive, got {batch_size}")
     forward = None
     if runtime != "jax":
-        from jaxrec.export.int8 import onnx_forward  # noqa: PLC0415
+        from jaxrec.export.int8 import onnx_forward  # noqa: PLC0415 - optional onnxruntime path
 
         forward = onnx_forward(model_path, md.preprocess, True, int8=runtime == "int8")
     try:
@@ -300,7 +298,7 @@ def _cmd_query(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from jaxrec.search import calibrate_cmd  # noqa: PLC0415
+    from jaxrec.search import calibrate_cmd  # noqa: PLC0415 - jax only when embedding
 
     index = store.load(args.index, backend=args.backend)
     if not len(index):

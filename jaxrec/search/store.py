@@ -46,6 +46,12 @@ def _warn_once(index_dir: str, kind: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def forget_warnings() -> None:
+    """Forget which indexes were warned about, so that their warnings come again (a stale,
+    damaged or old index is reported once per process)."""
+    _warned.clear()
+
+
 def rebuild_hint(index_dir: str, model_dir: str | None) -> str:
     """The one command that rebuilds an index from its gallery list."""
     return (

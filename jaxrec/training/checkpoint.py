@@ -29,8 +29,10 @@ extraction, conversion, tools: read-only, they never move or delete anything).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -185,9 +187,6 @@ def quiet_orbax_background_errors() -> None:
     a signaling thread's exception, asyncio's reports of orbax write futures whose exception was
     never retrieved, and tensorstore callbacks' "Event loop is closed" after a failed save's
     event loop has shut down. Idempotent."""
-    import logging  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     if getattr(quiet_orbax_background_errors, "done", False):
         return
     quiet_orbax_background_errors.done = True
@@ -318,7 +317,7 @@ class Checkpoints:
                 raise _mismatch(f"{mgr.directory}/{s}", sig, want)
             try:
                 return _restore(mgr, s, target)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
                 self._quarantine(mgr, s, e)
         return None
 
@@ -410,7 +409,7 @@ def _read_live(wd: Workdir, which: str, step: int) -> tuple[dict, dict]:
     for attempt in range(2):
         try:
             return _read(wd, which, step)
-        except Exception:  # noqa: BLE001 - orbax raises many kinds for damaged files
+        except Exception:  # orbax raises many kinds for damaged files
             for _ in range(10):  # a rotation deletes file by file: give it a moment
                 if not (ckpt / "state").is_dir():
                     raise _Vanished(str(ckpt)) from None

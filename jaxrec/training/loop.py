@@ -22,10 +22,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from jaxrec import inputs
 from jaxrec.config import Run
+from jaxrec.data.device_aug import DeviceAugment
 from jaxrec.errors import CheckpointMismatchError, ConfigError, TrainingDivergedError
+from jaxrec.evaluation import RetrievalEvaluator
 from jaxrec.losses import build_loss
 from jaxrec.models import build_model
 from jaxrec.paddle.yaml_out import save_paddleclas_yaml
@@ -134,8 +137,6 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     state = create_state(params, stats, tx, mesh, head_plan)
     augment = None
     if run.train.augment_on_device:
-        from jaxrec.data.device_aug import DeviceAugment
-
         augment = DeviceAugment.from_transform(run.train.transform)
     train_step = make_train_step(
         model,
@@ -191,8 +192,6 @@ def train(run: Run, workdir: str, restore_step: int | None = None) -> dict:
     ev = run.eval
     evaluator = None
     if ev.enabled or (ev.before_training and ev.data is not None):
-        from jaxrec.evaluation import RetrievalEvaluator
-
         eval_model = build_model(run.arch, **run.model_options(training=False))
         if head_plan is not None:  # evaluation reads features only; the head stays sharded
             eval_model = eval_model.clone(head=None)
@@ -337,8 +336,6 @@ def _is0() -> bool:
 def _progress(total: int, initial: int):
     if not _is0():
         return None
-    from tqdm import tqdm
-
     return tqdm(
         total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, disable=None
     )

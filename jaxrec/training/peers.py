@@ -23,6 +23,7 @@ Resuming is ordinary: rerunning the same command on every host restores the newe
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import re
 import shlex
@@ -31,6 +32,8 @@ import sys
 import threading
 import time
 from typing import Any, NoReturn
+
+import jax
 
 from jaxrec.training.workdir import Workdir
 
@@ -51,8 +54,6 @@ def set_workdir(workdir: str) -> None:
 def initialize(**kwargs: Any) -> None:
     """`jax.distributed.initialize(**kwargs)` with a bounded heartbeat, then the clean exit on a
     lost peer (stderr filter and SIGABRT handler) for this process."""
-    import jax  # noqa: PLC0415
-
     kwargs.setdefault("heartbeat_timeout_seconds", HEARTBEAT_S)
     _state["coordinator"] = kwargs.get("coordinator_address")
     _filter_stderr()
@@ -103,7 +104,7 @@ def _filter_stderr() -> None:
     def restore() -> None:  # at exit: everything written so far reaches the terminal
         try:
             sys.stderr.flush()
-        except Exception:  # noqa: BLE001
+        except (OSError, ValueError):  # a closed or broken stderr
             pass
         os.dup2(real, 2)
         thread.join(timeout=2.0)
@@ -135,8 +136,6 @@ def _records(chunk: bytes) -> list[bytes]:
 
 def _catch_abort() -> None:
     """Replace the coordination agent's abort with the one-line exit."""
-    import ctypes  # noqa: PLC0415
-
     handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
 
     def on_abort(_signum: int) -> None:
@@ -169,8 +168,6 @@ def is_peer_failure(err: BaseException) -> bool:
 def exit_on_peer_failure(err: BaseException) -> None:
     """In a multi-process run, end this process with the one-line fault message if `err` came
     from a lost peer; otherwise return (the caller re-raises)."""
-    import jax  # noqa: PLC0415
-
     if jax.process_count() < 2 or not is_peer_failure(err):
         return
     # The coordination service names the lost process a moment later (the abort handler then
@@ -192,8 +189,6 @@ def exit_on_peer_failure(err: BaseException) -> None:
 def _describe(text: str) -> str:
     """Which process is gone, from the coordination service's records."""
     try:
-        import jax  # noqa: PLC0415
-
         me = jax.process_index()
     except Exception:  # noqa: BLE001 - the message must still come out
         me = None
@@ -217,10 +212,8 @@ def _exit(what: str) -> NoReturn:
         while True:  # another thread is already printing and exiting
             time.sleep(60)
     try:
-        import jax  # noqa: PLC0415
-
         me = f"process {jax.process_index()}: "
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - the message must still come out
         me = ""
     line = f"error: {me}{what}; {_resume_hint()}\n"
     try:

@@ -32,10 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.parallel import data_sharding, replicated
+
 EXIT_STATUS = 128 + signal.SIGTERM
 
 
-class Preempted(Exception):  # noqa: N818 - a stop, not an error
+class Preempted(Exception):  # a stop, not an error
     """Training stopped on a signal after saving the checkpoint of `step` in `path`."""
 
     def __init__(self, step: int, path: str, signal_name: str = "SIGTERM") -> None:
@@ -52,8 +54,6 @@ class PreemptionWatch:
     `stop_now()` at points every process reaches (e.g. epoch ends)."""
 
     def __init__(self, mesh: jax.sharding.Mesh, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        from jaxrec.parallel import data_sharding, replicated
-
         self.mesh, self.signals = mesh, signals
         self.received: int | None = None
         self._previous: dict[int, Any] = {}

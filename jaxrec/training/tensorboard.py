@@ -102,7 +102,7 @@ class EventWriter:
         now = time.time()
         name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(os.fspath(logdir), name)
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "ab")  # noqa: SIM115 - open until close()
         self._f.write(frame_record(_encode_version_event(now)))
         self._f.flush()
 

@@ -24,6 +24,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from jaxrec.errors import JaxrecError
 
 LOCK_FILE = ".train.lock"
@@ -118,8 +122,6 @@ def acquire(workdir: str | os.PathLike) -> WorkdirLock | None:
     process learns whether it succeeded (the others then stop too). Returns the lock on process
     0, None elsewhere; raises `WorkdirBusyError` on every process when it is taken. Calling it
     again inside the same `held_during` function returns the lock already held."""
-    import jax  # noqa: PLC0415
-
     held = _HELD.get()
     path = os.path.abspath(os.fspath(workdir))
     for lock in held or []:
@@ -132,9 +134,6 @@ def acquire(workdir: str | os.PathLike) -> WorkdirLock | None:
         except WorkdirBusyError as e:
             error = e
     if jax.process_count() > 1:
-        import numpy as np  # noqa: PLC0415
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
         if not int(ok) and error is None:
             error = WorkdirBusyError(
