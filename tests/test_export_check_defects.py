@@ -102,7 +102,7 @@ def test_correct_export_passes_with_default_natural_images(tmp_path, capsys):
     for r in res.values():
         assert r["max_rel_err"] <= r["tolerance"] and r["min_cosine"] >= 1 - r["tolerance"] ** 2
     out = capsys.readouterr().out
-    assert "against the float64 training-form model" in out
+    assert "against the source model in float64" in out
 
 
 def test_tolerance_follows_float32_accuracy():

@@ -2,7 +2,7 @@
 
 `python -m jaxrec.export --model DIR | --workdir DIR --out OUT` (help: `--help`) writes a deploy
 model directory, a `jax.export` artifact and an ONNX graph, all from the BN-folded Flax model
-(`jaxrec.models.fold`), and checks each against the training-form model.
+(`jaxrec.models.fold`), and checks each against the source model computed in float64.
 
 - `artifacts`: deploy form, `export_jax`, `build_onnx`, `onnx_session`, file names;
 - `jaxpr_onnx` + `passes`: the ONNX graph, traced from the model (no second description);

@@ -2,10 +2,11 @@
 
 Each artifact (the exported model dir, the jax.export artifact, the ONNX graph) and the source
 model in eval mode run on the same images, fed through the model's own preprocessing. The
-reference is the training-form model computed in float64, so the rule follows float32
-accuracy instead of a fixed fraction of the largest activation:
+reference is the source model (in the form its variables have: the training form for a workdir
+or a converted PaddleClas model) computed in float64, so the rule follows float32 accuracy
+instead of a fixed fraction of the largest activation:
 
-- `eps_model`: the largest per-image relative error ||f32 - f64|| / ||f64|| of the training-form
+- `eps_model`: the largest per-image relative error ||f32 - f64|| / ||f64|| of the source
   model itself run in float32 (how much float32 rounding this model amplifies; at least
   NOISE_FLOOR, 16 units of float32 roundoff);
 - tolerance `tol = min(FACTOR * eps_model, MAX_TOL)`: an artifact computes the same function in
@@ -56,7 +57,7 @@ MAX_TOL = 1e-3
 RULE = (
     f"per image ||artifact - ref|| / ||ref|| <= tol and cosine >= 1 - tol^2, against a float64 "
     f"reference; tol = min({FACTOR:g} x eps_model, {MAX_TOL:g}), eps_model = the float32 "
-    f"training-form model's own largest relative error (at least {NOISE_FLOOR:.1e})"
+    f"source model's own largest relative error (at least {NOISE_FLOOR:.1e})"
 )
 
 
@@ -302,8 +303,8 @@ def report_checks(
     """Print the check table; loud message on failure. Returns whether all passed."""
     tol = tolerance(eps_model)
     print(
-        f"equality check on {n_images} images ({source}) against the float64 training-form model"
-        f" (float32 training form errs by {eps_model:.2e}; tolerance {tol:.2e}):"
+        f"equality check on {n_images} images ({source}) against the source model in float64"
+        f" (the source model in float32 errs by {eps_model:.2e}; tolerance {tol:.2e}):"
     )
     for r in results:
         print(r.line())

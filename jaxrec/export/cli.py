@@ -45,10 +45,11 @@ Inputs of both artifacts are images already fed through config.json's `preproces
 features (e.g. BNNeck), not L2-normalized, exactly as PaddleClas exports them; normalize them
 before searching when config.json's `features.normalize` is true.
 
-The check runs every artifact and the source model in its training form on the same images
+The check runs every artifact and the source model (in its own form: the training form for a
+workdir) on the same images
 (the given ones, or 12 default ones: 8 with natural-image statistics and 4 synthetic patterns,
 fed through the same preprocessing) and compares them per image with that model computed in
-float64. Tolerances follow float32 accuracy: eps_model is the float32 training-form model's own
+float64. Tolerances follow float32 accuracy: eps_model is the float32 source model's own
 largest relative error ||f32 - f64|| / ||f64|| on these images (at least 9.5e-7, 16 units of
 float32 roundoff), tol = min(32 x eps_model, 1e-3), and every artifact needs, per image,
 ||artifact - f64|| / ||f64|| <= tol and cosine >= 1 - tol^2 (an artifact this machine cannot
