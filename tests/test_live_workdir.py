@@ -4,6 +4,7 @@ it is not "unreadable"; the newest one is read instead and named. Real orbax che
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 
 import jax
@@ -136,6 +137,7 @@ def test_reading_in_a_loop_beside_real_rotation(workdir):
                     opt_state=optax.sgd(0.1).init(params),
                 )
                 ck.save(step, jax.tree_util.tree_map(jax.numpy.asarray, state), {"epoch": 0})
+                time.sleep(0.05)  # a training step: saves back to back can starve a reader
             ck.close()
         except BaseException as e:
             errors.append(e)

@@ -419,7 +419,7 @@ def _read_live(wd: Workdir, which: str, step: int) -> tuple[dict, dict]:
     raise AssertionError("unreachable")
 
 
-_LIVE_RETRIES = 5
+_LIVE_RETRIES = 10  # a trainer saving faster than a read completes, 10 times in a row
 
 
 def restore_variables(
