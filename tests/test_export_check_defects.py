@@ -108,7 +108,11 @@ def test_correct_export_passes_with_default_natural_images(tmp_path, capsys):
 def test_tolerance_follows_float32_accuracy():
     assert E.tolerance(0.0) == pytest.approx(E.FACTOR * E.NOISE_FLOOR)
     assert E.tolerance(1e-5) == pytest.approx(E.FACTOR * 1e-5)
-    assert E.tolerance(1.0) == E.MAX_TOL
+    assert E.tolerance(1e-4) == E.MAX_TOL
+    # A model that errs by more than MAX_TOL in float32 (2.9e-3 measured on a fresh full-size
+    # model, benchmarks/export_check_seeds.py seed 13) leaves its exports HEADROOM x that.
+    assert E.tolerance(2.85e-3) == pytest.approx(E.HEADROOM * 2.85e-3)
+    assert E.tolerance(1.0) == E.CEILING
     # Large activations do not matter: only relative errors per image do.
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(4, 64)) * np.array([[1.0], [10.0], [1000.0], [1e5]])

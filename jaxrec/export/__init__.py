@@ -22,7 +22,9 @@ from jaxrec.export.artifacts import (
     onnx_session,
 )
 from jaxrec.export.check import (
+    CEILING,
     FACTOR,
+    HEADROOM,
     MAX_TOL,
     NOISE_FLOOR,
     RULE,
@@ -45,7 +47,9 @@ from jaxrec.export.writer import write_export
 __all__ = [
     "CHECK_FILE",
     "JAX_EXPORT_FILE",
+    "CEILING",
     "FACTOR",
+    "HEADROOM",
     "MAX_TOL",
     "NOISE_FLOOR",
     "RULE",

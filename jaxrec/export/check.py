@@ -53,11 +53,14 @@ from jaxrec.models.features import feature_fn
 
 NOISE_FLOOR = 16 * 2.0**-24  # 16 units of float32 roundoff (about 9.5e-7)
 FACTOR = 32.0
-MAX_TOL = 1e-3
+MAX_TOL = 1e-3  # cap on FACTOR x eps_model
+HEADROOM = 8.0  # an artifact may always err HEADROOM x what the float32 source model errs
+CEILING = 5e-2  # never more: a model that unstable in float32 cannot vouch for an export
 RULE = (
     f"per image ||artifact - ref|| / ||ref|| <= tol and cosine >= 1 - tol^2, against a float64 "
-    f"reference; tol = min({FACTOR:g} x eps_model, {MAX_TOL:g}), eps_model = the float32 "
-    f"source model's own largest relative error (at least {NOISE_FLOOR:.1e})"
+    f"reference; tol = min(max(min({FACTOR:g} x eps_model, {MAX_TOL:g}), {HEADROOM:g} x "
+    f"eps_model), {CEILING:g}), eps_model = the float32 source model's own largest relative "
+    f"error (at least {NOISE_FLOOR:.1e})"
 )
 
 
@@ -93,8 +96,12 @@ def relative_errors(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
 
 
 def tolerance(eps_model: float) -> float:
-    """The relative-error tolerance for a model whose float32 form errs by `eps_model`."""
-    return float(min(FACTOR * max(eps_model, NOISE_FLOOR), MAX_TOL))
+    """The relative-error tolerance for a model whose float32 form errs by `eps_model`: FACTOR
+    x eps_model up to MAX_TOL, but never below HEADROOM x eps_model (a model whose own float32
+    error exceeds MAX_TOL on an image, measured 2.9e-3 on one of 50 freshly trained full-size
+    models, would otherwise fail every correct export), and never above CEILING."""
+    eps = max(eps_model, NOISE_FLOOR)
+    return float(min(max(min(FACTOR * eps, MAX_TOL), HEADROOM * eps), CEILING))
 
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray, tol: float | None = None) -> CheckResult:
