@@ -225,7 +225,7 @@ def _main(args: argparse.Namespace) -> int:
     else:
         pre = feeding(source, args.image_size)
     images = load_check_images(args.check_images, pre)
-    image_source = args.check_images or "synthetic"
+    image_source = args.check_images or "default: 8 dead-leaves + 4 patterns"
     if args.check_only:
         old = out / A.CHECK_FILE
         keep = json.loads(old.read_text()) if old.is_file() else {}
