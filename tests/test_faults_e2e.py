@@ -6,7 +6,6 @@ rerun resumes exactly (the final state equals an uninterrupted run's)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
+from test_disk_full import small_fs
 from test_train_resume import (  # noqa: F401 - pytest fixtures
     REPO,
     _assert_trees_equal,
@@ -88,24 +88,6 @@ def test_second_train_py_on_a_workdir_exits_at_once_naming_the_first(setup, refe
     _assert_trees_equal(state, reference[1])
 
 
-@contextlib.contextmanager
-def _small_filesystem(size: str):
-    """A size-limited tmpfs (root), or None where mounting is not allowed."""
-    mnt = tempfile.mkdtemp(prefix="jaxrec_small_fs_")
-    ok = not os.environ.get("JAXREC_TEST_NO_MOUNT") and (  # the env var tests the fallback
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt], capture_output=True
-        ).returncode
-        == 0
-    )
-    try:
-        yield mnt if ok else None
-    finally:
-        if ok:
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
-        os.rmdir(mnt)
-
-
 # Fault-injection fallback where no tmpfs can be mounted: orbax's writes of the second
 # checkpoint fail with ENOSPC, exactly as the kernel reports a full disk.
 _INJECT = """
@@ -130,7 +112,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_resumes_exactly(setup, re
     of this run takes 0.8-2.3 MB on disk (OCDBT, the class-sharded head stored per shard), too
     variable for a fixed filesystem size. Without mount rights, ENOSPC is injected into the
     second save."""
-    with _small_filesystem("64m") as mnt:
+    with small_fs("64m") as mnt:
         wd = os.path.join(mnt or str(setup["base"]), "full")
         cmd = _train_cmd(setup, wd)
         if mnt is None:
@@ -243,22 +225,19 @@ def _two_process_cmds(setup, wd, port):
     ]
 
 
+def _popen_all(cmds, env, stderr):
+    return [
+        subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        for c in cmds
+    ]
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_peer_ends_the_survivor_with_one_line_and_resume_works(setup, reference, victim):
     wd = str(setup["base"] / f"peer{victim}")
     cmds = _two_process_cmds(setup, wd, _free_port())
     env = _two_process_env(setup)
-    procs = [
-        subprocess.Popen(
-            c,
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for c in cmds
-    ]
+    procs = _popen_all(cmds, env, stderr=subprocess.PIPE)
     ckdir = os.path.join(wd, "checkpoints")
     assert _wait_for(lambda: os.path.isdir(ckdir) and steps_in(wd, "latest"), proc=procs[0])
     procs[victim].send_signal(signal.SIGKILL)
@@ -277,17 +256,7 @@ def test_killed_peer_ends_the_survivor_with_one_line_and_resume_works(setup, ref
     # Resume: both processes again, to the end.
     cmds = _two_process_cmds(setup, wd, _free_port())
     env = _two_process_env(setup)
-    procs = [
-        subprocess.Popen(
-            c,
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for c in cmds
-    ]
+    procs = _popen_all(cmds, env, stderr=subprocess.STDOUT)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outs, strict=True):
         assert p.returncode == 0, o[-3000:]
