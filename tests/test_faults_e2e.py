@@ -143,7 +143,8 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_resumes_exactly(setup, re
             assert re.search(r"needs about [\d.]+ \w+, [\d.]+ \w+ free there", line), line
         # Nothing half-written is left to be taken for a checkpoint.
         assert steps_in(wd, "latest")[-1] == failed - 1
-        assert all(n.isdigit() for n in os.listdir(os.path.join(wd, "checkpoints")))
+        left = os.listdir(os.path.join(wd, "checkpoints"))
+        assert all(n.isdigit() for n in left), (left, err[-3000:])
         if filler is not None:
             os.remove(filler)
         p = _run(setup, wd)

@@ -3,7 +3,10 @@ it is not "unreadable"; the newest one is read instead and named. Real orbax che
 
 from __future__ import annotations
 
+import gc
+import os
 import shutil
+import sys
 import time
 import warnings
 
@@ -154,3 +157,43 @@ def test_reading_in_a_loop_beside_real_rotation(workdir):
     assert not errors, errors
     assert len(reads) >= 3 and reads == sorted(reads), reads
     assert not [n for n in notes if "unreadable" in n], notes
+
+
+def _abandoned_read_error(filename: str) -> BaseException:
+    """What an orbax read coroutine leaves when it is collected unfinished (a sibling read failed
+    first): it catches the GeneratorExit of its closing and raises an Exception instead, which
+    Python can only hand to sys.unraisablehook. The coroutine is compiled under `filename`."""
+    src = (
+        "async def read(wait):\n"
+        "    try:\n"
+        "        await wait\n"
+        "    except BaseException as e:\n"
+        "        raise Exception('Encountered error while reading array index') from e\n"
+    )
+    scope: dict = {}
+    exec(compile(src, filename, "exec"), scope)
+
+    class Pending:
+        def __await__(self):
+            yield
+
+    seen = []
+    hook, sys.unraisablehook = sys.unraisablehook, seen.append
+    try:
+        coro = scope["read"](Pending())
+        coro.send(None)
+        del coro
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert len(seen) == 1
+    return seen[0].exc_value
+
+
+def test_abandoned_orbax_read_coroutines_are_not_printed():
+    orbax_file = os.path.join(os.sep, "x", "orbax", "checkpoint", "serialization.py")
+    assert C._orbax_background_noise(_abandoned_read_error(orbax_file))
+    # The same pattern in anyone else's code, and other orbax errors, are still printed.
+    assert not C._orbax_background_noise(_abandoned_read_error("/x/mine/reader.py"))
+    assert not C._orbax_background_noise(ValueError("orbax: a real error"))
+    assert C._orbax_background_noise(RuntimeError("Event loop is closed"))

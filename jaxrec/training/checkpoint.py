@@ -96,6 +96,9 @@ def _manager(wd: Workdir, which: str, keep: int | None = None) -> ocp.Checkpoint
         create=keep is not None,
         read_only=keep is None,
         enable_async_checkpointing=False,
+        # The trainer (the workdir lock makes it the only writer) removes what a killed or
+        # failed save left; orbax never lists such a folder as a step.
+        cleanup_tmp_directories=keep is not None,
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(wd.checkpoints(which), options=opts, item_handlers=handlers)
@@ -181,12 +184,28 @@ def _why(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err)[:300]}"
 
 
+def _orbax_background_noise(exc: BaseException | None) -> bool:
+    """An error Python can only print ("Exception ignored in ..."), never raise: tensorstore
+    callbacks after a failed save's event loop closed, or an orbax read coroutine that was
+    abandoned (its sibling read failed first, the caller already has that error) and turned the
+    GeneratorExit of its closing into an Exception of its own."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    if not isinstance(exc, Exception) or not isinstance(exc.__cause__, GeneratorExit):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def quiet_orbax_background_errors() -> None:
     """Keep orbax's background-thread reports of a failed save off the terminal: the error
     reaches `Checkpoints.save` anyway (and becomes one line there). Drops orbax's ERROR log of
     a signaling thread's exception, asyncio's reports of orbax write futures whose exception was
-    never retrieved, and tensorstore callbacks' "Event loop is closed" after a failed save's
-    event loop has shut down. Idempotent."""
+    never retrieved, and what `_orbax_background_noise` describes. Idempotent."""
     if getattr(quiet_orbax_background_errors, "done", False):
         return
     quiet_orbax_background_errors.done = True
@@ -223,14 +242,32 @@ def quiet_orbax_background_errors() -> None:
     sys.excepthook = excepthook
     unraisable = sys.unraisablehook
 
-    def unraisablehook(info):  # tensorstore reports callback errors this way
-        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == (
-            "Event loop is closed"
-        ):
+    def unraisablehook(info):
+        if _orbax_background_noise(info.exc_value):
             return
         unraisable(info)
 
     sys.unraisablehook = unraisablehook
+
+
+def _remove_partial_save(directory: str, step: int, quiet_s: float = 0.5, limit_s: float = 15):
+    """Remove the temporary folder of the failed save of `step`. Tensorstore writes that were
+    already issued can still land after the error reached us and recreate parts of it, so the
+    folder is removed until it has stayed away for `quiet_s` (at most `limit_s`)."""
+    deadline = time.monotonic() + limit_s
+    clean_since = None
+    while time.monotonic() < deadline:
+        partial = [n for n in os.listdir(directory) if n.startswith(f"{step}.") and "tmp" in n]
+        for name in partial:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        now = time.monotonic()
+        if partial:
+            clean_since = None
+        elif clean_since is None:
+            clean_since = now
+        elif now - clean_since >= quiet_s:
+            return
+        time.sleep(0.05)
 
 
 class Checkpoints:
@@ -277,9 +314,8 @@ class Checkpoints:
     def _disk_full(self, mgr, step: int, state: Any) -> JaxrecError:
         """Remove the half-written checkpoint (orbax never lists it) and say what happened."""
         directory = os.fspath(mgr.directory)
-        for name in os.listdir(directory) if jax.process_index() == 0 else []:
-            if name.startswith(f"{step}.") and "tmp" in name:
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        if jax.process_index() == 0:
+            _remove_partial_save(directory, step)
         leaves = jax.tree.leaves(state)
         needed = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
         done = self.steps("latest")
