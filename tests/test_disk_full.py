@@ -9,6 +9,8 @@ import errno
 import os
 import subprocess
 import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from jaxrec import prepare as prep
 from jaxrec.data.datasets import load_list
 from jaxrec.errors import DiskFullError, disk_full, is_disk_full
 from jaxrec.search import GalleryIndex, store
+from jaxrec.training.checkpoint import _remove_partial_save
 
 
 @contextlib.contextmanager
@@ -109,3 +112,26 @@ def test_prepare_on_a_full_disk_is_one_line_and_resumes(tmp_path, monkeypatch, c
         assert prep.main(argv) == 0
         src = load_list(str(lst), str(tmp_path / "src"))
         assert len(src) == 24
+
+
+def test_a_failed_saves_folder_is_removed_even_when_late_writes_recreate_it(tmp_path):
+    """Tensorstore writes issued before a save failed can land after the error reached the
+    trainer (CI left '2.orbax-checkpoint-tmp' behind this way under load)."""
+    (tmp_path / "1").mkdir()
+    partial = tmp_path / "2.orbax-checkpoint-tmp"
+    (partial / "state").mkdir(parents=True)
+    landed = []
+
+    def late_writer():
+        for delay in (0.1, 0.3):
+            time.sleep(delay)
+            (partial / "state" / "d").mkdir(parents=True, exist_ok=True)
+            (partial / "state" / "d" / f"chunk{delay}").write_bytes(b"x" * 1024)
+            landed.append(delay)
+
+    t = threading.Thread(target=late_writer)
+    t.start()
+    _remove_partial_save(str(tmp_path), 2, quiet_s=1.0)
+    t.join()
+    assert landed == [0.1, 0.3]  # both writes landed while it was removing
+    assert sorted(os.listdir(tmp_path)) == ["1"]
