@@ -25,6 +25,18 @@ from jaxrec.training.train_step import TrainState
 from jaxrec.training.workdir import save_config
 
 
+def _state(v: dict, step: int) -> TrainState:
+    """A TrainState for checkpoint `step` from model variables `v`, on the device."""
+    params = {"model": v["params"], "loss": {}}
+    state = TrainState(
+        step=np.asarray(step, np.int32),
+        params=params,
+        batch_stats=v["batch_stats"],
+        opt_state=optax.sgd(0.1).init(params),
+    )
+    return jax.tree_util.tree_map(jax.numpy.asarray, state)
+
+
 @pytest.fixture
 def workdir(tmp_path):
     data = make_tiny_dataset(str(tmp_path / "data"), per_class=2)
@@ -34,15 +46,7 @@ def workdir(tmp_path):
     save_config(cfg, wd)
     ck = C.Checkpoints(str(wd))
     for step in (3, 7, 9):
-        v = random_variables(build_model(run.arch), step)
-        params = {"model": v["params"], "loss": {}}
-        state = TrainState(
-            step=np.asarray(step, np.int32),
-            params=params,
-            batch_stats=v["batch_stats"],
-            opt_state=optax.sgd(0.1).init(params),
-        )
-        ck.save(step, jax.tree_util.tree_map(jax.numpy.asarray, state), {"epoch": 0})
+        ck.save(step, _state(random_variables(build_model(run.arch), step), step), {"epoch": 0})
     ck.close()
     return wd
 
@@ -126,20 +130,13 @@ def test_reading_in_a_loop_beside_real_rotation(workdir):
     import threading
 
     v = random_variables(build_model(C.load_run(str(workdir)).arch), 0)
-    params = {"model": v["params"], "loss": {}}
     errors: list[BaseException] = []
 
     def rotate():
         try:
             ck = C.Checkpoints(str(workdir), max_to_keep=1)
             for step in range(10, 40):
-                state = TrainState(
-                    step=np.asarray(step, np.int32),
-                    params=params,
-                    batch_stats=v["batch_stats"],
-                    opt_state=optax.sgd(0.1).init(params),
-                )
-                ck.save(step, jax.tree_util.tree_map(jax.numpy.asarray, state), {"epoch": 0})
+                ck.save(step, _state(v, step), {"epoch": 0})
                 time.sleep(0.05)  # a training step: saves back to back can starve a reader
             ck.close()
         except BaseException as e:

@@ -36,6 +36,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import jax
@@ -191,9 +192,14 @@ def _orbax_background_noise(exc: BaseException | None) -> bool:
     GeneratorExit of its closing into an Exception of its own."""
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return True
-    if not isinstance(exc, Exception) or not isinstance(exc.__cause__, GeneratorExit):
-        return False
-    tb = exc.__traceback__
+    return (
+        isinstance(exc, Exception)
+        and isinstance(exc.__cause__, GeneratorExit)
+        and _raised_in_orbax(exc.__traceback__)
+    )
+
+
+def _raised_in_orbax(tb: TracebackType | None) -> bool:
     while tb is not None:
         if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
             return True
@@ -222,11 +228,8 @@ def quiet_orbax_background_errors() -> None:
         # not awaited when their event loop is collected.
         if "exception was never retrieved" not in record.getMessage():
             return True
-        tb = record.exc_info[2] if record.exc_info else None
-        while tb is not None:
-            if "orbax" in tb.tb_frame.f_code.co_filename:
-                return False
-            tb = tb.tb_next
+        if record.exc_info and _raised_in_orbax(record.exc_info[2]):
+            return False
         return "orbax" not in record.getMessage()
 
     logging.getLogger("absl").addFilter(drop)
@@ -250,6 +253,9 @@ def quiet_orbax_background_errors() -> None:
     sys.unraisablehook = unraisablehook
 
 
+_TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # STEP.orbax-checkpoint-tmp[-TIMESTAMP]
+
+
 def _remove_partial_save(directory: str, step: int, quiet_s: float = 0.5, limit_s: float = 15):
     """Remove the temporary folder of the failed save of `step`. Tensorstore writes that were
     already issued can still land after the error reached us and recreate parts of it, so the
@@ -257,7 +263,7 @@ def _remove_partial_save(directory: str, step: int, quiet_s: float = 0.5, limit_
     deadline = time.monotonic() + limit_s
     clean_since = None
     while time.monotonic() < deadline:
-        partial = [n for n in os.listdir(directory) if n.startswith(f"{step}.") and "tmp" in n]
+        partial = [n for n in os.listdir(directory) if n.startswith(f"{step}{_TMP_SUFFIX}")]
         for name in partial:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         now = time.monotonic()
